@@ -1,0 +1,132 @@
+"""Shared argument checks and mask geometry for every attention backend.
+
+Every backend validates through the same functions, so a bad argument gets the same
+message whatever backend it reaches. Messages name the argument, what was given, and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Value of the logsumexp of a row whose keys are all masked out (its output is zero).
+#: Finite on purpose: the backward recomputes P = exp(S - LSE) with S = -inf on masked
+#: entries, so any finite value gives P = 0 and no NaN can appear.
+MASKED_ROW_LSE = 0.0
+
+
+def unsupported(backend: str, feature: str, hint: str = "") -> NotImplementedError:
+    msg = f"attention backend '{backend}' does not support {feature}"
+    if hint:
+        msg += f" ({hint})"
+    return NotImplementedError(msg)
+
+
+def normalize_window(window_size, causal: bool) -> tuple[int, int]:
+    """Return (left, right) with -1 meaning unlimited; causal forces right = 0."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"window_size must be a pair of ints (left, right) with -1 meaning unlimited, got {window_size!r}"
+        ) from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 means unlimited), got {window_size!r}")
+    if causal:
+        right = 0
+    return left, right
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str,
+              head_dims: tuple[int, int] = (1, 1 << 30),
+              dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+    """Validate the (B, N, H, D) layout shared by all backends; return (B, Nq, Nk, H, Hkv, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}"
+            )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"dtype {str(q.dtype).replace('torch.', '')} is not supported by {backend} (supported: {allowed})")
+    B, Nq, H, D = q.shape
+    Bk, Nk, Hkv, Dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if Bk != B:
+        raise ValueError(f"q and k must have the same batch size, got {B} and {Bk}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hkv})"
+        )
+    lo, hi = head_dims
+    if not (lo <= D <= hi):
+        raise ValueError(f"head_dim {D} is not supported by {backend} (supported: {lo}..{hi})")
+    if Nq == 0 or Nk == 0 or B == 0:
+        raise ValueError(f"empty input: batch {B}, seqlen_q {Nq}, seqlen_k {Nk} must all be >= 1")
+    return B, Nq, Nk, H, Hkv, D
+
+
+def check_doc_ids(doc_ids, B: int, Nk: int, device) -> None:
+    if doc_ids is None:
+        return
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2 or tuple(doc_ids.shape) != (B, Nk):
+        shape = tuple(doc_ids.shape) if isinstance(doc_ids, torch.Tensor) else type(doc_ids).__name__
+        raise ValueError(f"doc_ids must be an integer tensor of shape (batch, seqlen_k) = {(B, Nk)}, got {shape}")
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+        raise ValueError(f"doc_ids must hold integers, got {doc_ids.dtype}")
+    if doc_ids.device != device:
+        raise ValueError(f"doc_ids must be on {device} like q, got {doc_ids.device}")
+
+
+def default_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    scale = float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    return scale
+
+
+def check_dropout(dropout_p) -> float:
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return p
+
+
+def allowed_mask(Nq: int, Nk: int, *, causal: bool, window_size=(-1, -1), doc_ids=None, device=None):
+    """Boolean mask of the (query, key) pairs that may attend: (Nq, Nk), or (B, Nq, Nk) with doc_ids.
+
+    Query i sits at key position i + Nk - Nq (bottom-right alignment, as flash-attn >= 2.1),
+    so with causal=True query i sees keys j <= i + Nk - Nq. A window (left, right) keeps
+    keys with i + Nk - Nq - left <= j <= i + Nk - Nq + right. With doc_ids, a query sees
+    only keys of its own document.
+    """
+    left, right = normalize_window(window_size, causal)
+    rows = torch.arange(Nq, device=device)[:, None] + (Nk - Nq)
+    cols = torch.arange(Nk, device=device)[None, :]
+    mask = torch.ones(Nq, Nk, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask &= cols <= rows + right
+    if left >= 0:
+        mask &= cols >= rows - left
+    if doc_ids is not None:
+        doc_q = doc_ids[:, Nk - Nq:] if Nk >= Nq else None
+        if doc_q is None:
+            raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
+        mask = mask[None] & (doc_q[:, :, None] == doc_ids[:, None, :])
+    return mask
+
+
+def needs_mask(Nq: int, Nk: int, causal: bool, window_size, doc_ids) -> bool:
+    left, right = normalize_window(window_size, causal)
+    return causal or left >= 0 or right >= 0 or doc_ids is not None

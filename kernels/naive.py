@@ -1,0 +1,73 @@
+"""Standard attention, the baseline FlashAttention is measured against.
+
+    S = softmax_scale * Q K^T     materialised, (B, Hkv, G, Nq, Nk) in the input dtype
+    P = softmax(S)                materialised, computed in float32, stored in the input dtype
+    P = dropout(P)                materialised mask when dropout_p > 0
+    O = P V
+
+Autograd keeps S's softmax output and P for the backward, so activation memory grows as
+N^2 per head: this is the memory FlashAttention removes. GQA/MQA groups query heads as
+(Hkv, G) and broadcasts K and V over G, so no copy of K or V is made.
+
+Caution / known limits: the N x N tensors make long sequences run out of memory by
+design. Dropout draws from PyTorch's global generator (torch.manual_seed reproduces it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (MASKED_ROW_LSE, allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale,
+                      needs_mask)
+
+
+def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
+                    window_size=(-1, -1), doc_ids=None, return_lse: bool = False):
+    """softmax(Q K^T * softmax_scale) V with S and P held in memory.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim)
+        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0
+        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
+            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
+                1 1 1 1 0                      0 0
+                1 1 1 1 1                      0 0
+                                               0 0
+                                               1 0
+                                               1 1
+            (a row of zeros attends to nothing and returns zeros)
+        softmax_scale: defaults to 1 / sqrt(headdim)
+        dropout_p: dropout on P; 0.0 at evaluation
+        window_size: (left, right); -1 means unlimited
+        doc_ids: optional (batch, seqlen_k) ints; queries see only keys of their document
+        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q)
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) [, lse]
+    """
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend="naive")
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    scale = default_scale(softmax_scale, D)
+    p = check_dropout(dropout_p)
+    group = H // Hkv
+    # (B, N, H, D) -> (B, Hkv, G, N, D): views only; K and V broadcast over the group.
+    qh = q.view(B, Nq, Hkv, group, D).permute(0, 2, 3, 1, 4)
+    kh = k.permute(0, 2, 1, 3)[:, :, None]
+    vh = v.permute(0, 2, 1, 3)[:, :, None]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if needs_mask(Nq, Nk, causal, window_size, doc_ids):
+        mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
+        mask = mask[:, None, None] if mask.dim() == 3 else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
+    scores32 = scores.float()
+    lse = torch.logsumexp(scores32, dim=-1)
+    row_empty = torch.isneginf(lse)
+    probs = torch.exp(scores32 - torch.where(row_empty, 0.0, lse)[..., None]).to(q.dtype)
+    if p > 0.0:
+        probs = F.dropout(probs, p=p, training=True)
+    out = torch.matmul(probs, vh)  # (B, Hkv, G, Nq, D)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
+    if return_lse:
+        lse = torch.where(row_empty, torch.full_like(lse, MASKED_ROW_LSE), lse)
+        return out, lse.reshape(B, H, Nq)
+    return out

@@ -1,0 +1,69 @@
+"""PyTorch's own ``scaled_dot_product_attention``, registered as the outside reference.
+
+``sdpa`` lets PyTorch choose its kernel; ``sdpa_flash``, ``sdpa_cudnn``,
+``sdpa_efficient`` and ``sdpa_math`` pin one, so a sweep can compare against each.
+
+Caution / known limits: PyTorch's ``is_causal`` aligns the mask to the top-left corner,
+so ``seqlen_q != seqlen_k`` with ``causal=True`` passes an explicit bottom-right mask
+(which only the math and efficient kernels accept). Windows and documents also go as an
+explicit mask. The logsumexp is not returned by the public API: ``return_lse`` raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ._common import allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale, unsupported
+
+_PINNED = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def _kernel_context(kernel: str | None):
+    if kernel is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, _PINNED[kernel])])
+
+
+def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
+                   window_size=(-1, -1), doc_ids=None, return_lse: bool = False, kernel: str | None = None):
+    """The attention contract on top of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``kernel`` pins one of PyTorch's implementations: None (PyTorch chooses), 'flash',
+    'cudnn', 'efficient' or 'math'. Other arguments as ``naive_attention``.
+    """
+    name = "sdpa" if kernel is None else f"sdpa_{kernel}"
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name)
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    scale = default_scale(softmax_scale, D)
+    p = check_dropout(dropout_p)
+    if return_lse:
+        raise unsupported(name, "return_lse", "PyTorch's public SDPA does not return the logsumexp")
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hkv != H:
+        # NOTE: expanded to full heads (a copy) because not every SDPA kernel takes enable_gqa.
+        kh = kh.repeat_interleave(H // Hkv, dim=1)
+        vh = vh.repeat_interleave(H // Hkv, dim=1)
+    plain = tuple(window_size) == (-1, -1) and doc_ids is None
+    mask, is_causal = None, False
+    if plain and (not causal or Nq == Nk):
+        is_causal = causal
+    else:
+        mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
+        mask = mask[:, None] if mask.dim() == 3 else mask
+    with _kernel_context(kernel):
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                             scale=scale)
+    if mask is not None:
+        # A fully masked row gives NaN in PyTorch's math kernel; the contract says zeros.
+        out = torch.nan_to_num(out, nan=0.0)
+    return out.transpose(1, 2)
