@@ -10,7 +10,7 @@ Value checks that a type cannot express (a precision name, a positive length) li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -123,9 +123,7 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
-    run_dir: str = "."
-    resume: Optional[str] = None  # None: fresh start | auto: latest checkpoint in run_dir | a path
-    experiment: Optional[Any] = None
+    resume: Optional[str] = None  # None: fresh start | auto: latest checkpoint in the run dir | a path
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -1,0 +1,183 @@
+"""Throughput, memory and MFU measurement, and the sinks metrics go to.
+
+A logger is anything with ``log(metrics: dict, step: int)`` and ``close()``. The trainer
+holds one ``MultiLogger`` and never knows which sinks are behind it: W&B, a JSONL file in
+the run directory, and the console.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+
+# Dense (no sparsity) peak tensor-core FLOP/s by GPU name and precision, from the vendors'
+# datasheets. MFU divides achieved FLOP/s by these; trainer.peak_tflops overrides.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 418.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 83.0},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+}
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s for MFU, or None when the device is not in the table (MFU is then not logged)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    # NOTE: fp32 training on Ampere/Hopper runs its matmuls in TF32 (see trainer), so its peak is TF32's.
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(precision, 0.0) * 1e12 or None
+    return None
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process in GiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def memory_metrics(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    rss = peak_rss_gib()
+    return {"mem/peak_allocated_gib": rss, "mem/peak_reserved_gib": rss}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Wall time of training steps only; eval and checkpoint time are excluded by pausing.
+
+    The device is synchronised at both ends, so queued GPU work is counted in the step
+    that launched it and not in the next one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.elapsed = 0.0
+        self.tokens = 0
+        self.steps = 0
+        self._start = None
+
+    def start(self):
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def stop(self, tokens: int):
+        synchronize(self.device)
+        self.elapsed += time.perf_counter() - self._start
+        self.tokens += tokens
+        self.steps += 1
+        self._start = None
+
+    def read_and_reset(self) -> dict:
+        if self.steps == 0 or self.elapsed <= 0:
+            return {}
+        out = {"perf/tokens_per_sec": self.tokens / self.elapsed, "perf/step_time_s": self.elapsed / self.steps}
+        self.elapsed, self.tokens, self.steps = 0.0, 0, 0
+        return out
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class JsonlLogger:
+    """One JSON object per log call, appended to ``path`` (flushed each time, so a crash loses nothing)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict, step: int):
+        row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+class ConsoleLogger:
+    """Compact lines for the console; the trainer's progress bar shows progress between them."""
+
+    KEYS = ("train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/mfu",
+            "mem/peak_allocated_gib")
+
+    def __init__(self, write=None):
+        self.write = write or (lambda s: print(s, flush=True))
+
+    def log(self, metrics: dict, step: int):
+        parts = []
+        for key in self.KEYS:
+            if key in metrics:
+                v = _jsonable(metrics[key])
+                short = key.split("/")[-1]
+                parts.append(f"{short} {v:.4g}" if isinstance(v, float) else f"{short} {v}")
+        if parts:
+            self.write(f"step {step:>6} | " + " | ".join(parts))
+
+    def close(self):
+        pass
+
+
+class WandbLogger:
+    """Weights & Biases run; offline by default (no account needed), synced later with ``wandb sync``."""
+
+    def __init__(self, *, mode: str, project: str, run_dir: str, config: dict, name=None, group=None, tags=(),
+                 entity=None, job_type="train", resume_id: str | None = None):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(mode=mode, project=project, entity=entity, name=name, group=group, tags=list(tags),
+                              dir=run_dir, config=config, job_type=job_type, id=resume_id,
+                              resume="allow" if resume_id else None, reinit="finish_previous")
+
+    @property
+    def run_id(self):
+        return self.run.id
+
+    def log(self, metrics: dict, step: int):
+        self.run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class MultiLogger:
+    def __init__(self, loggers):
+        self.loggers = list(loggers)
+
+    def log(self, metrics: dict, step: int):
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def close(self):
+        for lg in self.loggers:
+            lg.close()
