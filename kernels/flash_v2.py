@@ -1,0 +1,606 @@
+"""FlashAttention-2 in Triton: forward, recompute backward (Dao 2023, arXiv 2307.08691).
+
+Forward (paper Algorithm 1, section 3.1). Grid (cdiv(Nq, BLOCK_M), batch * nheads): one
+program owns one block of BLOCK_M query rows of one (batch, head) and loops over the key
+blocks. The online softmax runs in base 2 with softmax_scale * log2(e) folded into S:
+
+    S_ij   = Q_i K_j^T * scale * log2(e)              (masked entries -inf)
+    m_new  = max(m_i, rowmax(S_ij))
+    P_ij   = exp2(S_ij - m_new)
+    l_i    = l_i * exp2(m_i - m_new) + rowsum(P_ij)
+    acc    = acc * exp2(m_i - m_new) + P_ij V_j       (acc unnormalised: lazy rescale)
+    O_i    = acc / l_i                                 (one division, after the loop)
+    LSE_i  = (m_i + log2(l_i)) * ln(2)                 (natural log, float32, (B, H, Nq))
+
+O and LSE are written once. Causal masks are aligned bottom-right (query i sees keys
+j <= i + Nk - Nq): key blocks wholly above the diagonal are never visited, blocks wholly
+below it run without any mask, and only the blocks the diagonal (or the Nk tail) crosses
+pay for the mask. GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
+arithmetic; every tensor is addressed through its strides, so strided (B, N, H, D) views
+are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs one); the
+tail of d is masked on load and store.
+
+Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o, lse.
+    1. _bwd_preprocess: Delta_i = rowsum(dO_i * O_i)                  (float32, (B, H, Nq))
+    2. _bwd_dkdv, grid (cdiv(Nk, BLOCK_N), batch * nheads_k): one program owns one K/V
+       block and loops over the query heads of its GQA group and their query blocks,
+           P^T  = exp2(K Q^T * scale * log2(e) - LSE * log2(e))
+           dV  += P^T dO
+           dS^T = P^T * (V dO^T - Delta)
+           dK  += dS^T Q                      (times scale at the end)
+       so dK and dV of a shared K/V head are summed inside one program, without atomics.
+    3. _bwd_dq, grid (cdiv(Nq, BLOCK_M), batch * nheads): one program owns one query block,
+           dQ  += (P * (dO V^T - Delta)) K    (times scale at the end)
+No atomics anywhere: two runs on the same inputs give bit-identical gradients (for one
+autotuned configuration, which the autotuner caches per shape).
+
+Registration: on CUDA the launchers are `torch.library.triton_op`s that launch through
+`wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
+kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s with fake
+implementations instead (wrap_triton cannot trace interpreted kernels), which
+`torch.compile(fullgraph=True)` also traces. Block sizes are autotuned on CUDA (key: seqlens, head dim, causal);
+the CPU interpreter uses one fixed small configuration.
+
+Caution / known limits: dropout, sliding windows and document masks are not implemented
+yet (they raise). The P and dS that feed the second matmul of each pair are rounded to
+the input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no
+TF32). The backward recomputes Q K^T twice (once per pass), the price of a dQ without
+atomics. The interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is tested on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
+                      unsupported)
+
+BACKEND = "flash_v2"
+HEAD_DIMS = (16, 256)
+LOG2E = 1.4426950408889634  # 1 / ln(2)
+LN2 = 0.6931471805599453
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, qk_scale,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row sees whole."""
+    d_ok = offs_d < D
+    kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V_blk + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        # -- S_ij = Q_i K_j^T (base 2, scaled) --
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
+        elif D == HEAD_DIM:
+            kT = tl.load(kT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        if MASKED:
+            allowed = cols[None, :] < Nk
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + seq_shift)
+            qk = tl.where(allowed, qk, float("-inf"))
+        # -- m_new = max(m_i, rowmax(S_ij)) --
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MASKED:
+            # NOTE: a row that has seen no key yet keeps m = -inf; subtract 0 instead so
+            # exp2(-inf - -inf) never makes a NaN (its P and alpha are 0 either way).
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        # -- P_ij = exp2(S_ij - m_new); rescale the running sums lazily --
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- acc += P_ij V_j --
+        if MASKED:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
+        elif D == HEAD_DIM:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        kT_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, LSE,
+                stride_qb, stride_qm, stride_qh, stride_qd,
+                stride_kb, stride_kn, stride_kh, stride_kd,
+                stride_vb, stride_vn, stride_vh, stride_vd,
+                stride_ob, stride_om, stride_oh, stride_od,
+                H, GROUP, Nq, Nk, qk_scale,
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # NOTE: the last query blocks see the most keys; launching them first shortens the tail.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP  # GQA: the key/value head this query head reads
+    start_m = pid_m * BLOCK_M
+    seq_shift = Nk - Nq  # bottom-right alignment: query i sits at key position i + seq_shift
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    row_ok = offs_m < Nq
+
+    Q_blk = Q + off_b * stride_qb + off_h * stride_qh
+    K_blk = K + off_b * stride_kb + off_hk * stride_kh
+    V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Key range: [0, full_hi) is seen whole by every row of the block; [full_hi, hi) needs
+    # the mask (causal diagonal, Nk tail); keys >= hi are invisible to every row.
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift))
+        full_hi = tl.minimum(hi, tl.maximum(0, start_m + seq_shift + 1))
+    else:
+        hi = Nk
+        full_hi = Nk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_m, offs_n, offs_d, 0, full_hi, Nk, seq_shift, qk_scale,
+                               D, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, qk_scale,
+                               D, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+
+    # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
+    tl.store(LSE + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
+    O_blk = Out + off_b * stride_ob + off_h * stride_oh
+    tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Delta,
+                    stride_ob, stride_om, stride_oh, stride_od,
+                    stride_dob, stride_dom, stride_doh, stride_dod,
+                    H, Nq,
+                    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    # -- Delta_i = rowsum(dO_i * O_i) --
+    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row,
+                    stride_qm, stride_qd, stride_dom, stride_dod,
+                    offs_n, offs_d, lo, hi, Nq, seq_shift, qk_scale,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Query blocks [lo, hi) against one K/V block; MASKED=True applies the causal mask."""
+    d_ok = offs_d < D
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    do_ptrs = DO_blk + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
+        qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+        # -- P^T = exp2(S^T - LSE), recomputed --
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + seq_shift, pT, 0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # -- dV += P^T dO --
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # -- dS^T = P^T * (V dO^T - Delta); dK += dS^T Q --
+        delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        qT_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
+              stride_qb, stride_qm, stride_qh, stride_qd,
+              stride_kb, stride_kn, stride_kh, stride_kd,
+              stride_vb, stride_vn, stride_vh, stride_vd,
+              stride_dob, stride_dom, stride_doh, stride_dod,
+              stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+              stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+              H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale,
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // Hkv).to(tl.int64)
+    off_hk = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    seq_shift = Nk - Nq
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query rows that see this block: i >= start_n - seq_shift (causal); rows from
+    # full_lo on see all of it. Rows past Nq add zero, so hi is Nq rounded up.
+    hi = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        lo = (tl.maximum(0, start_n - seq_shift) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift), BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    else:
+        lo = 0
+        full_lo = 0
+    # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b * H + off_h
+        Q_blk = Q + off_b * stride_qb + off_h * stride_qh
+        DO_blk = DO + off_b * stride_dob + off_h * stride_doh
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+                                 stride_qm, stride_qd, stride_dom, stride_dod,
+                                 offs_n, offs_d, lo, full_lo, Nq, seq_shift, qk_scale,
+                                 D, BLOCK_M, True, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+                                 stride_qm, stride_qd, stride_dom, stride_dod,
+                                 offs_n, offs_d, full_lo, hi, Nq, seq_shift, qk_scale,
+                                 D, BLOCK_M, False, DOT_PRECISION)
+    dk *= sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                  offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, qk_scale,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d < D
+    kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_ok = d_ok[:, None] & (cols[None, :] < Nk)
+        else:
+            kv_ok = d_ok[:, None]
+        kT = tl.load(kT_ptrs, mask=kv_ok, other=0.0)
+        vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
+        # -- P = exp2(S - LSE), recomputed --
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            allowed = cols[None, :] < Nk
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + seq_shift)
+            p = tl.where(allowed, p, 0.0)
+        # -- dS = P * (dO V^T - Delta); dQ += dS K --
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        kT_ptrs += BLOCK_N * stride_kn
+        vT_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
+            stride_qb, stride_qm, stride_qh, stride_qd,
+            stride_kb, stride_kn, stride_kh, stride_kd,
+            stride_vb, stride_vn, stride_vh, stride_vd,
+            stride_dob, stride_dom, stride_doh, stride_dod,
+            stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+            H, GROUP, Nq, Nk, qk_scale, sm_scale,
+            D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    seq_shift = Nk - Nq
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Nq
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    bh = pid_bh.to(tl.int64)
+    lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+    delta = tl.load(Delta + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    K_blk = K + off_b * stride_kb + off_hk * stride_kh
+    V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift))
+        full_hi = tl.minimum(hi, tl.maximum(0, start_m + seq_shift + 1))
+    else:
+        hi = Nk
+        full_hi = Nk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_m, offs_n, offs_d, 0, full_hi, Nk, seq_shift, qk_scale,
+                       D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, qk_scale,
+                       D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Configurations: autotuned on CUDA, one fixed small one in the interpreter
+# ----------------------------------------------------------------------------------------
+
+# NOTE: the interpreter runs one program at a time in numpy: 32 x 16 blocks keep its
+# per-program overhead low and still give the CPU tests several blocks and a diagonal.
+_INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=16)
+_INTERPRETER_BWD = dict(BLOCK_M=16, BLOCK_N=32)
+_INTERPRETER_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+_PREPROCESS_BLOCK_M = 64
+
+def _configs(*rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
+# when autotuning is off (FATRAIN_AUTOTUNE=0). Heads wider than 128 get smaller tiles so
+# Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
+_FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2))
+_FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
+_DKDV_CONFIGS = _configs((32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3))
+_DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
+_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3))
+_DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
+_AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
+
+
+def _autotuned(kernel, configs):
+    configs = configs if _AUTOTUNE else configs[:1]
+    return triton.autotune(configs, key=["Nq", "Nk", "HEAD_DIM", "IS_CAUSAL", "DOT_PRECISION"])(kernel)
+
+
+# One launcher per (kernel, head-dim class): HEAD_DIM > 128 picks the "wide" launcher on
+# the host, so no early_config_prune hook is needed (torch.compile replays autotuners).
+if _INTERPRET:
+    _LAUNCHERS = {name: (kernel, kernel) for name, kernel in
+                  (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv), ("dq", _bwd_dq))}
+else:
+    _LAUNCHERS = {
+        "fwd": (_autotuned(_fwd_kernel, _FWD_CONFIGS), _autotuned(_fwd_kernel, _FWD_WIDE)),
+        "dkdv": (_autotuned(_bwd_dkdv, _DKDV_CONFIGS), _autotuned(_bwd_dkdv, _DKDV_WIDE)),
+        "dq": (_autotuned(_bwd_dq, _DQ_CONFIGS), _autotuned(_bwd_dq, _DQ_WIDE)),
+    }
+
+
+def _launcher(name: str, head_dim: int):
+    return _LAUNCHERS[name][head_dim > 128]
+
+
+def _fixed(config: dict) -> dict:
+    """Explicit block sizes in the interpreter; the autotuner picks them on CUDA."""
+    return dict(config) if _INTERPRET else {}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # NOTE: Triton's default for a float32 dot is TF32 (about 1e-3 relative error);
+    # float32 callers get IEEE float32. For fp16/bf16 the setting has no effect.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------
+# Host launchers, registered as torch.library triton ops
+# ----------------------------------------------------------------------------------------
+
+def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_launcher("fwd", D))[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E,
+        D=D, HEAD_DIM=triton.next_power_of_2(D), IS_CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype), MASKED_LSE=MASKED_ROW_LSE, **_fixed(_INTERPRETER_FWD))
+    return out, lse
+
+
+def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, causal: bool,
+                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    HEAD_DIM = triton.next_power_of_2(D)
+    precision = _dot_precision(q.dtype)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
+
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Nq,
+        D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
+
+    def grid_kv(meta):
+        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
+
+    wrap_triton(_launcher("dkdv", D))[grid_kv](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale,
+        D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=precision, **_fixed(_INTERPRETER_BWD))
+
+    def grid_q(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_launcher("dq", D))[grid_q](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale,
+        D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=precision, **_fixed(_INTERPRETER_DQ))
+    return dq, dk, dv
+
+
+def _flash_v2_fwd_fake(q, k, v, causal, softmax_scale):
+    B, Nq, H, D = q.shape
+    return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+def _flash_v2_bwd_fake(do, q, k, v, out, lse, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _register(name, launcher, fake):
+    """A triton_op on CUDA; an opaque custom_op with a fake under the interpreter.
+
+    NOTE (2026-11, torch 2.13 / triton 3.9): wrap_triton's fake-tensor tracing runs the
+    interpreted kernel on FakeTensors, which have no data, so torch.compile fails on CPU.
+    The interpreter path therefore registers an opaque op; both trace with fullgraph=True.
+    """
+    if _INTERPRET:
+        op = torch.library.custom_op(f"fatrain::{name}", mutates_args=())(launcher)
+        op.register_fake(fake)
+        return op
+    return triton_op(f"fatrain::{name}", mutates_args=())(launcher)
+
+
+_flash_v2_fwd_op = _register("flash_v2_fwd", _flash_v2_fwd, _flash_v2_fwd_fake)
+_flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+
+class FlashV2Function(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale):
+        out, lse = _flash_v2_fwd_op(q, k, v, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
+                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False):
+    """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32, headdim 16..256
+        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA read
+            in place, no copy); any strides (non-contiguous views are read in place)
+        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
+            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
+                1 1 1 1 0                      0 0
+                1 1 1 1 1                      0 0
+                                               0 0
+                                               1 0
+                                               1 1
+            (a row of zeros attends to nothing and returns zeros)
+        softmax_scale: defaults to 1 / sqrt(headdim)
+        dropout_p: must be 0.0 (dropout is not implemented yet)
+        window_size: must be (-1, -1), meaning infinite (windows are not implemented yet)
+        doc_ids: must be None (document masks are not implemented yet)
+        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
+            rows that see no key get MASKED_ROW_LSE
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
+        autocast) [, lse]
+    """
+    check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
+              dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    B, Nk = k.shape[0], k.shape[1]
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    if check_dropout(dropout_p) > 0.0:
+        raise unsupported(BACKEND, "dropout", "use dropout_p=0.0")
+    if normalize_window(window_size, causal) != normalize_window((-1, -1), causal):
+        raise unsupported(BACKEND, "sliding windows", "use window_size=(-1, -1)")
+    if doc_ids is not None:
+        raise unsupported(BACKEND, "document masks (doc_ids)")
+    scale = default_scale(softmax_scale, q.shape[-1])
+    if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
+        raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
+                         f"got {q.device}")
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse = FlashV2Function.apply(q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,218 @@
+"""The flash_v2 backend (FlashAttention-2 in Triton) against the float64 reference.
+
+On the CPU the kernels run through the Triton interpreter (float32 and float16, small
+shapes); the GPU-marked tests add bfloat16, long sequences, wide heads, torch.compile and
+CUDA graphs.
+"""
+
+import pytest
+import torch
+
+from attention_checks import check_backend, make_qkv, max_err
+from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+
+SHAPES = [  # (B, Nq, Nk, H, Hkv, D): lengths 1/17/97/128/257, GQA 1/4/H, Nq != Nk both ways
+    (1, 1, 1, 2, 2, 16),
+    (2, 17, 17, 4, 4, 16),
+    (1, 97, 97, 4, 1, 64),
+    (1, 128, 128, 8, 2, 64),
+    (1, 257, 257, 2, 2, 16),
+    (1, 33, 97, 4, 2, 80),
+    (1, 97, 33, 4, 4, 128),
+    (2, 1, 40, 4, 1, 16),
+]
+
+
+def attn():
+    return get_backend("flash_v2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flash_v2_matches_reference(shape, causal, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype)
+    check_backend(attn(), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 17, 33, 4, 2, 16), (1, 70, 50, 2, 1, 80)])
+def test_non_contiguous_inputs(shape, causal):
+    q, k, v = make_qkv(*shape, dtype=torch.float32, strided=True)
+    assert not (q.is_contiguous() or v.is_contiguous())
+    check_backend(attn(), q, k, v, causal=causal, softmax_scale=0.3)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty (which the kernel's outputs come from) returns NaN-filled memory."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("shape, causal", [((1, 97, 33, 2, 1, 80), True), ((2, 33, 70, 4, 2, 16), False)])
+def test_every_output_element_is_written(poisoned_empty, shape, causal):
+    q, k, v = make_qkv(*shape, dtype=torch.float32)
+    out, lse = attn()(q, k, v, causal=causal, return_lse=True)
+    assert torch.isfinite(lse).all()
+    check_backend(attn(), q, k, v, causal=causal)  # asserts finite outputs and grads
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 4, 2, 2, 16), (2, 70, 33, 4, 1, 64), (1, 33, 70, 2, 2, 16)])
+def test_lse_and_fully_masked_rows(shape):
+    q, k, v = make_qkv(*shape, dtype=torch.float32)
+    Nq, Nk = shape[1], shape[2]
+    out, lse = attn()(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (shape[0], shape[3], Nq)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    empty_rows = max(0, Nq - Nk)  # causal bottom-right: the first Nq - Nk rows see nothing
+    assert torch.equal(out[:, :empty_rows], torch.zeros_like(out[:, :empty_rows]))
+    assert (lse[:, :, :empty_rows] == MASKED_ROW_LSE).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_gradients_are_deterministic():
+    q, k, v = make_qkv(1, 97, 97, 4, 1, 64, dtype=torch.float16)
+    out = attn()(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout)
+    out = attn()(q, k, v, causal=True)
+    second = torch.autograd.grad(out, (q, k, v), dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(1, 33, 33, 2, 1, 16, dtype=torch.float32)
+    fn = attn()  # looked up outside: torch.compile traces the kernel call, not the registry
+    compiled = torch.compile(lambda q, k, v: fn(q, k, v, causal=True), fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, attn()(q, k, v, causal=True), rtol=0, atol=0)
+    dq, = torch.autograd.grad(out.sum(), (q,))
+    assert torch.isfinite(dq).all()
+
+
+def test_autocast_casts_inputs():
+    q, k, v = make_qkv(1, 17, 17, 2, 2, 16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = attn()(q, k, v, causal=True)
+    assert out.dtype == torch.float16
+    ref = reference_attention(q, k, v, causal=True)
+    assert max_err(out, ref) < 1e-2
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    (dict(dropout_p=0.1), "dropout"),
+    (dict(window_size=(4, 0)), "sliding windows"),
+    (dict(doc_ids=torch.zeros(1, 8, dtype=torch.long)), "document masks"),
+])
+def test_unsupported_features_raise(kwargs, feature):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(NotImplementedError, match=f"flash_v2.*{feature}"):
+        attn()(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8), v=torch.randn(1, 8, 2, 8)),
+     r"head_dim 8 is not supported by flash_v2 \(supported: 16..256\)"),
+    (dict(q=torch.randn(1, 8, 2, 320), k=torch.randn(1, 8, 2, 320), v=torch.randn(1, 8, 2, 320)),
+     r"head_dim 320 is not supported by flash_v2"),
+    (dict(k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)), "multiple of the number of key/value heads"),
+    (dict(q=torch.randn(1, 8, 2, 16, dtype=torch.float64), k=torch.randn(1, 8, 2, 16, dtype=torch.float64),
+          v=torch.randn(1, 8, 2, 16, dtype=torch.float64)), "float64 is not supported by flash_v2"),
+    (dict(v=torch.randn(1, 8, 2, 16, dtype=torch.float16)), "share one dtype"),
+    (dict(q=torch.randn(8, 2, 16)), "q must have 4 dims"),
+    (dict(k=torch.randn(1, 9, 2, 16)), "k and v must have the same shape"),
+    (dict(k=torch.randn(1, 8, 2, 16, device="meta")), "one device"),
+    (dict(softmax_scale=-1.0), "softmax_scale"),
+    (dict(dropout_p=1.5), "dropout_p"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    args = dict(q=torch.randn(1, 8, 2, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16))
+    args.update(bad)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        attn()(q, k, v, **args)
+
+
+# ---------------------------------------------------------------------------- GPU only
+
+GPU_SHAPES = [  # (B, Nq, Nk, H, Hkv, D)
+    (2, 1025, 1025, 4, 1, 64),
+    (1, 2048, 2048, 4, 4, 128),
+    (1, 513, 1500, 8, 2, 96),
+    (1, 1500, 513, 4, 2, 80),
+    (1, 300, 300, 2, 1, 256),
+    (3, 77, 77, 4, 4, 32),
+]
+
+
+GPU_CASES = ([(shape, torch.bfloat16) for shape in GPU_SHAPES]
+             + [(GPU_SHAPES[0], torch.float16), (GPU_SHAPES[3], torch.float32), (GPU_SHAPES[4], torch.float16)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape, dtype", GPU_CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in GPU_CASES])
+def test_gpu_matches_reference(shape, dtype, causal):
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
+    check_backend(attn(), q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_and_strides():
+    q, k, v = make_qkv(1, 8192, 8192, 2, 1, 64, dtype=torch.bfloat16, device="cuda", strided=True)
+    check_backend(attn(), q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_compiled_and_graphed():
+    q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(2, 1000, 8, 128, dtype=torch.bfloat16, device="cuda")
+
+    fn = attn()
+
+    def step(q, k, v):
+        out = fn(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    eager = step(q, k, v)
+    again = step(q, k, v)
+    for a, b in zip(eager, again):
+        assert torch.equal(a, b)
+    compiled = torch.compile(step, fullgraph=True)(q, k, v)
+    for a, b in zip(eager, compiled):  # the compiled graph may autotune to other blocks
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # CUDA graph capture after warm-up (autotuning done above).
+    static_q, static_k, static_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(static_q, static_k, static_v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = step(static_q, static_k, static_v)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast():
+    q, k, v = make_qkv(1, 256, 256, 4, 2, 64, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attn()(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, reference_attention(q, k, v, causal=True)) < 5e-2
