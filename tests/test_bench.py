@@ -1,0 +1,131 @@
+"""fatrain-bench: the FLOP formula, a tiny CPU sweep through the real config, failures as rows."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+import fatrain.bench as bench
+from fatrain import benchmarking
+from fatrain.benchmarking import COLUMNS, attended_pairs, attention_flops, make_doc_ids
+from fatrain.kernels._common import allowed_mask
+
+TINY = ["bench=smoke", "impls=[naive,sdpa]", "modes=[fwd,bwd,fwdbwd]", "seqlens=[16,32]", "causal=[false,true]",
+        "headdims=[16]", "dtypes=[fp32]", "tokens_per_batch=64", "hidden=32", "cpu_reps=1"]
+REQUIRED = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
+            "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "gpu", "torch", "triton",
+            "git_sha", "date"]
+
+
+def compose_bench(overrides):
+    with initialize_config_module(config_module="fatrain.configs", version_base=None):
+        return compose(config_name="bench", overrides=overrides)
+
+
+def run_main(tmp_path, overrides):
+    cfg = compose_bench(TINY + [f"out_dir={tmp_path}"] + overrides)
+    csv_path = bench.main.__wrapped__(cfg)  # the body of the Hydra entry point, on a composed config
+    with open(csv_path, newline="") as f:
+        return csv_path, list(csv.DictReader(f))
+
+
+def test_flops_formula():
+    # B=2, H=4, N=1024, D=64: 4 * 2 * 4 * 1024 * 1024 * 64 = 2^31
+    assert attention_flops(2, 4, 1024, 1024, 64, causal=False) == 2.0 ** 31
+    assert attention_flops(2, 4, 1024, 1024, 64, causal=True) == 2.0 ** 30
+    assert attention_flops(2, 4, 1024, 1024, 64, causal=True, mode="bwd") == 2.5 * 2.0 ** 30
+    assert attention_flops(2, 4, 1024, 1024, 64, causal=False, mode="fwdbwd") == 3.5 * 2.0 ** 31
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [-1, 0, 5])
+@pytest.mark.parametrize("doc_len", [0, 7])
+def test_attended_pairs_match_the_mask(causal, window, doc_len):
+    n, batch = 41, 3
+    doc_ids = make_doc_ids(batch, n, doc_len, torch.Generator().manual_seed(1)) if doc_len else None
+    right = -1 if window < 0 else (0 if causal else window)
+    mask = allowed_mask(n, n, causal=causal, window_size=(window, right), doc_ids=doc_ids)
+    expected = mask.sum().item() * (batch if doc_ids is None else 1)
+    pairs = attended_pairs(n, causal=causal, window=window, doc_ids=doc_ids) * (batch if doc_ids is None else 1)
+    assert pairs == expected
+
+
+def test_tiny_sweep_writes_csv_plot_and_table(tmp_path, capsys):
+    csv_path, rows = run_main(tmp_path, [])
+    assert set(REQUIRED) <= set(rows[0])
+    assert len(rows) == 2 * 3 * 2 * 2  # impls x modes x seqlens x causal
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows if r["status"] != "ok"]
+    for r in rows:
+        flops = attention_flops(int(r["batch"]), int(r["nheads"]), int(r["seqlen"]), int(r["seqlen"]),
+                                int(r["headdim"]), causal=r["causal"] == "True", mode=r["mode"])
+        assert float(r["tflops"]) == pytest.approx(flops / (float(r["ms"]) * 1e-3) / 1e12)
+        assert int(r["batch"]) == 64 // int(r["seqlen"]) and int(r["nheads"]) == 2
+    assert os.path.getsize(os.path.splitext(csv_path)[0] + ".png") > 0
+    assert "TFLOP/s" in capsys.readouterr().out
+
+
+def test_features_are_rows_and_failures_do_not_stop_the_sweep(tmp_path, monkeypatch):
+    def not_implemented(q, k, v, **kwargs):
+        raise NotImplementedError("attention backend 'sdpa' does not support this")
+
+    real = benchmarking.resolve_impl
+    fakes = {"sdpa": not_implemented, "flash_v1": ImportError("No module named 'fatrain.kernels.flash_v1'")}
+    monkeypatch.setattr(benchmarking, "resolve_impl", lambda name: fakes.get(name, real(name)))
+    _, rows = run_main(tmp_path, ["impls=[sdpa,flash_v1,naive]", "seqlens=[32]", "causal=[true]",
+                                  "windows=[-1,4]", "doc_lens=[0,8]", "dropout_ps=[0.0,0.1]"])
+    assert len(rows) == 3 * 3 * 2 * 2 * 2
+    status = {(r["impl"], r["status"]) for r in rows}
+    assert status == {("sdpa", "unsupported"), ("flash_v1", "unavailable"), ("naive", "ok")}
+    naive = [r for r in rows if r["impl"] == "naive"]
+    assert {(r["window"], r["doc_len"], r["dropout_p"]) for r in naive} == {
+        (w, d, p) for w in ("-1", "4") for d in ("0", "8") for p in ("0.0", "0.1")}
+
+
+@pytest.mark.parametrize("override", ["impl=[naive]", "seqlens=[abc]", "causal=maybe"])
+def test_typo_or_wrong_type_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_bench([override])
+
+
+def test_unknown_backend_fails_before_work(tmp_path):
+    cfg = compose_bench(TINY + ["impls=[naive,flash_v3]", f"out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="flash_v3"):
+        bench.main.__wrapped__(cfg)
+    assert not os.listdir(tmp_path)
+
+
+def test_summarize_ratios(tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    base = {c: "" for c in COLUMNS} | {"causal": "True", "headdim": "128", "dtype": "bf16", "window": "-1",
+                                      "doc_len": "0", "dropout_p": "0.0", "mode": "fwd", "status": "ok"}
+    rows = [base | {"impl": "flash_v2", "seqlen": "8192", "tflops": "400"},
+            base | {"impl": "sdpa_flash", "seqlen": "8192", "tflops": "300"},
+            base | {"impl": "flex", "seqlen": "8192", "tflops": "372"},
+            base | {"impl": "sdpa_cudnn", "seqlen": "8192", "tflops": "500", "status": "oom"},
+            base | {"impl": "flash_v2", "seqlen": "4096", "tflops": "350"},
+            base | {"impl": "sdpa_flash", "seqlen": "4096", "tflops": "320"}]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    short, long = bench.summarize(str(path))
+    assert long["sdpa_flash"] == pytest.approx(4 / 3) and long["flex"] == pytest.approx(400 / 372)
+    assert long["sdpa_cudnn"] is None and short["flex"] is None
+    out = capsys.readouterr().out
+    assert "| 1.33 | 1.08 |  |" in out and "| 1.09! |" in out  # below the 1.25x target is marked
+
+
+@pytest.mark.slow
+def test_console_entry_point(tmp_path):
+    # The real Hydra entry point: finds configs/ as the package fatrain.configs.
+    cmd = [sys.executable, "-m", "fatrain.bench", "bench=smoke", "impls=[naive]", "modes=[fwd]", "seqlens=[16]",
+           "causal=[true]", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "attention_bench.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok"]
