@@ -1,0 +1,586 @@
+"""FlashAttention-1 in Triton, as the paper writes it (Dao et al. 2022, arXiv 2205.14135).
+
+This is the row-tiling algorithm of the original paper, kept literal so that its cost can
+be measured against FlashAttention-2 (``flash_v2.py``): the outer loop runs over K/V
+blocks, the inner loop over Q blocks, and the running output O and the softmax statistics
+l and m make a round trip through HBM on every inner step.
+
+Grid and ownership
+    Forward: one program per (batch, query head), ``grid = (B * H,)``: parallel over
+    batch x heads only, as FlashAttention-1 was. Backward: one program per (batch,
+    key/value head), ``grid = (B * Hkv,)``; the program loops over the H / Hkv query heads
+    that share its K/V head, so dK and dV sum over the group in registers (no atomics)
+    and every dQ row is read-modify-written by exactly one program. For MHA this is one
+    program per (batch, head), as in the paper.
+
+Block sizes (Algorithm 1 line 2, Algorithm 4 line 3)
+    B_c = ceil(M / 4d), B_r = min(B_c, d) with M the on-chip budget in float32 words:
+    M = sram_bytes // 4 (the on-chip state S_ij, P_ij and the O_i / dK_j / dV_j
+    accumulators is float32). sram_bytes is, in order: the ``sram_bytes`` argument, the
+    value set by :func:`set_sram_bytes`, the GPU's opt-in shared memory per block
+    (``torch.cuda.get_device_properties(dev).shared_memory_per_block_optin``, 232448 bytes
+    = 227 KiB on an H100, so M = 58112), or ``CPU_INTERPRETER_SRAM_BYTES`` = 16 KiB under
+    the CPU interpreter, which has no shared memory. Rounding: ``tl.dot`` needs power-of-two
+    block shapes of at least 16, so each of B_c and B_r is rounded *down* to a power of two
+    (down, so the four blocks still fit in M) and then raised to at least 16. The launcher
+    also caps each block at the next power of two >= the sequence length (a block longer
+    than the sequence is all tail mask; the counts of Algorithm 1 do not change). The head
+    dim is padded to a power-of-two constexpr ``HEAD_DIM`` and the tail columns masked.
+
+Forward: Algorithm 1 (with Algorithm 2's scale tau and MASK), in ``_flash_v1_fwd_kernel``
+    line 3   O = 0 (float32), l = 0, m = -inf in HBM     ``_flash_v1_forward`` (host)
+    line 6   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
+    line 7     load K_j, V_j to SRAM                      ``k = tl.load(...)``, ``v = tl.load(...)``
+    line 8     for 1 <= i <= T_r                          ``for start_m in range(m_lo, N_CTX_Q, BLOCK_M)``
+    line 9       load Q_i, O_i, l_i, m_i                  ``q``, ``o``, ``l_i``, ``m_i``
+    line 10      S_ij = tau Q_i K_j^T, then MASK          ``s = tl.dot(q, tl.trans(k)) * softmax_scale``
+    line 11      m~_ij = rowmax(S_ij)                     ``m_ij``
+                 P~_ij = exp(S_ij - m~_ij)                ``p``
+                 l~_ij = rowsum(P~_ij)                    ``l_ij``
+    line 12      m_new = max(m_i, m~_ij)                  ``m_new``
+                 l_new = e^(m_i-m_new) l_i + e^(m~_ij-m_new) l~_ij     ``l_new``
+    line 13      O_i = diag(l_new)^-1 (diag(l_i) e^(m_i-m_new) O_i
+                        + e^(m~_ij-m_new) P~_ij V_j) -> HBM            ``o = ...; tl.store(...)``
+    line 14      l_i = l_new, m_i = m_new -> HBM          ``tl.store(L ...)``, ``tl.store(M ...)``
+    line 17  return O                                     host: ``out = o32.to(q.dtype)``
+  The forward saves q, k, v, out (input dtype), l and m (float32, (B, H, Nq)) for the
+  backward: not a logsumexp. ``return_lse`` computes lse = m + log(l) on the host.
+
+Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
+    line 6   dQ = 0 in HBM (float32 buffer); dK, dV written once per block   host
+    line 7   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
+    line 8     load K_j, V_j                              ``k``, ``v``
+    line 9     dK~_j = 0, dV~_j = 0 on chip               ``dk``, ``dv`` (float32)
+               (GQA: ``for g in range(0, GROUP)`` over the query heads of this K/V head)
+    line 10    for 1 <= i <= T_r                          ``for start_m in range(m_lo, N_CTX_Q, BLOCK_M)``
+    line 11      load Q_i, O_i, dO_i, dQ_i, l_i, m_i      ``q``, ``o``, ``do``, ``dq``, ``l_i``, ``m_i``
+    line 12-13   S_ij = tau Q_i K_j^T, MASK               ``s``
+    line 14      P_ij = diag(l_i)^-1 exp(S_ij - m_i)      ``p``
+    line 15-16   dropout: not yet (raises ``unsupported``)
+    line 17      dV~_j += P_ij^T dO_i                     ``dv += tl.dot(tl.trans(p), do)``
+    line 18-19   dP_ij = dO_i V_j^T                       ``dp``
+    line 20      D_i = rowsum(dO_i o O_i)                 ``d_i``
+    line 21      dS_ij = P_ij o (dP_ij - D_i)             ``ds``
+    line 22      dQ_i += tau dS_ij K_j -> HBM             ``dq = dq + ...; tl.store(DQ ...)``
+    line 23      dK~_j += tau dS_ij^T Q_i                 ``dk += tl.dot(tl.trans(ds), q)``
+                 (tau is applied once when dK_j is written: the same sum)
+    line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
+
+Masking
+    Causal is aligned bottom-right: query r sits at key position r + Nk - Nq and sees keys
+    c <= r + Nk - Nq. For a K/V block starting at key ``start_n`` the Q blocks wholly
+    above the diagonal (every row sees none of the block) are skipped in both loops by
+    starting the inner loop at ``m_lo = (max(start_n - (Nk - Nq), 0) // B_r) * B_r``.
+    Rows and columns past the sequence ends are masked (tail masks), so any length works.
+    A row that sees no key keeps O = 0, l = 0, m = -inf: the kernels use a "safe" max
+    (0 where the max is -inf) and a "safe" sum (1 where it is 0), so such rows give
+    out = 0, lse = MASKED_ROW_LSE and zero gradients, never NaN.
+
+Caution / known limits
+    * Slow by design next to FlashAttention-2: B * H programs only (an H100 has 132 SMs,
+      so B * H < 132 leaves SMs idle), O_i (float32), l_i and m_i read and written on
+      every inner step, O rescaled by 1 / l_new on every step, and D_i recomputed for
+      every (i, j). :func:`flash_v1_hbm_traffic` gives the modelled bytes.
+    * O and dQ live in HBM as float32 buffers the size of q (B, Nq, H, d) each, on top of
+      the output: more extra memory than flash_v2, still linear in the sequence length.
+    * A program reads back what it wrote on an earlier step (O_i, l_i, m_i; dQ_i), possibly
+      through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync, which
+      also orders the CTA's global memory accesses) follows each write-back, and the loops
+      are compiled with ``num_stages=1`` so no load is hoisted above that barrier.
+    * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match
+      PyTorch's float32 matmul.
+    * ``dropout_p > 0``, ``window_size`` and ``doc_ids`` raise ``unsupported``: Algorithm 2's
+      dropout and the extra masks come with a later issue.
+    * The returned lse is not differentiable (it is computed from the detached l and m).
+    * On CUDA and on the CPU interpreter the kernels are called through
+      ``torch.library.triton_op`` + ``wrap_triton`` with ``register_autograd``; the CPU
+      interpreter runs the same ops in eager mode, but ``torch.compile`` cannot trace a
+      triton_op there (fake-tensor tracing touches data pointers under TRITON_INTERPRET=1,
+      torch 2.13 / triton 3.9, also for a one-line kernel): compile on a GPU only.
+    * If Triton's own staging of the blocks needs more shared memory than the formula
+      budgets (it raises OutOfResources at launch), the launcher halves B_c (then both)
+      and warns, so the blocks run may be smaller than :func:`flash_v1_block_sizes` says.
+      Only the eager path can retry; the backward may end up with other blocks than the
+      forward, which is harmless (l and m are per row). bfloat16 is wrong under the interpreter (see
+      ARCHITECTURE.md): test it on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
+                      unsupported)
+
+BACKEND = "flash_v1"
+HEAD_DIMS = (16, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: The on-chip budget used under the CPU interpreter (which has no shared memory): 16 KiB,
+#: M = 4096 float32 words, so B_c = B_r = 16 for d = 64 and the loops run many times.
+CPU_INTERPRETER_SRAM_BYTES = 16 * 1024
+#: tl.dot needs block sides that are powers of two and at least 16.
+MIN_BLOCK = 16
+#: M is counted in float32 words (the on-chip accumulators are float32).
+_BYTES_PER_WORD = 4
+
+_sram_bytes_override: int | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _flash_v1_fwd_kernel(
+    Q, K, V, O, L, M,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, GROUP, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Algorithm 1 for one (batch, query head). O is float32 in HBM; L and M are (B, H, Nq)."""
+    pid = tl.program_id(0)
+    off_b = pid // NHEADS
+    off_h = pid % NHEADS
+    off_hk = off_h // GROUP
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk * stride_vh
+    o_base = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
+    lm_offset = pid.to(tl.int64) * N_CTX_Q  # L, M are contiguous (B, H, Nq)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_valid = offs_d < D
+    # Query row r sits at key position r + diag_offset (causal aligned bottom-right).
+    diag_offset = N_CTX_K - N_CTX_Q
+
+    # -- line 6: for 1 <= j <= T_c --
+    for start_n in range(0, N_CTX_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N_CTX_K
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        # -- line 7: load K_j, V_j --
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        m_lo = 0
+        if IS_CAUSAL:
+            # Skip the Q blocks in which every row is left of this K/V block's first key.
+            m_lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
+        # -- line 8: for 1 <= i <= T_r --
+        for start_m in range(m_lo, N_CTX_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N_CTX_Q
+            qo_mask = m_valid[:, None] & d_valid[None, :]
+            # -- line 9: load Q_i, O_i, l_i, m_i --
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+            o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+            o = tl.load(o_ptrs, mask=qo_mask, other=0.0)
+            l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
+            m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
+            # -- line 10: S_ij = tau Q_i K_j^T, then MASK (Algorithm 2 lines 10-11) --
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+            allowed = n_valid[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+            s = tl.where(allowed, s, float("-inf"))
+            # -- line 11: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij) --
+            m_ij = tl.max(s, 1)
+            # NOTE: a row with no allowed key in this block has m~_ij = -inf; subtracting 0
+            # instead gives P~_ij = exp(-inf) = 0 rather than exp(-inf + inf) = NaN.
+            m_ij_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.exp(s - m_ij_safe[:, None])
+            l_ij = tl.sum(p, 1)
+            # -- line 12: m_new = max(m_i, m~_ij), l_new = e^(m_i - m_new) l_i + e^(m~_ij - m_new) l~_ij --
+            m_new = tl.maximum(m_i, m_ij)
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_new_safe)
+            beta = tl.exp(m_ij - m_new_safe)
+            l_new = alpha * l_i + beta * l_ij
+            # -- line 13: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j) --
+            # NOTE: P~_ij is cast to the input dtype for the tensor-core product, as in FA.
+            pv = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            l_new_safe = tl.where(l_new == 0.0, 1.0, l_new)  # rows that have seen no key yet keep O_i = 0
+            o = ((l_i * alpha)[:, None] * o + beta[:, None] * pv) / l_new_safe[:, None]
+            tl.store(o_ptrs, o, mask=qo_mask)
+            # -- line 14: l_i = l_new, m_i = m_new --
+            tl.store(L + lm_offset + offs_m, l_new, mask=m_valid)
+            tl.store(M + lm_offset + offs_m, m_new, mask=m_valid)
+            # NOTE: the next read of these rows may come from other threads of this CTA;
+            # bar.sync makes the writes above visible to them first.
+            tl.debug_barrier()
+
+
+@triton.jit
+def _flash_v1_bwd_kernel(
+    Q, K, V, O, DO, L, M, DQ, DK, DV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, NHEADS_K, GROUP, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Algorithm 4 for one (batch, key/value head) and the GROUP query heads that share it."""
+    pid = tl.program_id(0)
+    off_b = pid // NHEADS_K
+    off_hk = pid % NHEADS_K
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk * stride_vh
+    dk_base = DK + off_b.to(tl.int64) * stride_dkb + off_hk * stride_dkh
+    dv_base = DV + off_b.to(tl.int64) * stride_dvb + off_hk * stride_dvh
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_valid = offs_d < D
+    diag_offset = N_CTX_K - N_CTX_Q
+
+    # -- line 7: for 1 <= j <= T_c --
+    for start_n in range(0, N_CTX_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N_CTX_K
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        # -- line 8: load K_j, V_j --
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # -- line 9: dK~_j = 0, dV~_j = 0 on chip --
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        m_lo = 0
+        if IS_CAUSAL:
+            m_lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
+        # GQA/MQA: the query heads of this K/V head, so dK_j, dV_j sum over them on chip.
+        for g in range(0, GROUP):
+            off_h = off_hk * GROUP + g
+            q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
+            o_base = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
+            do_base = DO + off_b.to(tl.int64) * stride_dob + off_h * stride_doh
+            dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h * stride_dqh
+            lm_offset = (off_b.to(tl.int64) * NHEADS + off_h) * N_CTX_Q
+            # -- line 10: for 1 <= i <= T_r --
+            for start_m in range(m_lo, N_CTX_Q, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_valid = offs_m < N_CTX_Q
+                qo_mask = m_valid[:, None] & d_valid[None, :]
+                # -- line 11: load Q_i, O_i, dO_i, dQ_i, l_i, m_i --
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=qo_mask, other=0.0)
+                o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                            mask=qo_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                             mask=qo_mask, other=0.0)
+                dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+                dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
+                l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
+                m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
+                # -- lines 12-13: S_ij = tau Q_i K_j^T, MASK --
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+                allowed = n_valid[None, :]
+                if IS_CAUSAL:
+                    allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+                s = tl.where(allowed, s, float("-inf"))
+                # -- line 14: P_ij = diag(l_i)^-1 exp(S_ij - m_i) --
+                # NOTE: rows that saw no key have m_i = -inf, l_i = 0; the safe values give P = 0.
+                m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+                l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+                p = tl.exp(s - m_safe[:, None]) / l_safe[:, None]
+                # -- line 17: dV~_j += P_ij^T dO_i --
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                # -- line 18: dP_ij = dO_i V_j^T --
+                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+                # -- line 20: D_i = rowsum(dO_i o O_i) --
+                d_i = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                # -- line 21: dS_ij = P_ij o (dP_ij - D_i) --
+                ds = p * (dp - d_i[:, None])
+                # -- line 22: dQ_i += tau dS_ij K_j, read-modify-write in HBM (float32) --
+                dq += softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+                tl.store(dq_ptrs, dq, mask=qo_mask)
+                # -- line 23: dK~_j += dS_ij^T Q_i (tau applied at line 25) --
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+                # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA.
+                tl.debug_barrier()
+        # -- line 25: write dK_j = tau dK~_j, dV_j = dV~_j --
+        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Host side: block sizes, traffic model, launchers
+# ----------------------------------------------------------------------------------------
+
+def set_sram_bytes(sram_bytes: int | None) -> int | None:
+    """Set the on-chip budget M (in bytes) every later flash_v1 call uses; None: detect it.
+
+    Returns the previous setting, so a caller can restore it.
+    """
+    global _sram_bytes_override
+    if sram_bytes is not None:
+        _check_sram_bytes(sram_bytes)
+    previous, _sram_bytes_override = _sram_bytes_override, sram_bytes
+    return previous
+
+
+def _check_sram_bytes(sram_bytes) -> int:
+    if isinstance(sram_bytes, bool) or not isinstance(sram_bytes, int) or sram_bytes < 1:
+        raise ValueError(f"sram_bytes must be a positive int (bytes of on-chip memory), got {sram_bytes!r}")
+    return sram_bytes
+
+
+def device_sram_bytes(device=None) -> int:
+    """The on-chip budget in bytes: the setter's value, the GPU's shared memory per block, or the CPU value."""
+    if _sram_bytes_override is not None:
+        return _sram_bytes_override
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return CPU_INTERPRETER_SRAM_BYTES
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    return int(triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def flash_v1_block_sizes(head_dim: int, sram_bytes: int | None = None) -> tuple[int, int]:
+    """(B_r, B_c) of Algorithm 1 line 2 for an on-chip budget of ``sram_bytes``.
+
+    M = sram_bytes // 4 float32 words; B_c = ceil(M / 4d), B_r = min(B_c, d); each is then
+    rounded down to a power of two and raised to at least 16, which ``tl.dot`` requires.
+    ``sram_bytes=None`` takes the value of :func:`device_sram_bytes` for the current CUDA
+    device (or the CPU interpreter's fixed value).
+    """
+    if sram_bytes is None:
+        sram_bytes = device_sram_bytes("cuda" if torch.cuda.is_available() else "cpu")
+    _check_sram_bytes(sram_bytes)
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    words = sram_bytes // _BYTES_PER_WORD
+    block_c = math.ceil(words / (4 * head_dim))
+    block_r = min(block_c, head_dim)
+    return max(MIN_BLOCK, _pow2_floor(block_r)), max(MIN_BLOCK, _pow2_floor(block_c))
+
+
+def _launch_blocks(seqlen_q: int, seqlen_k: int, head_dim: int, sram_bytes: int) -> tuple[int, int]:
+    """The blocks the kernels run with: the formula's, capped at the sequence length's power of two."""
+    block_m, block_n = flash_v1_block_sizes(head_dim, sram_bytes)
+    block_m = min(block_m, max(MIN_BLOCK, triton.next_power_of_2(seqlen_q)))
+    block_n = min(block_n, max(MIN_BLOCK, triton.next_power_of_2(seqlen_k)))
+    return block_m, block_n
+
+
+@dataclasses.dataclass(frozen=True)
+class Flash1Traffic:
+    """Modelled HBM bytes of one flash_v1 call; ``*_inner`` is the part moved inside the inner loop."""
+    forward: int
+    backward: int
+    forward_inner: int
+    backward_inner: int
+    block_m: int
+    block_n: int
+
+
+def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, causal: bool) -> int:
+    """Sum over K/V blocks j of the Q rows the inner loop visits (the rows of the Q blocks not skipped)."""
+    if not causal:
+        return math.ceil(seqlen_k / block_n) * seqlen_q
+    diag_offset = seqlen_k - seqlen_q
+    rows = 0
+    for start_n in range(0, seqlen_k, block_n):
+        m_lo = (max(start_n - diag_offset, 0) // block_m) * block_m
+        rows += max(seqlen_q - m_lo, 0)
+    return rows
+
+
+def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
+                         dtype_bytes: int, sram_bytes: int, causal: bool) -> Flash1Traffic:
+    """Bytes of HBM the forward and backward move, counting each load and store of Algorithms 1 and 4.
+
+    Per (batch, head), with R = sum over K/V blocks j of the Q rows the inner loop visits
+    (T_c * Nq without causal; T_c = ceil(Nk / B_c) with B_c about M / 4d, so R is
+    Theta(Nq Nk d / M) and the inner terms are the paper's Theta(N^2 d^2 / M)), b = dtype_bytes:
+
+      forward  = b * 2 Nk d                 K_j, V_j once (line 7)
+               + R * (b d + 4 d + 4 d + 4 * 4)   Q_i, O_i load + store (float32), l_i, m_i load + store
+               + 4 Nq d + 8 Nq              O = 0, l = 0, m = -inf (line 3)
+               + 4 Nq d + b Nq d            the final cast of O to the input dtype
+      backward = b * 4 Nk d                 K_j, V_j loaded and dK_j, dV_j stored once (lines 8, 25)
+               + R * (3 b d + 8 d + 8)      Q_i, O_i, dO_i; dQ_i load + store (float32); l_i, m_i
+               + 4 Nq d + 4 Nq d + b Nq d   dQ = 0; the final cast of dQ
+
+    MHA is assumed (K/V heads = nheads); the blocks are the launcher's (:func:`flash_v1_block_sizes`,
+    capped at the sequence length).
+    """
+    block_m, block_n = _launch_blocks(seqlen_q, seqlen_k, head_dim, _check_sram_bytes(sram_bytes))
+    rows = _visited_rows(seqlen_q, seqlen_k, block_m, block_n, causal)
+    b, d = dtype_bytes, head_dim
+    fwd_inner = rows * (b * d + 8 * d + 16)
+    fwd = 2 * b * seqlen_k * d + fwd_inner + (4 * seqlen_q * d + 8 * seqlen_q) + (4 + b) * seqlen_q * d
+    bwd_inner = rows * (3 * b * d + 8 * d + 8)
+    bwd = 4 * b * seqlen_k * d + bwd_inner + (8 + b) * seqlen_q * d
+    heads = batch * nheads
+    return Flash1Traffic(forward=heads * fwd, backward=heads * bwd, forward_inner=heads * fwd_inner,
+                         backward_inner=heads * bwd_inner, block_m=block_m, block_n=block_n)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # NOTE: "ieee" keeps float32 products exact (tl.dot defaults to TF32 on NVIDIA GPUs).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_warps(head_dim_padded: int) -> int:
+    return 4 if head_dim_padded <= 64 else 8
+
+
+def _launch(kernel, grid, args, *, block_m: int, block_n: int, **meta) -> None:
+    """Launch with the formula's blocks; if Triton's staging needs more shared memory than
+    the formula budgets, halve B_c (then both) and warn, instead of failing.
+
+    NOTE: only the eager path can retry; under torch.compile the launch is traced, not run.
+    """
+    while True:
+        try:
+            wrap_triton(kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=1, **meta)
+            return
+        except triton.runtime.errors.OutOfResources as err:
+            if block_n <= MIN_BLOCK:
+                raise
+            smaller = (block_m, block_n // 2) if block_n > block_m else (block_m // 2, block_n // 2)
+            warnings.warn(f"flash_v1: blocks (B_r, B_c) = {(block_m, block_n)} exceed the GPU's resources "
+                          f"({err}); retrying with {smaller}", RuntimeWarning, stacklevel=2)
+            block_m, block_n = smaller
+
+
+@triton_op("fatrain::flash_v1_forward", mutates_args={})
+def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                      block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Algorithm 1; return out (input dtype), l and m (float32, (B, H, Nq))."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    # -- Algorithm 1 line 3: O = 0, l = 0, m = -inf in HBM (O in float32) --
+    o = torch.zeros(B, Nq, H, D, device=q.device, dtype=torch.float32)
+    l = torch.zeros(B, H, Nq, device=q.device, dtype=torch.float32)
+    m = torch.full((B, H, Nq), float("-inf"), device=q.device, dtype=torch.float32)
+    head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
+    _launch(_flash_v1_fwd_kernel, (B * H,), (
+        q, k, v, o, l, m,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        softmax_scale, Nq, Nk, H, H // Hkv, D,
+    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded, IS_CAUSAL=causal,
+        INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
+    return o.to(q.dtype), l, m
+
+
+@triton_op("fatrain::flash_v1_backward", mutates_args={})
+def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       l: torch.Tensor, m: torch.Tensor, softmax_scale: float, causal: bool,
+                       block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Algorithm 4; return dq, dk, dv in the input dtype."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    # -- Algorithm 4 line 6: dQ = 0 in HBM (float32, read-modify-written); dK, dV written once --
+    dq = torch.zeros(B, Nq, H, D, device=q.device, dtype=torch.float32)
+    dk = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=v.dtype)
+    head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
+    _launch(_flash_v1_bwd_kernel, (B * Hkv,), (
+        q, k, v, out, do, l, m, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
+        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D,
+    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded, IS_CAUSAL=causal,
+        INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
+    return dq.to(q.dtype), dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd: the forward saves O, l and m; the backward recomputes P from them
+# ----------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, block_m, block_n = inputs
+    out, l, m = output
+    ctx.save_for_backward(q, k, v, out, l, m)
+    ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.block_m = block_m
+    ctx.block_n = block_n
+
+
+def _backward(ctx, dout, dl, dm):
+    # dl, dm: l and m are statistics, not outputs a loss depends on (lse is detached).
+    q, k, v, out, l, m = ctx.saved_tensors
+    dq, dk, dv = _flash_v1_backward(dout, q, k, v, out, l, m, ctx.softmax_scale, ctx.causal,
+                                    ctx.block_m, ctx.block_n)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+
+def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
+                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False, sram_bytes=None):
+    """FlashAttention-1 (Algorithms 1 and 4): exact attention with O, l and m kept in HBM.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32; headdim 16..256
+        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA);
+            any strides (no copies are made)
+        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
+            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
+                1 1 1 1 0                      0 0
+                1 1 1 1 1                      0 0
+                                               0 0
+                                               1 0
+                                               1 1
+            (a row of zeros attends to nothing and returns zeros)
+        softmax_scale: defaults to 1 / sqrt(headdim)
+        dropout_p: must be 0.0 (dropout per Algorithm 2 is not implemented yet)
+        window_size: must be (-1, -1), unlimited (not implemented yet)
+        doc_ids: must be None (not implemented yet)
+        return_lse: also return the float32 logsumexp m + log(l) of each row,
+            (batch, nheads, seqlen_q); MASKED_ROW_LSE for rows that see no key. Not differentiable.
+        sram_bytes: the on-chip budget M in bytes that sets the block sizes
+            (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse]
+    """
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    scale = default_scale(softmax_scale, D)
+    if check_dropout(dropout_p) > 0.0:
+        raise unsupported(BACKEND, "dropout_p > 0", "Algorithm 2's dropout is not implemented yet")
+    left, right = normalize_window(window_size, causal)
+    if left >= 0 or (right >= 0 and not causal):
+        raise unsupported(BACKEND, "window_size", "only (-1, -1) is supported")
+    if doc_ids is not None:
+        raise unsupported(BACKEND, "doc_ids")
+    if sram_bytes is None:
+        sram_bytes = device_sram_bytes(q.device)
+    block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
+    out, l, m = _flash_v1_forward(q, k, v, scale, bool(causal), block_m, block_n)
+    if not return_lse:
+        return out
+    l, m = l.detach(), m.detach()
+    lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, MASKED_ROW_LSE))
+    return out, lse

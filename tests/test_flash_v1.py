@@ -1,0 +1,214 @@
+"""The flash_v1 backend (FlashAttention-1, Algorithms 1 and 4): outputs, gradients, block sizes, traffic model.
+
+On the CPU the kernels run through the Triton interpreter; small on-chip budgets
+(``sram_bytes``) keep the blocks at 16 so the outer and inner loops run several times.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from attention_checks import check_backend, make_qkv
+from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+from fatrain.kernels import flash_v1
+from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_block_sizes, flash_v1_hbm_traffic
+
+# 4096 bytes = 1024 float32 words: B_c = ceil(1024 / 4d) <= 16 for d >= 16, so every block is 16 x 16.
+SMALL_SRAM = 4096
+
+SHAPES = [  # (B, Nq, Nk, H, Hkv, D, sram_bytes)
+    (2, 17, 17, 2, 2, 16, SMALL_SRAM),
+    (1, 1, 1, 2, 2, 16, SMALL_SRAM),
+    (1, 1, 97, 2, 1, 64, SMALL_SRAM),  # one query row: decoding
+    (1, 97, 97, 4, 1, 64, SMALL_SRAM),  # MQA
+    (1, 97, 33, 4, 2, 80, SMALL_SRAM),  # Nq > Nk: causal leaves the first rows empty; head dim padded
+    (1, 33, 97, 4, 2, 128, SMALL_SRAM),  # Nq < Nk, GQA
+    (1, 257, 257, 2, 2, 16, None),  # the CPU default M: B_c = 64, B_r = 16
+    (1, 257, 129, 2, 1, 16, 8192),  # B_c = 32, B_r = 16
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-M{s[6]}")
+def test_flash_v1_matches_reference(shape, causal, dtype):
+    *dims, sram_bytes = shape
+    q, k, v = make_qkv(*dims, dtype=dtype)
+    attn = functools.partial(flash_v1_attention, sram_bytes=sram_bytes)
+    check_backend(attn, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_and_softmax_scale(causal):
+    q, k, v = make_qkv(2, 45, 61, 4, 2, 32, dtype=torch.float32, strided=True)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    attn = functools.partial(flash_v1_attention, sram_bytes=SMALL_SRAM)
+    check_backend(attn, q, k, v, causal=causal, softmax_scale=0.3)
+
+
+def test_registered_as_triton_ops():
+    assert get_backend("flash_v1") is flash_v1_attention
+    assert hasattr(torch.ops.fatrain, "flash_v1_forward") and hasattr(torch.ops.fatrain, "flash_v1_backward")
+
+
+def test_lse_and_fully_masked_rows():
+    # seqlen_q > seqlen_k with causal leaves the first 5 rows with no key to see.
+    q, k, v = make_qkv(1, 9, 4, 2, 2, 16, dtype=torch.float32)
+    out, lse = flash_v1_attention(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5]))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 9)
+    assert torch.isfinite(lse).all() and (lse[..., :5] == MASKED_ROW_LSE).all()
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    out.sum().backward()  # an expanded (stride 0) dO
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :5], torch.zeros_like(q.grad[:, :5]))
+
+
+def test_block_size_setter_changes_blocks_not_results():
+    q, k, v = make_qkv(1, 50, 50, 2, 2, 16, dtype=torch.float32)
+    previous = flash_v1.set_sram_bytes(SMALL_SRAM)
+    try:
+        small = flash_v1_attention(q, k, v, causal=True)
+        assert flash_v1.device_sram_bytes("cpu") == SMALL_SRAM
+    finally:
+        flash_v1.set_sram_bytes(previous)
+    large = flash_v1_attention(q, k, v, causal=True, sram_bytes=1 << 20)
+    torch.testing.assert_close(small, large, atol=1e-5, rtol=1e-5)
+
+
+def _pow2_floor(x):
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
+
+
+@pytest.mark.parametrize("sram_bytes", [4096, 16384, 49152, 101376, 232448])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128, 256])
+def test_block_sizes_follow_the_formula(head_dim, sram_bytes):
+    words = sram_bytes // 4  # M in float32 words
+    block_c = -(-words // (4 * head_dim))  # ceil(M / 4d)
+    block_r = min(block_c, head_dim)
+    b_r, b_c = flash_v1_block_sizes(head_dim, sram_bytes)
+    assert (b_r, b_c) == (max(16, _pow2_floor(block_r)), max(16, _pow2_floor(block_c)))
+    # Powers of two, at least 16, and within the budget whenever the formula allows blocks of 16.
+    for b in (b_r, b_c):
+        assert b >= 16 and b & (b - 1) == 0
+    assert b_r <= max(16, head_dim) and b_r <= b_c
+    if block_c >= 16:
+        assert 4 * b_c * head_dim <= words + 4 * head_dim  # ceil() may overshoot M by less than one row
+
+
+def test_block_sizes_on_an_h100():
+    # 227 KiB of shared memory per block: M = 58112 words.
+    assert flash_v1_block_sizes(64, 232448) == (64, 128)  # B_c = 227, B_r = 64
+    assert flash_v1_block_sizes(128, 232448) == (64, 64)  # B_c = 114, B_r = 114
+    assert flash_v1_block_sizes(16, 232448) == (16, 512)  # B_c = 908, B_r = 16
+
+
+def test_traffic_model_scaling():
+    kw = dict(batch=2, nheads=4, head_dim=64, dtype_bytes=2, causal=False)
+    m = 4 * 4 * 64 * 64  # bytes: M = 4096 words, B_c = 16
+    base = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=m, **kw)
+    long = flash_v1_hbm_traffic(seqlen_q=8192, seqlen_k=8192, sram_bytes=m, **kw)
+    # Doubling N quadruples the N^2 term exactly and the total nearly (the linear terms only double).
+    assert long.forward_inner == 4 * base.forward_inner and long.backward_inner == 4 * base.backward_inner
+    assert 3.9 < long.forward / base.forward <= 4.0 and 3.9 < long.backward / base.backward <= 4.0
+    # Doubling M doubles B_c, halving T_c and with it the N^2 term.
+    big = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=2 * m, **kw)
+    assert big.block_n == 2 * base.block_n
+    assert 2 * big.forward_inner == base.forward_inner and 2 * big.backward_inner == base.backward_inner
+    # Causal skips the blocks above the diagonal: a little over half the inner traffic.
+    causal = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=m, **{**kw, "causal": True})
+    assert 0.5 < causal.forward_inner / base.forward_inner < 0.52
+
+
+def test_traffic_model_counts_one_pair_by_hand():
+    # One K/V block and one Q block of 16 rows, d = 16, fp16: every load and store counted once.
+    t = flash_v1_hbm_traffic(1, 1, 16, 16, 16, 2, SMALL_SRAM, causal=False)
+    n = d = 16
+    fwd = 2 * 2 * n * d + n * (2 * d + 8 * d + 16) + (4 * n * d + 8 * n) + (4 + 2) * n * d
+    bwd = 4 * 2 * n * d + n * (3 * 2 * d + 8 * d + 8) + (8 + 2) * n * d
+    assert (t.forward, t.backward) == (fwd, bwd)
+
+
+def test_unsupported_features_and_bad_input():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(NotImplementedError, match="flash_v1.*dropout"):
+        flash_v1_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="flash_v1.*window_size"):
+        flash_v1_attention(q, q, q, window_size=(4, 0))
+    with pytest.raises(NotImplementedError, match="flash_v1.*doc_ids"):
+        flash_v1_attention(q, q, q, causal=True, doc_ids=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_dim 8 is not supported by flash_v1 \\(supported: 16..256\\)"):
+        x = torch.randn(1, 8, 2, 8)
+        flash_v1_attention(x, x, x)
+    with pytest.raises(ValueError, match="head_dim 320"):
+        x = torch.randn(1, 8, 2, 320)
+        flash_v1_attention(x, x, x)
+    with pytest.raises(ValueError, match="dtype float64 is not supported by flash_v1"):
+        x = q.double()
+        flash_v1_attention(x, x, x)
+    with pytest.raises(ValueError, match="sram_bytes"):
+        flash_v1_attention(q, q, q, sram_bytes=0)
+    with pytest.raises(ValueError, match="sram_bytes"):
+        flash_v1.set_sram_bytes(-5)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_v1_attention(q, q, q, dropout_p=1.5)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        flash_v1_attention(q, q, q, softmax_scale=0.0)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [
+    (2, 1024, 1024, 8, 2, 128),
+    (1, 4096, 4096, 4, 4, 128),
+    (2, 1000, 2049, 4, 1, 80),
+    (2, 2049, 1000, 4, 2, 64),
+    (1, 777, 777, 2, 2, 256),
+    (1, 513, 513, 2, 1, 16),
+])
+def test_flash_v1_gpu(shape, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
+    check_backend(flash_v1_attention, q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_v1_gpu_float32_strided_and_block_sizes(causal):
+    q, k, v = make_qkv(2, 1031, 517, 4, 2, 96, dtype=torch.float32, device="cuda", strided=True)
+    check_backend(flash_v1_attention, q, k, v, causal=causal)
+    m = flash_v1.device_sram_bytes(q.device)
+    assert m >= 48 * 1024  # every GPU we support has at least 48 KiB of shared memory per block
+    b_r, b_c = flash_v1_block_sizes(96, m)
+    assert b_r <= 64 and b_c >= 16
+
+
+@pytest.mark.gpu
+def test_flash_v1_gpu_lse_long_causal():
+    q, k, v = make_qkv(1, 4096, 4096, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
+    out, lse = flash_v1_attention(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_flash_v1_gpu_torch_compile():
+    # triton_op makes the kernels visible to torch.compile (the CPU interpreter cannot trace them).
+    q, k, v = make_qkv(2, 300, 300, 4, 2, 64, dtype=torch.float16, device="cuda")
+    compiled = torch.compile(functools.partial(flash_v1_attention, causal=True), fullgraph=True)
+    out = compiled(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eager = flash_v1_attention(q2, k2, v2, causal=True)
+    dq2, dk2, dv2 = torch.autograd.grad(eager.float().square().sum(), (q2, k2, v2))
+    for a, b in ((out, eager), (dq, dq2), (dk, dk2), (dv, dv2)):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
