@@ -25,9 +25,11 @@ useful work; compare such rows by ``ms``.
 
 Every failure becomes a row, never a crash: status ``unavailable`` (import failed: the
 backend does not exist yet, or flex is missing), ``unsupported`` (the backend raised
-NotImplementedError, or SDPA has no kernel for the inputs on this device), ``oom`` (memory is freed
-and larger seqlens of the same series are skipped), ``error`` (anything else; the
-message is in ``note``).
+NotImplementedError, or SDPA has no kernel for the inputs on this device), ``oom``
+(memory is freed and larger seqlens of the same series are skipped), ``error`` (anything else; the
+message is in ``note``). Rows reach the CSV as they finish, so a run cut short keeps them;
+``append=true`` then resumes it, measuring only what the CSV lacks (and a sweep too long for
+one job can be split, e.g. by head dim, into one CSV).
 
 Caution / known limits: a CUDA error that corrupts the context (an illegal address)
 makes every later row fail; the rows say so. The window is symmetric, (w, w), without
@@ -85,7 +87,7 @@ class BenchConfig:
     skip_after_oom: bool = True  # an OOM at seqlen N marks larger N of the same series as oom
     out_dir: Optional[str] = None  # None: the Hydra run directory
     name: str = "attention_bench"  # file stem of the CSV and the plots
-    append: bool = False  # add rows to an existing CSV (a sweep split over several runs)
+    append: bool = False  # add rows to an existing CSV, skipping measurements it already holds (resume)
     plot: bool = True
 
 
@@ -437,11 +439,16 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
     impls = {name: resolve_impl(name) for name in cfg.impls}
     oom_at: dict[tuple, int] = {}  # series -> smallest seqlen that ran out of memory
     new_file = not (cfg.append and os.path.exists(csv_path))
+    done = set() if new_file else {row_key(r) for r in read_rows(csv_path)}
     with open(csv_path, "w" if new_file else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new_file:
             writer.writeheader()
         for case in make_cases(cfg):
+            todo = [(name, mode) for name, mode in itertools.product(cfg.impls, cfg.modes)
+                    if row_key(case_row(name, mode, case)) not in done]
+            if not todo:
+                continue
             doc_ids = None
             if case.doc_len:
                 doc_ids = make_doc_ids(case.batch, case.seqlen, case.doc_len, torch.Generator().manual_seed(cfg.seed))
@@ -454,23 +461,39 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
                 doc_ids = doc_ids.to(device) if doc_ids is not None else None
             except torch.cuda.OutOfMemoryError:
                 pass  # every row of this case records the OOM below
-            for name, mode in itertools.product(cfg.impls, cfg.modes):
+            calls: dict[str, Callable] = {}  # impl -> its call on these inputs, shared by the modes
+            for name, mode in todo:
                 start = time.perf_counter()
-                row = measure(name, impls[name], mode, case, q, k, v, doc_ids, cfg, device, oom_at)
+                row = measure(name, impls[name], mode, case, q, k, v, doc_ids, cfg, device, oom_at, calls)
                 row.update(info, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                 writer.writerow(row)
                 f.flush()  # a sweep cut short still leaves every finished row on disk
                 log(f"{format_row(row)} [{time.perf_counter() - start:.1f} s]")
-            del q, k, v, doc_ids
+            del q, k, v, doc_ids, calls
             free_memory(device)
     return csv_path
 
 
-def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, device, oom_at: dict) -> dict:
-    """One row: time, TFLOP/s and peak extra memory of (impl, mode, case), or the status that stopped it."""
-    row = {"impl": name, "mode": mode, "causal": case.causal, "seqlen": case.seqlen, "headdim": case.headdim,
-           "batch": case.batch, "nheads": case.nheads, "dtype": case.dtype, "window": case.window,
-           "doc_len": case.doc_len, "dropout_p": case.dropout_p, "status": "ok", "note": ""}
+def case_row(name: str, mode: str, case: Case) -> dict:
+    return {"impl": name, "mode": mode, "causal": case.causal, "seqlen": case.seqlen, "headdim": case.headdim,
+            "batch": case.batch, "nheads": case.nheads, "dtype": case.dtype, "window": case.window,
+            "doc_len": case.doc_len, "dropout_p": case.dropout_p, "status": "ok", "note": ""}
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a measurement, as the CSV spells it (so rows read back compare equal)."""
+    return tuple(str(row[c]) for c in ("impl", "mode", "dtype", "headdim", "causal", "window", "doc_len",
+                                       "dropout_p", "seqlen", "batch", "nheads"))
+
+
+def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, device, oom_at: dict,
+            calls: dict) -> dict:
+    """One row: time, TFLOP/s and peak extra memory of (impl, mode, case), or the status that stopped it.
+
+    ``calls`` keeps each impl's call on these inputs across modes, so FlexAttention builds its
+    block mask and compiles once per case rather than once per mode.
+    """
+    row = case_row(name, mode, case)
     if name == "flash_v1":
         row["modelled_hbm_gb"] = modelled_hbm_gb(case, mode, device)
     series = (name, mode, case.dtype, case.headdim, case.causal, case.window, case.doc_len, case.dropout_p)
@@ -482,7 +505,9 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
         return {**row, "status": "oom", "note": f"skipped: seqlen {oom_at[series]} already ran out of memory"}
     fn = None
     try:
-        fn = mode_fn(make_call(impl, q, k, v, case, doc_ids), mode, q)
+        if name not in calls:
+            calls[name] = make_call(impl, q, k, v, case, doc_ids)
+        fn = mode_fn(calls[name], mode, q)
         ms = time_ms(fn, device, cfg, grad_to_none=[q, k, v])
         for t in (q, k, v):
             t.grad = None

@@ -129,3 +129,11 @@ def test_console_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "attention_bench.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"]
+
+
+def test_append_resumes_without_repeating_rows(tmp_path):
+    _, first = run_main(tmp_path, ["seqlens=[16]"])
+    _, both = run_main(tmp_path, ["seqlens=[16,32]", "append=true"])
+    assert len(first) == 2 * 3 * 2 and len(both) == 2 * 3 * 2 * 2
+    assert both[:len(first)] == first
+    assert {r["seqlen"] for r in both[len(first):]} == {"32"}
