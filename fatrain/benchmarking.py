@@ -124,9 +124,11 @@ def validate_bench_config(cfg) -> None:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{key}={list(values)} has {bad or 'nothing'}: choose from {', '.join(allowed)}")
-    for key in ("seqlens", "headdims"):
-        if not getattr(cfg, key) or min(getattr(cfg, key)) <= 0:
-            raise ValueError(f"{key}={list(getattr(cfg, key))} must be non-empty and > 0")
+    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{key} must list at least one value")
+    if min(cfg.seqlens) <= 0 or min(cfg.headdims) <= 0:
+        raise ValueError(f"seqlens={list(cfg.seqlens)} and headdims={list(cfg.headdims)} must be > 0")
     for d in cfg.headdims:
         if cfg.hidden % d:
             raise ValueError(f"hidden={cfg.hidden} must be divisible by every head dim, got {d}")

@@ -137,3 +137,17 @@ def test_append_resumes_without_repeating_rows(tmp_path):
     assert len(first) == 2 * 3 * 2 and len(both) == 2 * 3 * 2 * 2
     assert both[:len(first)] == first
     assert {r["seqlen"] for r in both[len(first):]} == {"32"}
+
+
+@pytest.mark.gpu
+def test_gpu_sweep_times_every_backend(tmp_path):
+    # The CUDA path: do_bench, peak memory, FlexAttention compiled, bf16; small enough for seconds.
+    _, rows = run_main(tmp_path, ["impls=[naive,flash_v1,flash_v2,sdpa_flash,sdpa_cudnn,flex]", "seqlens=[256,1024]",
+                                  "headdims=[64]", "dtypes=[bf16]", "tokens_per_batch=4096", "hidden=512",
+                                  "warmup_ms=5", "rep_ms=20"])
+    assert len(rows) == 6 * 3 * 2 * 2
+    failed = [(r["impl"], r["mode"], r["status"], r["note"]) for r in rows if r["status"] != "ok"]
+    assert not failed, failed
+    assert all(float(r["peak_mem_mib"]) > 0 and float(r["tflops"]) > 0 for r in rows)
+    assert all(r["modelled_hbm_gb"] for r in rows if r["impl"] == "flash_v1")
+    assert rows[0]["gpu"] == torch.cuda.get_device_name()
