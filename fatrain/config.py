@@ -40,9 +40,9 @@ class AttentionConfig:
     backend: str = "naive"  # a name from fatrain.kernels.available_backends()
     window_left: int = -1  # sliding window; -1 means unlimited
     window_right: int = -1
-    block_m: Optional[int] = None  # flash kernels: fixed block sizes (None: the kernel's choice)
+    block_m: Optional[int] = None  # flash_v2: fixed block sizes instead of autotuning (None: autotune)
     block_n: Optional[int] = None
-    sram_bytes: Optional[int] = None  # flash_v1: the on-chip budget M (None: read from the GPU)
+    sram_bytes: Optional[int] = None  # flash_v1: the on-chip budget M in bytes (None: read from the GPU)
 
 
 @dataclass
@@ -60,7 +60,6 @@ class DataConfig:
     val_fraction: float = 0.1
     cache_dir: Optional[str] = None  # None: ~/.cache/fatrain
     document_masking: bool = False
-    num_workers: int = 0
 
 
 @dataclass
@@ -82,6 +81,7 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     batch_size: int = 16  # sequences per micro-step (per rank)
+    tokens_per_step: Optional[int] = None  # if set, batch_size = tokens_per_step / (seq_len * grad_accum_steps * ranks)
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
@@ -173,6 +173,8 @@ def validate_train_config(cfg) -> None:
     _choice(t.strategy, STRATEGIES, "trainer.strategy")
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "keep_last"):
         _positive(getattr(t, key), f"trainer.{key}")
+    if t.tokens_per_step is not None:
+        _positive(t.tokens_per_step, "trainer.tokens_per_step")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 

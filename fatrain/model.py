@@ -15,7 +15,7 @@ through the backends' bottom-right-aligned causal mask (seqlen_q != seqlen_k).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ class GPTSpec:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "naive"
+    attention_options: dict = field(default_factory=dict)  # backend tuning, e.g. {"sram_bytes": 98304}
     window_size: tuple[int, int] = (-1, -1)
     document_masking: bool = False
     activation_checkpointing: bool = False
@@ -138,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
-        kwargs = {}
+        kwargs = dict(self.spec.attention_options)
         if self.spec.window_size != (-1, -1):
             kwargs["window_size"] = self.spec.window_size
         if doc_ids is not None:

@@ -53,6 +53,34 @@ def check_precision(precision: str, device: torch.device, backend: str) -> None:
                          "(allowed: fp32, fp16)")
 
 
+# Attention settings that tune one backend, passed to its function only when set.
+BACKEND_OPTIONS = {"block_m": ("flash_v2",), "block_n": ("flash_v2",), "sram_bytes": ("flash_v1",)}
+
+
+def backend_options(attention_cfg) -> dict:
+    options = {}
+    for key, backends in BACKEND_OPTIONS.items():
+        value = attention_cfg.get(key)
+        if value is None:
+            continue
+        if attention_cfg.backend not in backends:
+            raise ValueError(f"attention.{key} is used only by {', '.join(backends)}, "
+                             f"not by attention.backend={attention_cfg.backend}")
+        options[key] = value
+    return options
+
+
+def micro_batch_size(t, seq_len: int, world_size: int = 1) -> int:
+    """trainer.batch_size, or the one that trainer.tokens_per_step implies."""
+    if t.tokens_per_step is None:
+        return t.batch_size
+    per_batch = seq_len * t.grad_accum_steps * world_size
+    if t.tokens_per_step % per_batch:
+        raise ValueError(f"trainer.tokens_per_step={t.tokens_per_step} must be a multiple of data.seq_len x "
+                         f"trainer.grad_accum_steps x ranks = {per_batch}")
+    return t.tokens_per_step // per_batch
+
+
 def build_spec(cfg, vocab_size: int) -> GPTSpec:
     m, a = cfg.model, cfg.attention
     if m.vocab_size is not None and m.vocab_size < vocab_size:
@@ -62,13 +90,14 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
         n_embd=m.n_embd, norm=m.norm, mlp=m.mlp, mlp_hidden=m.mlp_hidden, bias=m.bias, dropout=m.dropout,
         attn_dropout=m.attn_dropout, rope_theta=m.rope_theta, rope_reset_per_document=m.rope_reset_per_document,
         tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=a.backend,
+        attention_options=backend_options(a),
         window_size=(a.window_left, a.window_right), document_masking=cfg.data.document_masking,
         activation_checkpointing=cfg.trainer.activation_checkpointing,
     )
 
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
-RUNTIME_SPEC_FIELDS = ("attention", "window_size", "document_masking", "activation_checkpointing", "dropout",
+RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing", "dropout",
                        "attn_dropout")
 
 
@@ -138,8 +167,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        self.batch_size = micro_batch_size(t, cfg.data.seq_len)
         self.data = build_data(cfg.data, seed=t.seed)
-        self.train_loader = BlockLoader(self.data.train, t.batch_size, seed=t.seed, device=self.device)
+        self.train_loader = BlockLoader(self.data.train, self.batch_size, seed=t.seed, device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
         self.model = GPT(self.spec).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
@@ -150,7 +180,7 @@ class Trainer:
         self.tokens_seen = 0
         self.wandb_id = None
         self.progress = progress
-        self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.data.seq_len
+        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, causal=True)
         self.peak_flops = peak_flops(self.device, t.precision, t.peak_tflops)
 
@@ -195,7 +225,7 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         total, count = 0.0, 0
-        loader = BlockLoader(self.data.val, self.cfg.trainer.batch_size, seed=0, shuffle=False, device=self.device)
+        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, device=self.device)
         for batch in loader.eval_batches(self.cfg.trainer.eval_batches):
             with self.autocast():
                 _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
@@ -211,15 +241,14 @@ class Trainer:
         batches = iter(self.train_loader)
         self.model.train()
         losses = []
-        val_loss = None
+        start_step = self.step  # a resumed run already evaluated and saved at this step
         while self.step < t.max_steps:
             lr = learning_rate(self.step, cfg.optim, t.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if t.eval_every and self.step > 0 and self.step % t.eval_every == 0:
-                val_loss = self.evaluate()
-                self.logger.log({"val/loss": val_loss}, self.step)
-            if t.ckpt_every and self.step > 0 and self.step % t.ckpt_every == 0:
+            if t.eval_every and self.step > start_step and self.step % t.eval_every == 0:
+                self.logger.log({"val/loss": self.evaluate()}, self.step)
+            if t.ckpt_every and self.step > start_step and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
 
             timer.start()
