@@ -235,10 +235,12 @@ def _compiled_flex():
 
         # NOTE: every (shape, mask) of the sweep is a new graph; the default recompile limit (8)
         # would silently fall back to eager FlexAttention, which materialises S.
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                     "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4096))
+        config = torch._dynamo.config
+        for names in (("recompile_limit", "cache_size_limit"),  # the newer name first (torch >= 2.7)
+                      ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+            name = next((n for n in names if hasattr(config, n)), None)
+            if name is not None:
+                setattr(config, name, max(getattr(config, name), 4096))
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
 

@@ -2,6 +2,7 @@
 
 import csv
 import os
+from importlib import resources
 import subprocess
 import sys
 
@@ -84,6 +85,14 @@ def test_features_are_rows_and_failures_do_not_stop_the_sweep(tmp_path, monkeypa
     naive = [r for r in rows if r["impl"] == "naive"]
     assert {(r["window"], r["doc_len"], r["dropout_p"]) for r in naive} == {
         (w, d, p) for w in ("-1", "4") for d in ("0", "8") for p in ("0.0", "0.1")}
+
+
+@pytest.mark.parametrize("preset", sorted(p.name[:-5] for p in (resources.files("fatrain.configs") / "bench").iterdir()
+                                           if p.name.endswith(".yaml")))
+def test_every_preset_composes_and_validates(preset):
+    cfg = compose_bench([f"bench={preset}"])
+    benchmarking.validate_bench_config(cfg)
+    assert benchmarking.make_cases(cfg)
 
 
 @pytest.mark.parametrize("override", ["impl=[naive]", "seqlens=[abc]", "causal=maybe"])
