@@ -160,3 +160,19 @@ def test_gpu_sweep_times_every_backend(tmp_path):
     assert all(float(r["peak_mem_mib"]) > 0 and float(r["tflops"]) > 0 for r in rows)
     assert all(r["modelled_hbm_gb"] for r in rows if r["impl"] == "flash_v1")
     assert rows[0]["gpu"] == torch.cuda.get_device_name()
+
+
+def test_summarize_features(tmp_path):
+    path = tmp_path / "rows.csv"
+    base = {c: "" for c in COLUMNS} | {"impl": "flash_v2", "causal": "True", "headdim": "128", "dtype": "bf16",
+                                      "mode": "fwdbwd", "seqlen": "32768", "status": "ok", "doc_len": "0",
+                                      "dropout_p": "0.0"}
+    rows = [base | {"window": "-1", "ms": "100"}, base | {"window": "1024", "ms": "16"},
+            base | {"window": "-1", "dropout_p": "0.1", "ms": "110"}]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = bench.summarize_features(str(path))
+    assert {(r["window"], r["dropout_p"]): r["speedup"] for r in table} == pytest.approx(
+        {(1024, 0.0): 100 / 16, (-1, 0.1): 100 / 110})
