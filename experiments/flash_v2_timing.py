@@ -31,6 +31,21 @@ def ours(q, k, v, causal):
     return flash_v2.flash_v2_attention(q, k, v, causal=causal)
 
 
+def check_against_sdpa(q, k, v, causal):
+    """Relative error of flash_v2's output and gradients against SDPA flash (both bf16)."""
+    dout = torch.randn_like(q)
+    errs = []
+    results = []
+    for fn in (ours, sdpa_flash):
+        out = fn(q, k, v, causal)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*results):
+        errs.append(((a.float() - b.float()).norm() / b.float().norm()).item())
+    print("rel err vs sdpa (out, dq, dk, dv):", " ".join(f"{e:.2e}" for e in errs), flush=True)
+    if not all(e < 2e-2 for e in errs):
+        print("MISMATCH against sdpa flash", flush=True)
+
+
 def bench(fn, q, k, v, causal, mode):
     if mode == "fwd":
         return do_bench(lambda: fn(q, k, v, causal), warmup=100, rep=400, return_mode="median")
@@ -49,25 +64,30 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     args = parser.parse_args()
     rows = []
     gpu = torch.cuda.get_device_name()
-    for D in args.headdims:
-        for N in args.seqlens:
-            for causal in (False, True):
-                B, H = 16384 // N, 2048 // D
-                q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
-                flops_fwd = 4 * B * H * N * N * D / (2 if causal else 1)
-                for mode in ("fwd", "fwdbwd"):
-                    flops = flops_fwd * (1 if mode == "fwd" else 3.5)
-                    for name, fn in (("sdpa_flash", sdpa_flash), ("flash_v2", ours)):
-                        t0 = time.time()
-                        ms = bench(fn, q, k, v, causal, mode)
-                        row = dict(impl=name, mode=mode, causal=causal, seqlen=N, headdim=D, batch=B, nheads=H,
-                                   ms=ms, tflops=flops / ms * 1e-9, gpu=gpu, wall_s=time.time() - t0)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+    start = time.time()
+    cases = [(N, D, causal) for N in args.seqlens for D in args.headdims for causal in (False, True)]
+    for N, D, causal in cases:
+        if time.time() - start > args.budget_s:
+            print(f"budget spent: skipping N={N} D={D} causal={causal}", flush=True)
+            continue
+        B, H = 16384 // N, 2048 // D
+        q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        check_against_sdpa(q, k, v, causal)
+        flops_fwd = 4 * B * H * N * N * D / (2 if causal else 1)
+        for mode in ("fwd", "fwdbwd"):
+            flops = flops_fwd * (1 if mode == "fwd" else 3.5)
+            for name, fn in (("sdpa_flash", sdpa_flash), ("flash_v2", ours)):
+                t0 = time.time()
+                ms = bench(fn, q, k, v, causal, mode)
+                row = dict(impl=name, mode=mode, causal=causal, seqlen=N, headdim=D, batch=B, nheads=H,
+                           ms=ms, tflops=flops / ms * 1e-9, gpu=gpu, wall_s=time.time() - t0)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     for name, (launcher, _) in flash_v2._LAUNCHERS.items():
         for key, cfg in getattr(launcher, "cache", {}).items():
             print(name, key, cfg, flush=True)
@@ -75,6 +95,7 @@ def main():
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"\n{'hd':>4} {'N':>6} {'causal':>6} {'mode':>7} {'sdpa':>7} {'ours':>7} {'ratio':>6}")
+    rows.sort(key=lambda r: (r["headdim"], r["seqlen"], r["causal"], r["mode"], r["impl"] != "sdpa_flash"))
     for i in range(0, len(rows), 2):
         s, o = rows[i], rows[i + 1]
         print(f"{s['headdim']:>4} {s['seqlen']:>6} {str(s['causal']):>6} {s['mode']:>7} "

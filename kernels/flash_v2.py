@@ -406,11 +406,13 @@ def _configs(*rows):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
 # when autotuning is off (FATRAIN_AUTOTUNE=0). Heads wider than 128 get smaller tiles so
 # Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
-_FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2))
+_FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                        (128, 64, 8, 4), (128, 64, 8, 2))
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
-_DKDV_CONFIGS = _configs((32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3))
+_DKDV_CONFIGS = _configs((32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3),
+                         (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))
 _DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
-_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3))
+_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 

@@ -157,13 +157,14 @@ GPU_SHAPES = [  # (B, Nq, Nk, H, Hkv, D)
 ]
 
 
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 GPU_CASES = ([(shape, torch.bfloat16) for shape in GPU_SHAPES]
              + [(GPU_SHAPES[0], torch.float16), (GPU_SHAPES[3], torch.float32), (GPU_SHAPES[4], torch.float16)])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape, dtype", GPU_CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in GPU_CASES])
+@pytest.mark.parametrize("shape, dtype", GPU_CASES, ids=[f"{s}-{_SHORT[d]}" for s, d in GPU_CASES])
 def test_gpu_matches_reference(shape, dtype, causal):
     q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
     check_backend(attn(), q, k, v, causal=causal)
@@ -179,7 +180,6 @@ def test_gpu_long_sequence_and_strides():
 def test_gpu_deterministic_and_compiled_and_graphed():
     q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(2, 1000, 8, 128, dtype=torch.bfloat16, device="cuda")
-
     fn = attn()
 
     def step(q, k, v):
@@ -190,7 +190,10 @@ def test_gpu_deterministic_and_compiled_and_graphed():
     again = step(q, k, v)
     for a, b in zip(eager, again):
         assert torch.equal(a, b)
-    compiled = torch.compile(step, fullgraph=True)(q, k, v)
+    # torch.compile traces the forward (and, through AOTAutograd, the backward) with fullgraph.
+    compiled_fn = torch.compile(lambda q, k, v: fn(q, k, v, causal=True), fullgraph=True)
+    out = compiled_fn(q, k, v)
+    compiled = (out, *torch.autograd.grad(out, (q, k, v), dout))
     for a, b in zip(eager, compiled):  # the compiled graph may autotune to other blocks
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     # CUDA graph capture after warm-up (autotuning done above).
