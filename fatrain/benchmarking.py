@@ -241,6 +241,12 @@ def _compiled_flex():
             name = next((n for n in names if hasattr(config, n)), None)
             if name is not None:
                 setattr(config, name, max(getattr(config, name), 4096))
+        # NOTE: the bwd mode calls backward(retain_graph=True) repeatedly on one graph, which
+        # AOTAutograd refuses for a backward compiled with donated buffers (a memory-reuse
+        # optimisation; the kernels are the same without it).
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
 
