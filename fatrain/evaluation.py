@@ -46,7 +46,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from fatrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from fatrain.config import AttentionConfig, DataConfig, ModelConfig, PRECISIONS, WANDB_MODES
+from fatrain.config import AttentionConfig, DataConfig, ModelConfig, PRECISIONS, TrainerConfig, WANDB_MODES
 from fatrain.data import PackedBlocks, build_data, iter_once, load_tokenizer
 from fatrain.model import GPT, GPTSpec
 from fatrain.passkey import run_passkey
@@ -172,16 +172,29 @@ def validate_eval_config(cfg) -> None:
 # ----- checkpoint -> model ---------------------------------------------------------------------
 
 
-def _set_values(node, overrides) -> list[str]:
-    """Copy the non-null values of ``overrides`` onto ``node``; return the keys set."""
-    if overrides is None:
-        return []
-    changed = []
-    for key, value in overrides.items():
+# The groups of the saved training config that building the model and its data reads.
+SAVED_GROUPS = {"model": ModelConfig, "attention": AttentionConfig, "data": DataConfig, "trainer": TrainerConfig}
+
+
+def _on_schema(schema, values: dict):
+    """``values`` on today's schema: keys it no longer has are dropped, keys it gained get their defaults.
+
+    Checkpoints outlive config changes; an old checkpoint must still load after a field is
+    added or removed (data.num_workers was).
+    """
+    node = OmegaConf.structured(schema)
+    known = {f.name for f in fields(schema)}
+    for key, value in values.items():
+        if key in known:
+            node[key] = value
+    return node
+
+
+def _set_values(node, overrides) -> None:
+    """Copy the non-null values of ``overrides`` onto ``node``."""
+    for key, value in (overrides or {}).items():
         if value is not None:
             node[key] = value
-            changed.append(key)
-    return changed
 
 
 @dataclass
@@ -199,7 +212,7 @@ class LoadedCheckpoint:
 
 
 def load_model(path: str, *, model_overrides=None, attention_overrides=None, data_overrides=None,
-               device: str = "auto") -> LoadedCheckpoint:
+               device: str = "auto", device_key: str = "eval.device") -> LoadedCheckpoint:
     """Load ``path`` and build its GPT with the overrides applied; raise CheckpointError if they do not fit.
 
     Only GPTSpec's runtime fields (``RUNTIME_SPEC_FIELDS``: the attention backend and
@@ -211,16 +224,20 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
     saved_cfg = state["config"]
     if not isinstance(saved_cfg, dict) or not {"model", "attention", "data", "trainer"} <= set(saved_cfg):
         raise CheckpointError(f"checkpoint {path} holds no fatrain training config (model, attention, data, trainer)")
-    cfg = OmegaConf.create(saved_cfg)
+    try:
+        cfg = OmegaConf.create({group: _on_schema(schema, saved_cfg[group]) for group, schema in SAVED_GROUPS.items()})
+    except Exception as e:  # omegaconf's validation errors: a saved value of the wrong type
+        raise CheckpointError(f"checkpoint {path}: its saved config does not fit today's schema: "
+                              f"{str(e).splitlines()[0]}") from None
     notes = []
     _set_values(cfg.model, model_overrides)
     _set_values(cfg.attention, attention_overrides)
-    tokenizer, masking = cfg.data.tokenizer, cfg.data.document_masking
-    for key in _set_values(cfg.data, data_overrides):
-        if key in ("tokenizer", "document_masking") and cfg.data[key] != (tokenizer if key == "tokenizer" else masking):
-            notes.append(f"data.{key}={cfg.data[key]!r} ignored: the checkpoint was trained with "
-                         f"{tokenizer if key == 'tokenizer' else masking!r}")
-    cfg.data.tokenizer, cfg.data.document_masking = tokenizer, masking
+    trained_with = {"tokenizer": cfg.data.tokenizer, "document_masking": cfg.data.document_masking}
+    _set_values(cfg.data, data_overrides)
+    for key, value in trained_with.items():
+        if cfg.data[key] != value:
+            notes.append(f"data.{key}={cfg.data[key]!r} ignored: the checkpoint was trained with {value!r}")
+            cfg.data[key] = value
 
     from fatrain.kernels import available_backends
 
@@ -229,7 +246,7 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
     spec = build_spec(cfg, saved_spec["vocab_size"])
     check_spec_compatible(saved_spec, spec, f"evaluating {path}")
     spec = replace(spec, activation_checkpointing=False)
-    torch_device = select_device(device)
+    torch_device = _renamed(select_device, "trainer.device", device_key, device)
     model = GPT(spec)
     try:
         model.load_state_dict(_plain_state_dict(state["model"]))
@@ -266,12 +283,16 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def check_eval_precision(precision: str, device: torch.device, backend: str) -> None:
+def _renamed(check, trainer_key: str, key: str, *args):
+    """Run one of the trainer's checks; its error names the trainer's key, so name ours instead."""
     try:
-        check_precision(precision, device, backend)
+        return check(*args)
     except ValueError as e:
-        # The trainer's check names its own key; here the setting is eval.precision.
-        raise ValueError(str(e).replace("trainer.precision", "eval.precision")) from None
+        raise ValueError(str(e).replace(trainer_key, key)) from None
+
+
+def check_eval_precision(precision: str, device: torch.device, backend: str, key: str = "eval.precision") -> None:
+    _renamed(check_precision, "trainer.precision", key, precision, device, backend)
 
 
 # ----- loss by length and position ---------------------------------------------------------------
@@ -280,8 +301,7 @@ def check_eval_precision(precision: str, device: torch.device, backend: str) -> 
 def split_stream(data_cfg, split: str):
     """(tokens, doc_ids, tokenizer) of one split of the corpus ``data_cfg`` names."""
     # seq_len=1 asks the least of the corpus: the eval lengths are packed from the stream below.
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
-    cfg.seq_len = 1
+    cfg = OmegaConf.merge(data_cfg, {"seq_len": 1})
     bundle = build_data(cfg, seed=0)
     blocks = bundle.val if split == "val" else bundle.train
     return blocks.tokens, blocks.doc_ids, bundle.tokenizer
@@ -399,7 +419,8 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         "tokens_seen": loaded.state.get("tokens_seen"),
         "train": {"seq_len": train_len, "attention": saved_cfg.attention.backend,
                   "group": OmegaConf.select(saved_cfg, "logger.wandb.group"),
-                  "project": OmegaConf.select(saved_cfg, "logger.wandb.project")},
+                  "project": OmegaConf.select(saved_cfg, "logger.wandb.project"),
+                  "wandb_id": loaded.state.get("wandb_id")},
         "attention": loaded.spec.attention,
         "data": {"name": train_cfg.data.name, "source": train_cfg.data.source, "path": train_cfg.data.path,
                  "hf_name": train_cfg.data.hf_name, "split": e.split, "split_tokens": int(len(tokens))},
@@ -549,7 +570,8 @@ def log_to_wandb(cfg, result: dict, saved_cfg: dict, out_dir: str) -> Optional[s
                          entity=w.entity or saved_w.get("entity"), name=w.name or f"eval-{run_name}-step{result['step']}",
                          group=w.group or saved_w.get("group"), tags=list(w.tags), run_dir=out_dir,
                          job_type="eval", config={"eval": OmegaConf.to_container(cfg, resolve=True),
-                                                  "checkpoint": result["checkpoint"], "train": saved_cfg})
+                                                  "checkpoint": result["checkpoint"], "step": result["step"],
+                                                  "train_wandb_id": result["train"]["wandb_id"], "train": saved_cfg})
     try:
         metrics = flat_metrics(result)
         for key, png in result["files"].items():

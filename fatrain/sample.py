@@ -73,8 +73,9 @@ def resolve_checkpoint(path: str) -> str:
 def generate_samples(cfg) -> list[str]:
     """``cfg.num_samples`` continuations of ``cfg.prompt``, prompt included, as text."""
     validate_sample_config(cfg)
-    loaded = load_model(resolve_checkpoint(cfg.ckpt_path), attention_overrides=cfg.attention, device=cfg.device)
-    check_eval_precision(cfg.precision, loaded.device, loaded.spec.attention)
+    loaded = load_model(resolve_checkpoint(cfg.ckpt_path), attention_overrides=cfg.attention, device=cfg.device,
+                        device_key="device")
+    check_eval_precision(cfg.precision, loaded.device, loaded.spec.attention, key="precision")
     tokenizer = load_tokenizer(loaded.config.data.tokenizer)
     prompt = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=loaded.device)

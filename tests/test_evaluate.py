@@ -125,6 +125,23 @@ def test_attention_override_and_agreement_in_the_json(trained, tmp_path):
     assert result["backend_agreement"]["agree"] and "passkey" not in result
 
 
+def test_attention_group_selects_a_backend(trained, tmp_path):
+    cfg = compose_config("eval", [f"ckpt_path={trained['ckpt']}", *QUICK, "passkey.enabled=false",
+                                  "attention=flash_v2", "eval.batches=1", "eval.plots=false"])
+    (result,) = run_eval(cfg, str(tmp_path))["results"]
+    assert result["attention"] == "flash_v2" and math.isfinite(result["lengths"][0]["loss"])
+
+
+def test_old_checkpoint_config_still_loads(trained, tmp_path):
+    state = torch.load(trained["ckpt"], weights_only=False)
+    state["config"]["data"]["a_removed_setting"] = 4  # a key today's DataConfig does not have
+    del state["config"]["model"]["init_std"]  # a key added after the checkpoint was written
+    old = tmp_path / "ckpt_00000003.pt"
+    torch.save(state, old)
+    loaded = load_model(str(old), device="cpu")
+    assert loaded.spec.n_head == 2 and "a_removed_setting" not in loaded.config.data
+
+
 def test_data_override_and_tokenizer_stays_the_checkpoints(trained, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text("To be, or not to be, that is the question. " * 40)
