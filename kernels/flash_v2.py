@@ -51,6 +51,7 @@ atomics. The interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is te
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -72,10 +73,55 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, doc_q, doc_k,
+             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """_common.allowed_mask for one tile: rows and cols broadcast against each other."""
+    pos = rows + seq_shift  # bottom-right alignment: query i sits at key position i + Nk - Nq
+    allowed = cols < Nk
+    if MASK_RIGHT:  # causal is the window (-1, 0)
+        allowed = allowed & (cols <= pos + win_right)
+    if MASK_LEFT:
+        allowed = allowed & (cols >= pos - win_left)
+    if HAS_DOCS:
+        allowed = allowed & (doc_q == doc_k)
+    return allowed
+
+
+@triton.jit
+def _key_range(start_m, Nk, seq_shift, win_left, win_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Key blocks of the query block at start_m: masked [lo, full_lo), whole [full_lo, full_hi),
+    masked [full_hi, hi). Keys outside [lo, hi) are invisible to every row and never loaded."""
+    if MASK_LEFT:
+        lo = (tl.maximum(0, start_m + seq_shift - win_left) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(0, start_m + BLOCK_M - 1 + seq_shift - win_left), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    if MASK_RIGHT:
+        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift + win_right))
+        full_hi = tl.minimum(Nk, tl.maximum(0, start_m + seq_shift + win_right + 1))
+    else:
+        hi = Nk
+        full_hi = Nk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N  # whole blocks only: the Nk tail stays masked
+    if MASK_LEFT:
+        full_lo = tl.minimum(full_lo, hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # documents are data: every visited block is masked
+        full_lo = lo
+        full_hi = lo
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, qk_scale,
-               D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               DOC_row, stride_docn, doc_q,
+               offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row sees whole."""
     d_ok = offs_d < D
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -91,9 +137,11 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, 
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         if MASKED:
-            allowed = cols[None, :] < Nk
-            if IS_CAUSAL:
-                allowed = allowed & (cols[None, :] <= offs_m[:, None] + seq_shift)
+            doc_k = 0
+            if HAS_DOCS:
+                doc_k = tl.load(DOC_row + cols * stride_docn, mask=cols < Nk, other=-1)[None, :]
+            allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
+                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
             qk = tl.where(allowed, qk, float("-inf"))
         # -- m_new = max(m_i, rowmax(S_ij)) --
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -123,25 +171,27 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE,
+def _fwd_kernel(Q, K, V, Out, LSE, DOC,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_om, stride_oh, stride_od,
-                H, GROUP, Nq, Nk, qk_scale,
-                D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                stride_docb, stride_docn,
+                H, GROUP, Nq, Nk, qk_scale, win_left, win_right,
+                D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        # NOTE: the last query blocks see the most keys; launching them first shortens the tail.
+    if MASK_RIGHT and not MASK_LEFT:
+        # NOTE: causally the last query blocks see the most keys; launching them first shortens the tail.
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = off_h // GROUP  # GQA: the key/value head this query head reads
     start_m = pid_m * BLOCK_M
-    seq_shift = Nk - Nq  # bottom-right alignment: query i sits at key position i + seq_shift
+    seq_shift = Nk - Nq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -152,28 +202,35 @@ def _fwd_kernel(Q, K, V, Out, LSE,
     Q_blk = Q + off_b * stride_qb + off_h * stride_qh
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    DOC_row = DOC + off_b * stride_docb
     q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    doc_q = 0
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_row + (offs_m + seq_shift) * stride_docn, mask=row_ok, other=-2)[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # Key range: [0, full_hi) is seen whole by every row of the block; [full_hi, hi) needs
-    # the mask (causal diagonal, Nk tail); keys >= hi are invisible to every row.
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift))
-        full_hi = tl.minimum(hi, tl.maximum(0, start_m + seq_shift + 1))
-    else:
-        hi = Nk
-        full_hi = Nk
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    lo, full_lo, full_hi, hi = _key_range(start_m, Nk, seq_shift, win_left, win_right,
+                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+    if MASK_LEFT:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   DOC_row, stride_docn, doc_q,
+                                   offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
+                                   qk_scale, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                                   DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, offs_n, offs_d, 0, full_hi, Nk, seq_shift, qk_scale,
-                               D, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+                               DOC_row, stride_docn, doc_q,
+                               offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
+                               qk_scale, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                               DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, qk_scale,
-                               D, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+                               DOC_row, stride_docn, doc_q,
+                               offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
+                               qk_scale, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                               DOT_PRECISION)
 
     # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
     empty = l_i == 0.0
@@ -208,12 +265,42 @@ def _bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row,
+def _query_range(start_n, Nq, seq_shift, win_left, win_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Query blocks that see the key block at start_n: masked [lo, full_lo), whole
+    [full_lo, full_hi), masked [full_hi, hi). Rows past Nq add exactly zero (q = dO = 0)."""
+    if MASK_RIGHT:
+        lo = (tl.maximum(0, start_n - seq_shift - win_right) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift - win_right), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_lo = 0
+    if MASK_LEFT:
+        hi = tl.minimum(Nq, tl.maximum(0, start_n + BLOCK_N - seq_shift + win_left))
+        full_hi = (tl.maximum(0, start_n - seq_shift + win_left + 1) // BLOCK_M) * BLOCK_M
+        full_hi = tl.minimum(full_hi, hi)
+    else:
+        hi = Nq
+        full_hi = Nq
+    if MASK_RIGHT:
+        full_lo = tl.minimum(full_lo, hi)
+        if MASK_LEFT:
+            full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:
+        full_lo = lo
+        full_hi = lo
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
                     stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_n, offs_d, lo, hi, Nq, seq_shift, qk_scale,
+                    offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """Query blocks [lo, hi) against one K/V block; MASKED=True applies the causal mask."""
+    """Query blocks [lo, hi) against one K/V block; MASKED=True applies the mask."""
     d_ok = offs_d < D
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -228,7 +315,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row,
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
-            pT = tl.where(offs_n[:, None] <= rows[None, :] + seq_shift, pT, 0.0)
+            doc_q = 0
+            if HAS_DOCS:
+                doc_q = tl.load(DOC_row + (rows + seq_shift) * stride_docn, mask=row_ok, other=-2)[None, :]
+            allowed = _allowed(rows[None, :], offs_n[:, None], Nk, seq_shift, win_left, win_right,
+                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+            pT = tl.where(allowed, pT, 0.0)
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # -- dV += P^T dO --
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -243,15 +335,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
+def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
               stride_dob, stride_dom, stride_doh, stride_dod,
               stride_dkb, stride_dkn, stride_dkh, stride_dkd,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-              H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale,
-              D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              stride_docb, stride_docn,
+              H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right,
+              D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -267,33 +361,35 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    DOC_row = DOC + off_b * stride_docb
+    doc_k = 0
+    if HAS_DOCS:
+        doc_k = tl.load(DOC_row + offs_n * stride_docn, mask=offs_n < Nk, other=-1)[:, None]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    # Query rows that see this block: i >= start_n - seq_shift (causal); rows from
-    # full_lo on see all of it. Rows past Nq add zero, so hi is Nq rounded up.
-    hi = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        lo = (tl.maximum(0, start_n - seq_shift) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift), BLOCK_M) * BLOCK_M
-        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    else:
-        lo = 0
-        full_lo = 0
+    lo, full_lo, full_hi, hi = _query_range(start_n, Nq, seq_shift, win_left, win_right,
+                                            BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         bh = off_b * H + off_h
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
+        if MASK_RIGHT:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+                                     DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
+                                     qk_scale, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                 stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, offs_d, lo, full_lo, Nq, seq_shift, qk_scale,
-                                 D, BLOCK_M, True, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                 stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, offs_d, full_lo, hi, Nq, seq_shift, qk_scale,
-                                 D, BLOCK_M, False, DOT_PRECISION)
+                                 DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
+                                 qk_scale, D, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
+        if MASK_LEFT or HAS_DOCS:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+                                     DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
+                                     qk_scale, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -303,9 +399,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                  offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, qk_scale,
+                  DOC_row, stride_docn, doc_q,
+                  offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     d_ok = offs_d < D
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
@@ -321,9 +419,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, st
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
-            allowed = cols[None, :] < Nk
-            if IS_CAUSAL:
-                allowed = allowed & (cols[None, :] <= offs_m[:, None] + seq_shift)
+            doc_k = 0
+            if HAS_DOCS:
+                doc_k = tl.load(DOC_row + cols * stride_docn, mask=cols < Nk, other=-1)[None, :]
+            allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
+                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
             p = tl.where(allowed, p, 0.0)
         # -- dS = P * (dO V^T - Delta); dQ += dS K --
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
@@ -335,17 +435,19 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, st
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
+def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
             stride_dob, stride_dom, stride_doh, stride_dod,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-            H, GROUP, Nq, Nk, qk_scale, sm_scale,
-            D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            stride_docb, stride_docn,
+            H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right,
+            D: tl.constexpr, HEAD_DIM: tl.constexpr,
+            MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    if IS_CAUSAL:
+    if MASK_RIGHT and not MASK_LEFT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -366,23 +468,29 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
     bh = pid_bh.to(tl.int64)
     lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
     delta = tl.load(Delta + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    DOC_row = DOC + off_b * stride_docb
+    doc_q = 0
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_row + (offs_m + seq_shift) * stride_docn, mask=row_ok, other=-2)[:, None]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift))
-        full_hi = tl.minimum(hi, tl.maximum(0, start_m + seq_shift + 1))
-    else:
-        hi = Nk
-        full_hi = Nk
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    lo, full_lo, full_hi, hi = _key_range(start_m, Nk, seq_shift, win_left, win_right,
+                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+    if MASK_LEFT:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                           DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
+                           win_left, win_right, qk_scale, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                           DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_n, offs_d, 0, full_hi, Nk, seq_shift, qk_scale,
-                       D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+                       DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
+                       win_left, win_right, qk_scale, D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                       DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, qk_scale,
-                       D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+                       DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
+                       win_left, win_right, qk_scale, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                       DOT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
@@ -419,7 +527,8 @@ _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 
 def _autotuned(kernel, configs):
     configs = configs if _AUTOTUNE else configs[:1]
-    return triton.autotune(configs, key=["Nq", "Nk", "HEAD_DIM", "IS_CAUSAL", "DOT_PRECISION"])(kernel)
+    key = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "DOT_PRECISION"]
+    return triton.autotune(configs, key=key)(kernel)
 
 
 # One launcher per (kernel, head-dim class): HEAD_DIM > 128 picks the "wide" launcher on
@@ -454,31 +563,43 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Host launchers, registered as torch.library triton ops
 # ----------------------------------------------------------------------------------------
 
-def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_args(q, doc_ids, window_left, window_right):
+    """Kernel arguments of the mask: (DOC, its two strides, win_left, win_right) and the constexprs."""
+    # NOTE: without documents the kernels never read DOC; q stands in for the pointer.
+    doc = q if doc_ids is None else doc_ids
+    doc_strides = (0, 0) if doc_ids is None else doc_ids.stride()
+    flags = dict(MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None)
+    return doc, doc_strides, (max(window_left, 0), max(window_right, 0)), flags
+
+
+def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                  softmax_scale: float, window_left: int,
+                  window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    doc, doc_strides, window, flags = _mask_args(q, doc_ids, window_left, window_right)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_launcher("fwd", D))[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E,
-        D=D, HEAD_DIM=triton.next_power_of_2(D), IS_CAUSAL=causal,
+        q, k, v, out, lse, doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
+        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *window,
+        D=D, HEAD_DIM=triton.next_power_of_2(D), **flags,
         DOT_PRECISION=_dot_precision(q.dtype), MASKED_LSE=MASKED_ROW_LSE, **_fixed(_INTERPRETER_FWD))
     return out, lse
 
 
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, causal: bool,
-                  softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
+                  window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
     precision = _dot_precision(q.dtype)
+    doc, doc_strides, window, flags = _mask_args(q, doc_ids, window_left, window_right)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
@@ -492,28 +613,28 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
     wrap_triton(_launcher("dkdv", D))[grid_kv](
-        q, k, v, do, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale,
-        D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=precision, **_fixed(_INTERPRETER_BWD))
+        q, k, v, do, lse, delta, dk, dv, doc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
+        H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window,
+        D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=precision, **_fixed(_INTERPRETER_BWD))
 
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_launcher("dq", D))[grid_q](
-        q, k, v, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale,
-        D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=precision, **_fixed(_INTERPRETER_DQ))
+        q, k, v, do, lse, delta, dq, doc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
+        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window,
+        D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=precision, **_fixed(_INTERPRETER_DQ))
     return dq, dk, dv
 
 
-def _flash_v2_fwd_fake(q, k, v, causal, softmax_scale):
+def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right):
     B, Nq, H, D = q.shape
     return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-def _flash_v2_bwd_fake(do, q, k, v, out, lse, causal, softmax_scale):
+def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -542,19 +663,19 @@ _flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
 class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        out, lse = _flash_v2_fwd_op(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
+    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right):
+        out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.softmax_scale = softmax_scale
+        ctx.window = (window_left, window_right)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -579,8 +700,12 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             (a row of zeros attends to nothing and returns zeros)
         softmax_scale: defaults to 1 / sqrt(headdim)
         dropout_p: must be 0.0 (dropout is not implemented yet)
-        window_size: must be (-1, -1), meaning infinite (windows are not implemented yet)
-        doc_ids: must be None (document masks are not implemented yet)
+        window_size: (left, right); -1 means infinite. Query i (at key position
+            i + seqlen_k - seqlen_q) sees keys in [pos - left, pos + right]; causal sets
+            right = 0. Key blocks outside every row's window are skipped.
+        doc_ids: optional (batch, seqlen_k) integers; a query sees only keys of its own
+            document (query i has the document of key i + seqlen_k - seqlen_q, so
+            seqlen_q <= seqlen_k)
         return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
             rows that see no key get MASKED_ROW_LSE
     Returns:
@@ -589,14 +714,13 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     """
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    B, Nk = k.shape[0], k.shape[1]
+    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
     check_doc_ids(doc_ids, B, Nk, q.device)
+    if doc_ids is not None and Nq > Nk:
+        raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
     if check_dropout(dropout_p) > 0.0:
         raise unsupported(BACKEND, "dropout", "use dropout_p=0.0")
-    if normalize_window(window_size, causal) != normalize_window((-1, -1), causal):
-        raise unsupported(BACKEND, "sliding windows", "use window_size=(-1, -1)")
-    if doc_ids is not None:
-        raise unsupported(BACKEND, "document masks (doc_ids)")
+    window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
     if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
         raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
@@ -604,5 +728,5 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, lse = FlashV2Function.apply(q, k, v, bool(causal), scale)
+    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right)
     return (out, lse) if return_lse else out

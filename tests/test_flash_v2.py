@@ -111,15 +111,39 @@ def test_autocast_casts_inputs():
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("kwargs, feature", [
-    (dict(dropout_p=0.1), "dropout"),
-    (dict(window_size=(4, 0)), "sliding windows"),
-    (dict(doc_ids=torch.zeros(1, 8, dtype=torch.long)), "document masks"),
-])
-def test_unsupported_features_raise(kwargs, feature):
+def test_dropout_is_unsupported():
     q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match=f"flash_v2.*{feature}"):
-        attn()(q, q, q, **kwargs)
+    with pytest.raises(NotImplementedError, match="flash_v2.*dropout"):
+        attn()(q, q, q, dropout_p=0.1)
+
+
+WINDOW_CASES = [  # (shape, causal, window, with documents)
+    ((1, 70, 70, 2, 1, 16), True, (5, 0), False),
+    ((1, 70, 90, 4, 2, 16), False, (20, 3), False),
+    ((1, 90, 50, 2, 2, 16), False, (7, 30), False),
+    ((1, 50, 90, 2, 2, 16), False, (0, -1), False),
+    ((2, 60, 60, 4, 1, 16), True, (-1, -1), True),
+    ((2, 40, 77, 2, 1, 80), False, (-1, -1), True),
+    ((2, 40, 77, 2, 2, 16), True, (9, 0), True),
+]
+
+
+WINDOW_PARAMS = ([(*case, torch.float32) for case in WINDOW_CASES]
+                 + [(*case, torch.float16) for case in WINDOW_CASES[:2]])
+
+
+@pytest.mark.parametrize("shape, causal, window, docs, dtype", WINDOW_PARAMS)
+def test_window_and_documents_match_reference(shape, causal, window, docs, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype)
+    B, Nk = shape[0], shape[2]
+    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
+    check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
+
+
+def test_documents_need_seqlen_q_at_most_seqlen_k():
+    q, k = torch.randn(1, 9, 2, 16), torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="doc_ids need seqlen_q <= seqlen_k"):
+        attn()(q, k, k, doc_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -136,6 +160,8 @@ def test_unsupported_features_raise(kwargs, feature):
     (dict(k=torch.randn(1, 8, 2, 16, device="meta")), "one device"),
     (dict(softmax_scale=-1.0), "softmax_scale"),
     (dict(dropout_p=1.5), "dropout_p"),
+    (dict(window_size=(-3, 0)), "window_size"),
+    (dict(doc_ids=torch.zeros(1, 7, dtype=torch.long)), "doc_ids must be an integer tensor of shape"),
 ])
 def test_bad_input_names_the_argument(bad, match):
     args = dict(q=torch.randn(1, 8, 2, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16))
@@ -210,6 +236,14 @@ def test_gpu_deterministic_and_compiled_and_graphed():
     torch.cuda.synchronize()
     for a, b in zip(eager, graphed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal, window, docs", [(True, (256, 0), True), (False, (100, 50), False)])
+def test_gpu_window_and_documents(causal, window, docs):
+    q, k, v = make_qkv(2, 1000, 1100, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    doc_ids = torch.cumsum(torch.rand(2, 1100, device="cuda") < 0.003, dim=1) if docs else None
+    check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
 
 
 @pytest.mark.gpu
