@@ -93,18 +93,21 @@ def _key_range(start_m, Nk, seq_shift, win_left, win_right,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Key blocks of the query block at start_m: masked [lo, full_lo), whole [full_lo, full_hi),
     masked [full_hi, hi). Keys outside [lo, hi) are invisible to every row and never loaded."""
+    # NOTE: every bound is derived from start_m so all four are runtime i32 scalars
+    # (no constexpr crosses the function boundary).
+    zero = start_m * 0
     if MASK_LEFT:
         lo = (tl.maximum(0, start_m + seq_shift - win_left) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(0, start_m + BLOCK_M - 1 + seq_shift - win_left), BLOCK_N) * BLOCK_N
     else:
-        lo = 0
-        full_lo = 0
+        lo = zero
+        full_lo = zero
     if MASK_RIGHT:
         hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift + win_right))
         full_hi = tl.minimum(Nk, tl.maximum(0, start_m + seq_shift + win_right + 1))
     else:
-        hi = Nk
-        full_hi = Nk
+        hi = zero + Nk
+        full_hi = zero + Nk
     full_hi = (full_hi // BLOCK_N) * BLOCK_N  # whole blocks only: the Nk tail stays masked
     if MASK_LEFT:
         full_lo = tl.minimum(full_lo, hi)
@@ -270,19 +273,20 @@ def _query_range(start_n, Nq, seq_shift, win_left, win_right,
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Query blocks that see the key block at start_n: masked [lo, full_lo), whole
     [full_lo, full_hi), masked [full_hi, hi). Rows past Nq add exactly zero (q = dO = 0)."""
+    zero = start_n * 0  # NOTE: runtime i32 scalars only, as in _key_range
     if MASK_RIGHT:
         lo = (tl.maximum(0, start_n - seq_shift - win_right) // BLOCK_M) * BLOCK_M
         full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift - win_right), BLOCK_M) * BLOCK_M
     else:
-        lo = 0
-        full_lo = 0
+        lo = zero
+        full_lo = zero
     if MASK_LEFT:
         hi = tl.minimum(Nq, tl.maximum(0, start_n + BLOCK_N - seq_shift + win_left))
         full_hi = (tl.maximum(0, start_n - seq_shift + win_left + 1) // BLOCK_M) * BLOCK_M
         full_hi = tl.minimum(full_hi, hi)
     else:
-        hi = Nq
-        full_hi = Nq
+        hi = zero + Nq
+        full_hi = zero + Nq
     if MASK_RIGHT:
         full_lo = tl.minimum(full_lo, hi)
         if MASK_LEFT:
