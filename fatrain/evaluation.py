@@ -39,7 +39,7 @@ import math
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from typing import Any, Optional, get_type_hints
 
 import torch
@@ -47,7 +47,7 @@ from omegaconf import MISSING, OmegaConf
 
 from fatrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from fatrain.config import AttentionConfig, DataConfig, ModelConfig, PRECISIONS, TrainerConfig, WANDB_MODES
-from fatrain.data import PackedBlocks, build_data, iter_once, load_tokenizer
+from fatrain.data import PackedBlocks, build_data, iter_once
 from fatrain.model import GPT, GPTSpec
 from fatrain.passkey import run_passkey
 from fatrain.trainer import PRECISION_DTYPES, build_spec, check_precision, check_spec_compatible, select_device

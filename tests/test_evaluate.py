@@ -18,8 +18,9 @@ import torch
 from hydra import compose, initialize_config_module
 
 from fatrain.checkpoint import CheckpointError
-from fatrain.evaluation import backend_agreement, load_model, register_eval_configs, run_eval, split_stream
 from fatrain.data import PackedBlocks
+from fatrain.evaluation import (backend_agreement, find_checkpoints, load_model, register_eval_configs, run_eval,
+                                split_stream)
 from fatrain.train import run
 
 register_eval_configs()
@@ -169,6 +170,18 @@ def test_sweep_folder_gives_one_table(trained, tmp_path):
     assert rows[0]["loss@32"] == rows[1]["loss@32"]  # the same checkpoint twice
     assert (tmp_path / "out" / "0_optim.lr=0.001" / "ckpt_00000003" / "eval.json").exists()
     assert "| run |" in open(summary["table_md"]).read()
+
+
+def test_find_checkpoints_newest_or_all(tmp_path):
+    for job in ("10_b", "2_a"):
+        os.makedirs(tmp_path / job / "checkpoints")
+        for step in (5, 40):
+            (tmp_path / job / "checkpoints" / f"ckpt_{step:08d}.pt").write_bytes(b"")
+    newest = find_checkpoints(str(tmp_path))
+    assert [(name, os.path.basename(p)) for name, p in newest] == [("2_a", "ckpt_00000040.pt"),
+                                                                   ("10_b", "ckpt_00000040.pt")]
+    assert len(find_checkpoints(str(tmp_path), all_checkpoints=True)) == 4
+    assert find_checkpoints(str(tmp_path / "2_a")) == [("", str(tmp_path / "2_a" / "checkpoints" / "ckpt_00000040.pt"))]
 
 
 def test_wandb_eval_job_joins_the_training_group(trained, tmp_path, monkeypatch):
