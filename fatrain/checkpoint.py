@@ -1,9 +1,20 @@
 """Atomic checkpoints: save, keep the last k, find the latest, load with clear errors.
 
-A checkpoint is one ``torch.save`` file, ``ckpt_<step>.pt``, written to a temporary file
-in the same folder, flushed and fsynced, then renamed over its final name. A rename
-within a folder is atomic, so a crash mid-write leaves the previous checkpoints intact
-and at worst a stray ``*.tmp`` file, which is ignored and cleaned up on the next save.
+Two kinds, one folder, one step numbering:
+
+- ``ckpt_<step>.pt``: one ``torch.save`` file (single and DDP runs; rank 0 writes it),
+  written to a temporary file in the same folder, flushed and fsynced, then renamed over
+  its final name.
+- ``ckpt_<step>.dcp/``: a sharded ``torch.distributed.checkpoint`` folder (FSDP runs; every
+  rank writes its own shards) plus ``fatrain_meta.pt`` inside, holding everything but the
+  model and optimizer tensors. All ranks write into ``ckpt_<step>.dcp.tmp/``; after a
+  barrier rank 0 writes the metadata and renames the folder to its final name.
+
+A rename within a folder is atomic, so a crash mid-write leaves the previous checkpoints
+intact and at worst a stray ``*.tmp`` file or folder, which is ignored and cleaned up on
+the next save. ``load_checkpoint`` reads either kind into one plain dict on the CPU, with
+no process group (a ``.dcp`` folder is converted through ``dcp_to_torch_save``), so the
+evaluation tools need not know how a run was trained.
 """
 
 from __future__ import annotations
@@ -11,11 +22,15 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import tempfile
 
 import torch
 
-_NAME = re.compile(r"ckpt_(\d+)\.pt$")
+_NAME = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
+DCP_SUFFIX = ".dcp"
+DCP_META = "fatrain_meta.pt"  # inside a .dcp folder: step, spec, config, RNG, data position, ...
+FORMAT = "fatrain-checkpoint"
 
 
 class CheckpointError(RuntimeError):
@@ -43,51 +58,154 @@ def atomic_save(obj, path: str) -> None:
         os.close(dir_fd)
 
 
+def is_sharded(path: str) -> bool:
+    """True for a ``.dcp`` checkpoint folder (FSDP), False for a ``.pt`` file."""
+    return os.path.isdir(path) and path.rstrip(os.sep).endswith(DCP_SUFFIX)
+
+
+def is_checkpoint(path: str) -> bool:
+    """A ``.pt`` file or a finished ``.dcp`` folder (one with its metadata file)."""
+    if is_sharded(path):
+        return os.path.isfile(os.path.join(path, DCP_META))
+    return os.path.isfile(path)
+
+
 def list_checkpoints(folder: str) -> list[str]:
-    """Checkpoint files in ``folder``, oldest step first."""
+    """Checkpoints in ``folder`` (``.pt`` files and ``.dcp`` folders), oldest step first."""
     found = []
-    for path in glob.glob(os.path.join(folder, "ckpt_*.pt")):
+    for path in glob.glob(os.path.join(folder, "ckpt_*")):
         m = _NAME.search(path)
-        if m:
+        if m and is_checkpoint(path):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load and sanity-check a checkpoint; raise CheckpointError with the reason."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def _read(path: str, map_location) -> dict:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
                               f"{type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != "fatrain-checkpoint":
+
+
+def _check(state, path: str, keys=("model", "spec", "step", "config")) -> dict:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fatrain checkpoint (no 'format' marker)")
-    for key in ("model", "spec", "step", "config"):
+    for key in keys:
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'")
     return state
 
 
+def load_metadata(path: str) -> dict:
+    """A ``.dcp`` checkpoint's metadata (everything but the model and optimizer tensors)."""
+    meta_path = os.path.join(path, DCP_META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"checkpoint {path} lacks {DCP_META} (an unfinished or foreign DCP folder)")
+    return _check(_read(meta_path, "cpu"), path, keys=("spec", "step", "config"))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load and sanity-check a checkpoint of either kind into one plain dict; raise CheckpointError.
+
+    A ``.dcp`` folder is gathered into full (unsharded) tensors on the CPU without a process
+    group: the same keys as a ``.pt`` file, with the optimizer state keyed by parameter name.
+    """
+    if is_sharded(path):
+        state = load_metadata(path)
+        with tempfile.TemporaryDirectory(prefix="fatrain-dcp-") as tmp:
+            full_path = os.path.join(tmp, "full.pt")
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            try:
+                dcp_to_torch_save(path, full_path)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {path}: the sharded tensors are unreadable: "
+                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            tensors = torch.load(full_path, map_location=map_location, weights_only=False)
+        return {**state, **tensors}
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return _check(_read(path, map_location), path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _fsync_dir(folder: str) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class CheckpointManager:
-    """Saves ``ckpt_<step>.pt`` files in ``folder`` and keeps the newest ``keep_last``."""
+    """Saves ``ckpt_<step>.pt`` files or ``ckpt_<step>.dcp`` folders in ``folder``; keeps the newest ``keep_last``."""
 
     def __init__(self, folder: str, keep_last: int = 3):
         self.folder = folder
         self.keep_last = keep_last
 
-    def path_for(self, step: int) -> str:
-        return os.path.join(self.folder, f"ckpt_{step:08d}.pt")
+    def path_for(self, step: int, suffix: str = ".pt") -> str:
+        return os.path.join(self.folder, f"ckpt_{step:08d}{suffix}")
 
     def save(self, state: dict, step: int) -> str:
+        """Write one ``.pt`` file (call on the one rank that writes)."""
         path = self.path_for(step)
-        atomic_save({"format": "fatrain-checkpoint", **state}, path)
-        for old in list_checkpoints(self.folder)[: -self.keep_last]:
-            os.unlink(old)
-        for stray in glob.glob(os.path.join(self.folder, "*.tmp")):
-            os.unlink(stray)
+        atomic_save({"format": FORMAT, **state}, path)
+        self._prune()
         return path
+
+    def save_sharded(self, sharded: dict, meta: dict, step: int) -> str:
+        """Write a ``.dcp`` folder; every rank calls this (``dcp.save`` is a collective).
+
+        ``sharded`` holds the DTensor state dicts (``get_state_dict``), ``meta`` the rest;
+        rank 0 writes ``meta`` and publishes the folder by renaming it after all shards are in.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        path = self.path_for(step, DCP_SUFFIX)
+        tmp = path + ".tmp"
+        main = _rank() == 0
+        if main:
+            _remove(tmp)  # left by a crash mid-save
+            os.makedirs(self.folder, exist_ok=True)
+        _barrier()
+        dcp.save(sharded, checkpoint_id=tmp)
+        _barrier()  # NOTE: dcp.save ends with its own collective; this one orders it before the rename
+        if main:
+            atomic_save({"format": FORMAT, **meta}, os.path.join(tmp, DCP_META))
+            if os.path.lexists(path):  # the same step saved again: move the old one aside first
+                os.replace(path, path + ".old.tmp")
+            os.replace(tmp, path)
+            _fsync_dir(self.folder)
+            self._prune()
+        _barrier()
+        return path
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.folder)[: -self.keep_last]:
+            _remove(old)
+        for stray in glob.glob(os.path.join(self.folder, "*.tmp")):
+            _remove(stray)
 
     def latest(self) -> str | None:
         found = list_checkpoints(self.folder)

@@ -3,8 +3,16 @@
 The step loop reads top to bottom like nanoGPT's: set the learning rate -> periodic
 validation and checkpoint -> micro-steps with gradient accumulation -> clip -> optimizer
 step -> zero_grad -> timing, tokens/s, MFU -> loggers. Sinks (loggers, checkpoint
-manager) live outside; the trainer's own state is ``state_dict()``: step, tokens seen,
+manager); the trainer's own state is ``state_dict()``: step, tokens seen,
 RNG states and the data loader's position, so a resumed run continues the same curve.
+
+Distributed (``trainer.strategy=ddp|fsdp``, see fatrain.distributed): every rank runs this
+same loop on its own shard of each global batch (``trainer.batch_size`` is per rank). The
+model is wrapped in DDP, or sharded with FSDP2's ``fully_shard`` (each block, then the root);
+gradients are synchronised only on the last micro-step of an accumulation. Logged numbers
+are global (loss averaged over ranks, tokens/s of all ranks, memory the maximum of any
+rank, MFU over all GPUs) and only rank 0 writes them. Checkpoints: rank 0 writes one
+``.pt`` file for single and DDP; FSDP writes a sharded ``.dcp`` folder from every rank.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fatrain.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from fatrain import distributed
+from fatrain.checkpoint import CheckpointError, CheckpointManager, is_sharded, load_checkpoint, load_metadata
 from fatrain.data import BlockLoader, build_data
+from fatrain.distributed import DistEnv
 from fatrain.metrics import StepTimer, memory_metrics, peak_flops
 from fatrain.model import GPT, GPTSpec
 
@@ -153,67 +163,172 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def shard_model(model: GPT, compile_blocks: bool) -> GPT:
+    """FSDP2: shard each transformer block, then the root (embeddings, final norm, the tied head).
+
+    Each block is one all-gather / reduce-scatter unit, so only one block's full weights
+    live on a rank at a time. torch.compile goes per block, before sharding (torchtitan's
+    order), so the FSDP hooks stay outside the compiled graphs; ``Module.compile`` works in
+    place and keeps the parameter names (and so the checkpoints) unchanged.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        if compile_blocks:
+            block.compile()
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def check_strategy(t, dist_env: DistEnv) -> None:
+    if dist_env.strategy == "fsdp" and t.precision == "fp16":
+        raise ValueError("trainer.precision=fp16 with trainer.strategy=fsdp is not supported (GradScaler does not "
+                         "agree on skipped steps across shards): use trainer.precision=bf16")
+
+
 class Trainer:
     """Builds data, model and optimizer from a resolved config and runs the step loop."""
 
-    def __init__(self, cfg, run_dir: str, logger, *, progress=None):
+    def __init__(self, cfg, run_dir: str, logger, *, progress=None, dist_env: DistEnv | None = None):
         self.cfg, self.run_dir, self.logger = cfg, run_dir, logger
         t = cfg.trainer
-        self.device = select_device(t.device)
+        self.dist = dist_env or DistEnv()
+        if self.dist.strategy != t.strategy:
+            raise ValueError(f"trainer.strategy={t.strategy} but the process group was set up for "
+                             f"{self.dist.strategy}: pass the DistEnv from fatrain.distributed.init_distributed")
+        self.device = self.dist.device if self.dist.distributed else select_device(t.device)
         check_precision(t.precision, self.device, cfg.attention.backend)
+        check_strategy(t, self.dist)
         self.dtype = PRECISION_DTYPES[t.precision]
-        seed_everything(t.seed)
+        seed_everything(t.seed)  # the same on every rank: every rank builds the same initial model
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.batch_size = micro_batch_size(t, cfg.data.seq_len)
+        world, rank = self.dist.world_size, self.dist.rank
+        self.batch_size = micro_batch_size(t, cfg.data.seq_len, world)
         self.data = build_data(cfg.data, seed=t.seed)
-        self.train_loader = BlockLoader(self.data.train, self.batch_size, seed=t.seed, device=self.device)
+        self.train_loader = BlockLoader(self.data.train, self.batch_size, seed=t.seed, rank=rank, world_size=world,
+                                        device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
         self.model = GPT(self.spec).to(self.device)
+        if world > 1:
+            seed_everything(t.seed + rank)  # different dropout masks on different ranks
+        # self.model stays the bare GPT (its state_dict has plain names); forward_model is what the
+        # loop calls: compiled and/or wrapped. FSDP2 shards self.model in place.
+        self.ddp = None
+        if self.dist.strategy == "fsdp":
+            self.forward_model = shard_model(self.model, compile_blocks=t.compile)
+        else:
+            self.forward_model = torch.compile(self.model) if t.compile else self.model
+            if self.dist.strategy == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.ddp = DistributedDataParallel(
+                    self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.forward_model = self.ddp
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
         self.checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep_last=t.keep_last)
         self.step = 0
         self.tokens_seen = 0
         self.wandb_id = None
         self.progress = progress
-        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len
+        # Global: all ranks together. (FSDP2's DTensor parameters report their full size, so the
+        # parameter counts and FLOPs are the whole model's on every rank.)
+        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len * world
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, causal=True)
-        self.peak_flops = peak_flops(self.device, t.precision, t.peak_tflops)
+        peak = peak_flops(self.device, t.precision, t.peak_tflops)
+        self.peak_flops = peak * world if peak else None
 
     # ----- state ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _meta(self) -> dict:
+        """Everything but the model and optimizer tensors; a collective (gathers every rank's RNG)."""
+        rng_ranks = distributed.all_gather_object(rng_state(), self.dist)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
             "data": self.train_loader.state_dict(),
             "spec": asdict(self.spec),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_id": self.wandb_id,
         }
 
+    def state_dict(self) -> dict:
+        """The full state of a single or DDP run (on FSDP, see save_checkpoint)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._meta()}
+
+    def _restore_meta(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_loader.load_state_dict(state["data"])
+        saved_ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(saved_ranks) == self.dist.world_size:
+            set_rng_state(saved_ranks[self.dist.rank])
+        else:
+            # NOTE: a different number of ranks cannot replay the same random streams; each rank
+            # gets its own deterministic stream, so dropout masks still differ between ranks.
+            set_rng_state(saved_ranks[0])
+            seed_everything(self.cfg.trainer.seed + 1_000_003 * self.step + self.dist.rank)
+        self.wandb_id = state.get("wandb_id")
+
     def load_state_dict(self, state: dict, source: str) -> None:
         check_spec_compatible(state["spec"], self.spec, f"resume from {source}")
+        if self.dist.strategy == "fsdp":
+            raise CheckpointError(f"resume from {source}: a .pt checkpoint (trainer.strategy=single or ddp) "
+                                  "cannot resume trainer.strategy=fsdp; resume it with single or ddp")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"resume from {source}: the checkpoint does not fit this model: {e}") from None
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.train_loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.wandb_id = state.get("wandb_id")
+        self._restore_meta(state)
+
+    def load_sharded(self, path: str) -> None:
+        """Resume an FSDP run from a ``.dcp`` folder, resharding to this run's number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = load_metadata(path)
+        check_spec_compatible(meta["spec"], self.spec, f"resume from {path}")
+        if self.dist.strategy != "fsdp":
+            raise CheckpointError(f"resume from {path}: a .dcp checkpoint (trainer.strategy=fsdp) resumes only with "
+                                  f"trainer.strategy=fsdp, not {self.dist.strategy}")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        sharded = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            dcp.load(sharded, checkpoint_id=path)
+            set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
+                           optim_state_dict=sharded["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"resume from {path}: the checkpoint does not fit this model: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self._restore_meta(meta)
+
+    def resume_from(self, path: str) -> None:
+        if is_sharded(path):
+            self.load_sharded(path)
+        else:
+            self.load_state_dict(load_checkpoint(path), path)
 
     def save_checkpoint(self) -> str:
-        return self.checkpoints.save(self.state_dict(), self.step)
+        if self.dist.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            return self.checkpoints.save_sharded({"model": model_sd, "optimizer": optim_sd}, self._meta(), self.step)
+        state = self.state_dict()  # every rank: gathering the RNG states is a collective
+        path = self.checkpoints.path_for(self.step)
+        if self.dist.is_main:
+            path = self.checkpoints.save(state, self.step)
+        distributed.barrier(self.dist)
+        return path
 
     # ----- evaluation ----------------------------------------------------------------------
     def autocast(self):
@@ -223,16 +338,49 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation loss per token over every rank's share of the validation batches."""
         self.model.eval()
-        total, count = 0.0, 0
-        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, device=self.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
+        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dist.rank,
+                             world_size=self.dist.world_size, device=self.device)
         for batch in loader.eval_batches(self.cfg.trainer.eval_batches):
             with self.autocast():
                 _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
-            total += loss.item() * batch["input_ids"].numel()
-            count += batch["input_ids"].numel()
+            totals[0] += loss.double() * batch["input_ids"].numel()
+            totals[1] += batch["input_ids"].numel()
+        distributed.all_reduce(totals, self.dist)
         self.model.train()
-        return total / count
+        return (totals[0] / totals[1]).item()
+
+    def grad_sync(self, sync: bool):
+        """Context for one micro-step's backward: all-reduce / reduce-scatter gradients only when ``sync``."""
+        if self.ddp is not None and not sync:
+            return self.ddp.no_sync()
+        if self.dist.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        if self.dist.strategy != "fsdp":
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # FSDP2 gradients are DTensor shards: the norm of the shards is a partial sum that
+        # full_tensor() reduces over ranks, so every rank clips by the same global norm.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def global_metrics(self, losses: list[torch.Tensor]) -> dict:
+        """Mean loss over steps and ranks and the peak memory of the fullest rank: one collective each."""
+        loss = distributed.all_reduce(torch.stack(losses).mean().float(), self.dist, op="mean")
+        memory = memory_metrics(self.device)
+        if self.dist.distributed:
+            peaks = torch.tensor(list(memory.values()), dtype=torch.float64, device=self.device)
+            distributed.all_reduce(peaks, self.dist, op="max")
+            memory = dict(zip(memory, peaks.tolist()))
+        return {"train/loss": loss.item(), **memory}
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -253,16 +401,18 @@ class Trainer:
 
             timer.start()
             step_loss = torch.zeros((), device=self.device)
-            for _ in range(t.grad_accum_steps):
+            for micro in range(t.grad_accum_steps):
                 batch = next(batches)
-                with self.autocast():
-                    _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
-                    loss = loss / t.grad_accum_steps
-                self.scaler.scale(loss).backward()
+                # Gradients are reduced across ranks on the last micro-step only.
+                with self.grad_sync(micro == t.grad_accum_steps - 1):
+                    with self.autocast():
+                        _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+                        loss = loss / t.grad_accum_steps
+                    self.scaler.scale(loss).backward()
                 step_loss += loss.detach()
             self.scaler.unscale_(self.optimizer)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = self.clip_gradients(max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -274,14 +424,14 @@ class Trainer:
             if self.progress is not None:
                 self.progress.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                # .item() syncs the device once per log step, not once per step.
+                # .item() syncs the device once per log step, not once per step; on several ranks
+                # these are the only collectives outside the backward and the checkpoints.
                 metrics = {
-                    "train/loss": torch.stack(losses).mean().item(),
+                    **self.global_metrics(losses),
                     "train/lr": lr,
                     "train/grad_norm": grad_norm.item(),
                     "train/tokens_seen": self.tokens_seen,
                     **timer.read_and_reset(),
-                    **memory_metrics(self.device),
                 }
                 losses = []
                 if self.peak_flops and "perf/tokens_per_sec" in metrics:
@@ -300,8 +450,9 @@ def resolve_resume(resume: str | None, checkpoints: CheckpointManager) -> str | 
         return None
     if resume == "auto":
         return checkpoints.latest()
-    if not os.path.isfile(resume):
-        raise CheckpointError(f"resume={resume}: no such checkpoint file (allowed: auto, or a checkpoint path)")
+    if not (os.path.isfile(resume) or is_sharded(resume)):
+        raise CheckpointError(f"resume={resume}: no such checkpoint file or .dcp folder "
+                              "(allowed: auto, or a checkpoint path)")
     return resume
 
 
