@@ -86,7 +86,7 @@ def test_every_experiment_composes_and_runs(experiment, tmp_path):
 
 def test_typo_and_wrong_type_fail_before_work():
     with pytest.raises(Exception, match="lerning_rate"):
-        compose_train(["+optim.lerning_rate=1e-3"])
+        compose_train(["optim.lerning_rate=1e-3"])
     with pytest.raises(Exception, match="max_steps"):
         compose_train(["trainer.max_steps=many"])
     with pytest.raises(Exception, match="no_such_model"):
