@@ -12,10 +12,13 @@ blocks. The online softmax runs in base 2 with softmax_scale * log2(e) folded in
     O_i    = acc / l_i                                 (one division, after the loop)
     LSE_i  = (m_i + log2(l_i)) * ln(2)                 (natural log, float32, (B, H, Nq))
 
-O and LSE are written once. Causal masks are aligned bottom-right (query i sees keys
-j <= i + Nk - Nq): key blocks wholly above the diagonal are never visited, blocks wholly
-below it run without any mask, and only the blocks the diagonal (or the Nk tail) crosses
-pay for the mask. GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
+O and LSE are written once. Masks follow _common.allowed_mask: query i sits at key
+position p = i + Nk - Nq (bottom-right alignment) and sees keys p - left <= j <= p + right
+of window_size (left, right), causal being (-1, 0); with doc_ids only keys of its own
+document. Key blocks outside every row's window (above the causal diagonal) are never
+visited, blocks every row sees whole run without any mask, and only blocks that a window
+edge, the diagonal or the Nk tail crosses pay for the mask; with documents every visited
+block is masked. GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
 arithmetic; every tensor is addressed through its strides, so strided (B, N, H, D) views
 are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs one); the
 tail of d is masked on load and store.
@@ -38,14 +41,17 @@ Registration: on CUDA the launchers are `torch.library.triton_op`s that launch t
 `wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
 kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s with fake
 implementations instead (wrap_triton cannot trace interpreted kernels), which
-`torch.compile(fullgraph=True)` also traces. Block sizes are autotuned on CUDA (key: seqlens, head dim, causal);
-the CPU interpreter uses one fixed small configuration.
+`torch.compile(fullgraph=True)` also traces. Block sizes are autotuned on CUDA (key:
+seqlens, head dim, mask kind, precision; FATRAIN_AUTOTUNE=0 pins the first config); the
+CPU interpreter uses one fixed small configuration.
 
-Caution / known limits: dropout, sliding windows and document masks are not implemented
-yet (they raise). The P and dS that feed the second matmul of each pair are rounded to
-the input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no
-TF32). The backward recomputes Q K^T twice (once per pass), the price of a dQ without
-atomics. The interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is tested on GPU.
+Caution / known limits: dropout is not implemented (it raises). Document masks skip no
+blocks (ids are data; a per-block document range would let them). The P and dS that feed
+the second matmul of each pair are rounded to the input dtype, as in FlashAttention;
+float32 inputs use IEEE float32 dot products (no TF32). The backward recomputes Q K^T
+twice (once per pass), the price of a dQ without atomics. torch.compile launches the
+kernels with fp64 scale arguments, cast to fp32 on entry. The interpreter's bfloat16
+arithmetic is wrong (Triton 3.9): bf16 is tested on GPU only.
 """
 
 from __future__ import annotations
@@ -64,7 +70,6 @@ from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, d
 BACKEND = "flash_v2"
 HEAD_DIMS = (16, 256)
 LOG2E = 1.4426950408889634  # 1 / ln(2)
-LN2 = 0.6931471805599453
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -85,37 +90,6 @@ def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, doc_q, doc_k,
     if HAS_DOCS:
         allowed = allowed & (doc_q == doc_k)
     return allowed
-
-
-@triton.jit
-def _key_range(start_m, Nk, seq_shift, win_left, win_right,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Key blocks of the query block at start_m: masked [lo, full_lo), whole [full_lo, full_hi),
-    masked [full_hi, hi). Keys outside [lo, hi) are invisible to every row and never loaded."""
-    # NOTE: every bound is derived from start_m so all four are runtime i32 scalars
-    # (no constexpr crosses the function boundary).
-    zero = start_m * 0
-    if MASK_LEFT:
-        lo = (tl.maximum(0, start_m + seq_shift - win_left) // BLOCK_N) * BLOCK_N
-        full_lo = tl.cdiv(tl.maximum(0, start_m + BLOCK_M - 1 + seq_shift - win_left), BLOCK_N) * BLOCK_N
-    else:
-        lo = zero
-        full_lo = zero
-    if MASK_RIGHT:
-        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift + win_right))
-        full_hi = tl.minimum(Nk, tl.maximum(0, start_m + seq_shift + win_right + 1))
-    else:
-        hi = zero + Nk
-        full_hi = zero + Nk
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N  # whole blocks only: the Nk tail stays masked
-    if MASK_LEFT:
-        full_lo = tl.minimum(full_lo, hi)
-        full_hi = tl.maximum(full_hi, full_lo)
-    if HAS_DOCS:  # documents are data: every visited block is masked
-        full_lo = lo
-        full_hi = lo
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -185,6 +159,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
+    # fp64; without the cast S, P and the accumulator silently become fp64.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
         # NOTE: causally the last query blocks see the most keys; launching them first shortens the tail.
@@ -216,8 +193,27 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, Nk, seq_shift, win_left, win_right,
-                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+    # Key range: masked [lo, full_lo), seen whole by every row [full_lo, full_hi), masked
+    # [full_hi, hi) (causal diagonal, window edges, Nk tail, documents); keys outside [lo, hi)
+    # are invisible to every row and never loaded. Computed inline so the default case keeps
+    # the literal lower bound 0.
+    lo = 0
+    full_lo = 0
+    hi = Nk
+    full_hi = Nk
+    if MASK_LEFT:
+        lo = (tl.maximum(0, start_m + seq_shift - win_left) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(0, start_m + BLOCK_M - 1 + seq_shift - win_left), BLOCK_N) * BLOCK_N
+    if MASK_RIGHT:  # causal is the window (-1, 0)
+        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift + win_right))
+        full_hi = tl.minimum(Nk, tl.maximum(0, start_m + seq_shift + win_right + 1))
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N  # whole blocks only: the Nk tail stays masked
+    if MASK_LEFT:
+        full_lo = tl.minimum(full_lo, hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # documents are data: every visited block is masked
+        full_lo = lo
+        full_hi = lo
     if MASK_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    DOC_row, stride_docn, doc_q,
@@ -265,36 +261,6 @@ def _bwd_preprocess(Out, DO, Delta,
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
     # -- Delta_i = rowsum(dO_i * O_i) --
     tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Nq)
-
-
-@triton.jit
-def _query_range(start_n, Nq, seq_shift, win_left, win_right,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Query blocks that see the key block at start_n: masked [lo, full_lo), whole
-    [full_lo, full_hi), masked [full_hi, hi). Rows past Nq add exactly zero (q = dO = 0)."""
-    zero = start_n * 0  # NOTE: runtime i32 scalars only, as in _key_range
-    if MASK_RIGHT:
-        lo = (tl.maximum(0, start_n - seq_shift - win_right) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift - win_right), BLOCK_M) * BLOCK_M
-    else:
-        lo = zero
-        full_lo = zero
-    if MASK_LEFT:
-        hi = tl.minimum(Nq, tl.maximum(0, start_n + BLOCK_N - seq_shift + win_left))
-        full_hi = (tl.maximum(0, start_n - seq_shift + win_left + 1) // BLOCK_M) * BLOCK_M
-        full_hi = tl.minimum(full_hi, hi)
-    else:
-        hi = zero + Nq
-        full_hi = zero + Nq
-    if MASK_RIGHT:
-        full_lo = tl.minimum(full_lo, hi)
-        if MASK_LEFT:
-            full_hi = tl.maximum(full_hi, full_lo)
-    if HAS_DOCS:
-        full_lo = lo
-        full_hi = lo
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -351,6 +317,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hkv).to(tl.int64)
@@ -372,8 +340,26 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_range(start_n, Nq, seq_shift, win_left, win_right,
-                                            BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+    # Query rows that see this key block: masked [lo, full_lo), seeing all of it
+    # [full_lo, full_hi), masked [full_hi, hi). Rows past Nq add exactly zero (q = dO = 0).
+    lo = 0
+    full_lo = 0
+    hi = Nq
+    full_hi = Nq
+    if MASK_RIGHT:
+        lo = (tl.maximum(0, start_n - seq_shift - win_right) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(0, start_n + BLOCK_N - 1 - seq_shift - win_right), BLOCK_M) * BLOCK_M
+    if MASK_LEFT:
+        hi = tl.minimum(Nq, tl.maximum(0, start_n + BLOCK_N - seq_shift + win_left))
+        full_hi = (tl.maximum(0, start_n - seq_shift + win_left + 1) // BLOCK_M) * BLOCK_M
+        full_hi = tl.minimum(full_hi, hi)
+    if MASK_RIGHT:
+        full_lo = tl.minimum(full_lo, hi)
+        if MASK_LEFT:
+            full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:
+        full_lo = lo
+        full_hi = lo
     # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -450,6 +436,8 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
@@ -480,8 +468,27 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
 
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
-    lo, full_lo, full_hi, hi = _key_range(start_m, Nk, seq_shift, win_left, win_right,
-                                          BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
+    # Key range: masked [lo, full_lo), seen whole by every row [full_lo, full_hi), masked
+    # [full_hi, hi) (causal diagonal, window edges, Nk tail, documents); keys outside [lo, hi)
+    # are invisible to every row and never loaded. Computed inline so the default case keeps
+    # the literal lower bound 0.
+    lo = 0
+    full_lo = 0
+    hi = Nk
+    full_hi = Nk
+    if MASK_LEFT:
+        lo = (tl.maximum(0, start_m + seq_shift - win_left) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(0, start_m + BLOCK_M - 1 + seq_shift - win_left), BLOCK_N) * BLOCK_N
+    if MASK_RIGHT:  # causal is the window (-1, 0)
+        hi = tl.minimum(Nk, tl.maximum(0, start_m + BLOCK_M + seq_shift + win_right))
+        full_hi = tl.minimum(Nk, tl.maximum(0, start_m + seq_shift + win_right + 1))
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N  # whole blocks only: the Nk tail stays masked
+    if MASK_LEFT:
+        full_lo = tl.minimum(full_lo, hi)
+        full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # documents are data: every visited block is masked
+        full_lo = lo
+        full_hi = lo
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                            DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
