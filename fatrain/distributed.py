@@ -4,6 +4,9 @@ Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
 
     torchrun --standalone --nproc_per_node=8 -m fatrain.train trainer.strategy=ddp ...
 
+or on SLURM through Hydra's submitit launcher (``hydra/launcher=slurm``, one task per GPU),
+whose environment is translated into the same variables.
+
 ``trainer.strategy`` picks the engine: ``single`` (one process, no process group), ``ddp``
 (DistributedDataParallel) or ``fsdp`` (FSDP2, ``torch.distributed.fsdp.fully_shard``).
 NCCL drives GPUs (rank r on ``cuda:LOCAL_RANK``), gloo the CPU, so CI tests the same code
@@ -50,8 +53,23 @@ class DistEnv:
         return self.backend is not None
 
 
+def export_submitit_env() -> None:
+    """Under Hydra's submitit launcher on SLURM each task is one rank: export torchrun's variables.
+
+    submitit runs the job function in every task of the allocation; its helper derives
+    MASTER_ADDR (the first host), MASTER_PORT (from the job id), RANK, WORLD_SIZE and
+    LOCAL_RANK from SLURM's. A launch that already set RANK (torchrun) is left alone.
+    """
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside it."""
+    """(rank, world_size, local_rank) from torchrun's (or submitit's) environment; (0, 1, 0) outside it."""
+    export_submitit_env()
     def read(name, default):
         value = os.environ.get(name)
         try:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -173,11 +174,17 @@ def shard_model(model: GPT, compile_blocks: bool) -> GPT:
     """
     from torch.distributed.fsdp import fully_shard
 
+    # NOTE: GPT.forward returns logits[..., :vocab_size], a view, and FSDP2 warns that an
+    # in-place op on it would skip its pre-backward hook. The loop only backpropagates the
+    # loss (not a view), so the warning is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in model.blocks:
         if compile_blocks:
             block.compile()
         fully_shard(block)
-    fully_shard(model)
+    # The root (embedding, final norm, tied head) stays gathered between forward and backward:
+    # the backward starts with the head, so resharding it would only gather it again at once.
+    fully_shard(model, reshard_after_forward=False)
     return model
 
 

@@ -164,3 +164,20 @@ def test_single_under_torchrun_exits_with_one_error_line_per_rank(tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "error:" in line and "strategy=single" in line]
     assert len(lines) == 2, proc.stderr[-3000:]
+
+
+def test_submitit_slurm_tasks_become_ranks(monkeypatch):
+    """Under hydra/launcher=slurm each SLURM task is a rank; submitit's helper exports torchrun's variables."""
+    pytest.importorskip("submitit")
+    from fatrain.distributed import launcher_env
+
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_PROCID": "9", "SLURM_NTASKS": "16",
+             "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_NODEID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded as unset, so the exported values are removed afterwards
+        monkeypatch.delenv(name)
+    assert launcher_env() == (9, 16, 1)
+    assert os.environ["MASTER_ADDR"] == "gpu001"
