@@ -1,12 +1,14 @@
 """The attention registry: backend name -> one attention function, one signature for all.
 
     attention(q, k, v, *, causal, softmax_scale=None, dropout_p=0.0, window_size=(-1, -1),
-              doc_ids=None, return_lse=False)
+              doc_ids=None, return_lse=False, dropout_seed=None, return_dropout_mask=False)
 
 q is (batch, seqlen_q, nheads, headdim); k and v are (batch, seqlen_k, nheads_k, headdim)
 with nheads % nheads_k == 0. Every backend gives the same answer to within
 floating-point error, and one that lacks a feature raises an error naming itself and
-the feature. Backends import lazily, so asking for ``naive`` never imports Triton.
+the feature. Backends import lazily, so asking for ``naive`` never imports Triton (its
+dropout does: the counter-based mask of ``_dropout.py`` is shared with the flash kernels).
+Packed sequences in flash-attn's varlen layout go through ``varlen.varlen_attention``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ Block sizes (Algorithm 1 line 2, Algorithm 4 line 3)
     than the sequence is all tail mask; the counts of Algorithm 1 do not change). The head
     dim is padded to a power-of-two constexpr ``HEAD_DIM`` and the tail columns masked.
 
-Forward: Algorithm 1 (with Algorithm 2's scale tau and MASK), in ``_flash_v1_fwd_kernel``
+Forward: Algorithm 1 (with Algorithm 2's scale tau, MASK and dropout), in ``_flash_v1_fwd_kernel``
     line 3   O = 0 (float32), l = 0, m = -inf in HBM     ``_flash_v1_forward`` (host)
     line 6   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
     line 7     load K_j, V_j to SRAM                      ``k = tl.load(...)``, ``v = tl.load(...)``
@@ -39,6 +39,8 @@ Forward: Algorithm 1 (with Algorithm 2's scale tau and MASK), in ``_flash_v1_fwd
                  l~_ij = rowsum(P~_ij)                    ``l_ij``
     line 12      m_new = max(m_i, m~_ij)                  ``m_new``
                  l_new = e^(m_i-m_new) l_i + e^(m~_ij-m_new) l~_ij     ``l_new``
+    (Alg. 2 l.14) P~_ij <- P~_ij o Z_ij / (1 - p)          ``p = tl.where(keep, ...)`` (l keeps the
+                 un-dropped sum, so the normaliser is the softmax's)
     line 13      O_i = diag(l_new)^-1 (diag(l_i) e^(m_i-m_new) O_i
                         + e^(m~_ij-m_new) P~_ij V_j) -> HBM            ``o = ...; tl.store(...)``
     line 14      l_i = l_new, m_i = m_new -> HBM          ``tl.store(L ...)``, ``tl.store(M ...)``
@@ -56,9 +58,9 @@ Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
     line 11      load Q_i, O_i, dO_i, dQ_i, l_i, m_i      ``q``, ``o``, ``do``, ``dq``, ``l_i``, ``m_i``
     line 12-13   S_ij = tau Q_i K_j^T, MASK               ``s``
     line 14      P_ij = diag(l_i)^-1 exp(S_ij - m_i)      ``p``
-    line 15-16   dropout: not yet (raises ``unsupported``)
-    line 17      dV~_j += P_ij^T dO_i                     ``dv += tl.dot(tl.trans(p), do)``
-    line 18-19   dP_ij = dO_i V_j^T                       ``dp``
+    line 15-16   regenerate Z_ij; P^dropped = P_ij o Z_ij ``keep``, ``p_dropped``
+    line 17      dV~_j += (P^dropped)^T dO_i              ``dv += tl.dot(tl.trans(p_dropped), do)``
+    line 18-19   dP_ij = (dO_i V_j^T) o Z_ij              ``dp``
     line 20      D_i = rowsum(dO_i o O_i)                 ``d_i``
     line 21      dS_ij = P_ij o (dP_ij - D_i)             ``ds``
     line 22      dQ_i += tau dS_ij K_j -> HBM             ``dq = dq + ...; tl.store(DQ ...)``
@@ -66,11 +68,28 @@ Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
                  (tau is applied once when dK_j is written: the same sum)
     line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
 
-Masking
-    Causal is aligned bottom-right: query r sits at key position r + Nk - Nq and sees keys
-    c <= r + Nk - Nq. For a K/V block starting at key ``start_n`` the Q blocks wholly
-    above the diagonal (every row sees none of the block) are skipped in both loops by
-    starting the inner loop at ``m_lo = (max(start_n - (Nk - Nq), 0) // B_r) * B_r``.
+Dropout (Algorithm 2; the generator is ``_dropout.py``, shared with ``naive``)
+    Z_ij is ``tl.rand(seed, ((b * H + h) * Nq + r) * Nk + c) >= p`` (Philox, counter-based),
+    so the backward regenerates exactly the forward's mask from the seed and nothing
+    N x N is stored; ctx keeps only the seed. ``dropout_p = 0`` compiles the draws out
+    (constexpr ``HAS_DROPOUT``). ``return_dropout_mask`` rebuilds the same mask on the host
+    side with ``_dropout.dropout_mask`` for tests.
+
+Masking (window, causal, documents; constexprs HAS_LEFT, HAS_RIGHT, HAS_DOCS)
+    Query r sits at key position pos = r + Nk - Nq (causal aligned bottom-right) and sees
+    keys c with pos - left <= c <= pos + right (window_size = (left, right), -1 unlimited;
+    causal is right = 0). For a K/V block [start_n, start_n + B_c) the inner loop of both
+    kernels runs only over the Q blocks that can see it:
+        m_lo = (max(start_n - (Nk - Nq) - right, 0) // B_r) * B_r      (right >= 0)
+        m_hi = min(start_n + B_c - (Nk - Nq) + left, Nq)                (left >= 0)
+    so a window costs Theta(N (left + right + B_r + B_c)) instead of Theta(N^2).
+    Documents (doc_ids (B, Nk), query r takes the id of key position pos): the K/V block's
+    and the Q block's ids are loaded and their min and max taken; a pair with disjoint id
+    ranges is skipped (no query can share a key's document), and a pair whose ids are all
+    one value needs no document mask. Both tests are exact for any ids; ids that do not
+    decrease along the sequence (packed documents, as the data pipeline makes them) are
+    what makes the ranges narrow, so other ids are correct but skip little. No host check
+    of the order is made (it would cost a device sync per call).
     Rows and columns past the sequence ends are masked (tail masks), so any length works.
     A row that sees no key keeps O = 0, l = 0, m = -inf: the kernels use a "safe" max
     (0 where the max is -inf) and a "safe" sum (1 where it is 0), so such rows give
@@ -89,8 +108,13 @@ Caution / known limits
       are compiled with ``num_stages=1`` so no load is hoisted above that barrier.
     * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match
       PyTorch's float32 matmul.
-    * ``dropout_p > 0``, ``window_size`` and ``doc_ids`` raise ``unsupported``: Algorithm 2's
-      dropout and the extra masks come with a later issue.
+    * The K/V blocks are loaded in the outer loop even when no Q block sees them (linear
+      traffic); the backward must visit them anyway to write their zero dK_j, dV_j.
+    * Document skipping is not in :func:`flash_v1_hbm_traffic` (it depends on the lengths).
+    * Dropout costs one Philox draw per element of every visited block, in the forward and
+      once more in the backward (the mask is regenerated, not stored). Without a
+      ``dropout_seed`` the seed is drawn with ``torch.randint(...).item()`` on the host: a
+      graph break under ``torch.compile`` (pass a seed to compile with ``fullgraph=True``).
     * The returned lse is not differentiable (it is computed from the detached l and m).
     * On CUDA and on the CPU interpreter the kernels are called through
       ``torch.library.triton_op`` + ``wrap_triton`` with ``register_autograd``; the CPU
@@ -110,14 +134,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
-                      unsupported)
+from . import _dropout
+from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
+from ._dropout import dropout_keep
 
 BACKEND = "flash_v1"
 HEAD_DIMS = (16, 256)
@@ -139,15 +165,42 @@ _sram_bytes_override: int | None = None
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT, WINDOW_RIGHT,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: in bounds and inside the window (causal is right = 0)."""
+    allowed = m_valid[:, None] & n_valid[None, :]
+    pos = offs_m[:, None] + diag_offset
+    if HAS_RIGHT:
+        allowed = allowed & (offs_n[None, :] <= pos + WINDOW_RIGHT)
+    if HAS_LEFT:
+        allowed = allowed & (offs_n[None, :] >= pos - WINDOW_LEFT)
+    return allowed
+
+
+@triton.jit
+def _doc_block(doc_base, stride_docn, offs, N_CTX_K):
+    """Document ids at key positions ``offs`` and their min and max.
+
+    NOTE: positions past the sequence end are clamped to the last one, which lies in the same
+    block, so the min and max are those of the block's valid positions without a mask.
+    """
+    ids = tl.load(doc_base + tl.minimum(offs, N_CTX_K - 1) * stride_docn)
+    return ids, tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
 def _flash_v1_fwd_kernel(
-    Q, K, V, O, L, M,
+    Q, K, V, O, L, M, DOC,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
+    stride_docb, stride_docn,
     softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, GROUP, D,
+    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Algorithm 1 for one (batch, query head). O is float32 in HBM; L and M are (B, H, Nq)."""
     pid = tl.program_id(0)
@@ -159,6 +212,7 @@ def _flash_v1_fwd_kernel(
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk * stride_vh
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
     lm_offset = pid.to(tl.int64) * N_CTX_Q  # L, M are contiguous (B, H, Nq)
+    doc_base = DOC + off_b.to(tl.int64) * stride_docb
     offs_d = tl.arange(0, HEAD_DIM)
     d_valid = offs_d < D
     # Query row r sits at key position r + diag_offset (causal aligned bottom-right).
@@ -172,57 +226,76 @@ def _flash_v1_fwd_kernel(
         # -- line 7: load K_j, V_j --
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # Skip the Q blocks whose rows all lie outside this K/V block's window: row r sees
+        # keys [r + diag_offset - left, r + diag_offset + right] (causal: right = 0).
         m_lo = 0
-        if IS_CAUSAL:
-            # Skip the Q blocks in which every row is left of this K/V block's first key.
-            m_lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
+        m_hi = N_CTX_Q
+        if HAS_RIGHT:
+            m_lo = (tl.maximum(start_n - diag_offset - WINDOW_RIGHT, 0) // BLOCK_M) * BLOCK_M
+        if HAS_LEFT:
+            m_hi = tl.minimum(start_n + BLOCK_N - diag_offset + WINDOW_LEFT, N_CTX_Q)
+        if HAS_DOCS:
+            doc_k, k_lo, k_hi = _doc_block(doc_base, stride_docn, offs_n, N_CTX_K)
         # -- line 8: for 1 <= i <= T_r --
-        for start_m in range(m_lo, N_CTX_Q, BLOCK_M):
+        for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N_CTX_Q
             qo_mask = m_valid[:, None] & d_valid[None, :]
-            # -- line 9: load Q_i, O_i, l_i, m_i --
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
-            o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-            o = tl.load(o_ptrs, mask=qo_mask, other=0.0)
-            l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
-            m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
-            # -- line 10: S_ij = tau Q_i K_j^T, then MASK (Algorithm 2 lines 10-11) --
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
-            allowed = n_valid[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
-            s = tl.where(allowed, s, float("-inf"))
-            # -- line 11: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij) --
-            m_ij = tl.max(s, 1)
-            # NOTE: a row with no allowed key in this block has m~_ij = -inf; subtracting 0
-            # instead gives P~_ij = exp(-inf) = 0 rather than exp(-inf + inf) = NaN.
-            m_ij_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = tl.exp(s - m_ij_safe[:, None])
-            l_ij = tl.sum(p, 1)
-            # -- line 12: m_new = max(m_i, m~_ij), l_new = e^(m_i - m_new) l_i + e^(m~_ij - m_new) l~_ij --
-            m_new = tl.maximum(m_i, m_ij)
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_new_safe)
-            beta = tl.exp(m_ij - m_new_safe)
-            l_new = alpha * l_i + beta * l_ij
-            # -- line 13: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j) --
-            # NOTE: P~_ij is cast to the input dtype for the tensor-core product, as in FA.
-            pv = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            l_new_safe = tl.where(l_new == 0.0, 1.0, l_new)  # rows that have seen no key yet keep O_i = 0
-            o = ((l_i * alpha)[:, None] * o + beta[:, None] * pv) / l_new_safe[:, None]
-            tl.store(o_ptrs, o, mask=qo_mask)
-            # -- line 14: l_i = l_new, m_i = m_new --
-            tl.store(L + lm_offset + offs_m, l_new, mask=m_valid)
-            tl.store(M + lm_offset + offs_m, m_new, mask=m_valid)
-            # NOTE: the next read of these rows may come from other threads of this CTA;
-            # bar.sync makes the writes above visible to them first.
-            tl.debug_barrier()
+            visit = True
+            if HAS_DOCS:
+                # Skip the pair when the id ranges are disjoint: no query shares a key's document.
+                doc_q, q_lo, q_hi = _doc_block(doc_base, stride_docn, offs_m + diag_offset, N_CTX_K)
+                visit = (q_lo <= k_hi) & (k_lo <= q_hi)
+            if visit:
+                # -- line 9: load Q_i, O_i, l_i, m_i --
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+                o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+                o = tl.load(o_ptrs, mask=qo_mask, other=0.0)
+                l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
+                m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
+                # -- line 10: S_ij = tau Q_i K_j^T, then MASK (Algorithm 2 lines 10-11) --
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+                allowed = _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT, WINDOW_RIGHT,
+                                       HAS_LEFT, HAS_RIGHT)
+                if HAS_DOCS:
+                    # Blocks inside one document need no document mask.
+                    if (q_lo != q_hi) | (k_lo != k_hi):
+                        allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+                s = tl.where(allowed, s, float("-inf"))
+                # -- line 11: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij) --
+                m_ij = tl.max(s, 1)
+                # NOTE: a row with no allowed key in this block has m~_ij = -inf; subtracting 0
+                # instead gives P~_ij = exp(-inf) = 0 rather than exp(-inf + inf) = NaN.
+                m_ij_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+                p = tl.exp(s - m_ij_safe[:, None])
+                l_ij = tl.sum(p, 1)
+                # -- line 12: m_new = max(m_i, m~_ij), l_new = e^(m_i - m_new) l_i + e^(m~_ij - m_new) l~_ij --
+                m_new = tl.maximum(m_i, m_ij)
+                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_new_safe)
+                beta = tl.exp(m_ij - m_new_safe)
+                l_new = alpha * l_i + beta * l_ij
+                # -- Algorithm 2 line 14: P~_ij^dropped = P~_ij o Z_ij / (1 - p); l stays un-dropped --
+                if HAS_DROPOUT:
+                    keep = dropout_keep(seed, pid, offs_m, offs_n, N_CTX_Q, N_CTX_K, dropout_p)
+                    p = tl.where(keep, p * dropout_scale, 0.0)
+                # -- line 13: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j) --
+                # NOTE: P~_ij is cast to the input dtype for the tensor-core product, as in FA.
+                pv = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                l_new_safe = tl.where(l_new == 0.0, 1.0, l_new)  # rows that have seen no key yet keep O_i = 0
+                o = ((l_i * alpha)[:, None] * o + beta[:, None] * pv) / l_new_safe[:, None]
+                tl.store(o_ptrs, o, mask=qo_mask)
+                # -- line 14: l_i = l_new, m_i = m_new --
+                tl.store(L + lm_offset + offs_m, l_new, mask=m_valid)
+                tl.store(M + lm_offset + offs_m, m_new, mask=m_valid)
+                # NOTE: the next read of these rows may come from other threads of this CTA;
+                # bar.sync makes the writes above visible to them first.
+                tl.debug_barrier()
 
 
 @triton.jit
 def _flash_v1_bwd_kernel(
-    Q, K, V, O, DO, L, M, DQ, DK, DV,
+    Q, K, V, O, DO, L, M, DQ, DK, DV, DOC,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -231,9 +304,12 @@ def _flash_v1_bwd_kernel(
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_docb, stride_docn,
     softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, NHEADS_K, GROUP, D,
+    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Algorithm 4 for one (batch, key/value head) and the GROUP query heads that share it."""
     pid = tl.program_id(0)
@@ -243,6 +319,7 @@ def _flash_v1_bwd_kernel(
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk * stride_vh
     dk_base = DK + off_b.to(tl.int64) * stride_dkb + off_hk * stride_dkh
     dv_base = DV + off_b.to(tl.int64) * stride_dvb + off_hk * stride_dvh
+    doc_base = DOC + off_b.to(tl.int64) * stride_docb
     offs_d = tl.arange(0, HEAD_DIM)
     d_valid = offs_d < D
     diag_offset = N_CTX_K - N_CTX_Q
@@ -258,9 +335,15 @@ def _flash_v1_bwd_kernel(
         # -- line 9: dK~_j = 0, dV~_j = 0 on chip --
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        # The same Q-block range as the forward (blocks outside the window are skipped).
         m_lo = 0
-        if IS_CAUSAL:
-            m_lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
+        m_hi = N_CTX_Q
+        if HAS_RIGHT:
+            m_lo = (tl.maximum(start_n - diag_offset - WINDOW_RIGHT, 0) // BLOCK_M) * BLOCK_M
+        if HAS_LEFT:
+            m_hi = tl.minimum(start_n + BLOCK_N - diag_offset + WINDOW_LEFT, N_CTX_Q)
+        if HAS_DOCS:
+            doc_k, k_lo, k_hi = _doc_block(doc_base, stride_docn, offs_n, N_CTX_K)
         # GQA/MQA: the query heads of this K/V head, so dK_j, dV_j sum over them on chip.
         for g in range(0, GROUP):
             off_h = off_hk * GROUP + g
@@ -270,47 +353,62 @@ def _flash_v1_bwd_kernel(
             dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h * stride_dqh
             lm_offset = (off_b.to(tl.int64) * NHEADS + off_h) * N_CTX_Q
             # -- line 10: for 1 <= i <= T_r --
-            for start_m in range(m_lo, N_CTX_Q, BLOCK_M):
+            for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 m_valid = offs_m < N_CTX_Q
                 qo_mask = m_valid[:, None] & d_valid[None, :]
-                # -- line 11: load Q_i, O_i, dO_i, dQ_i, l_i, m_i --
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=qo_mask, other=0.0)
-                o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                            mask=qo_mask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                             mask=qo_mask, other=0.0)
-                dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-                dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
-                l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
-                m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
-                # -- lines 12-13: S_ij = tau Q_i K_j^T, MASK --
-                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
-                allowed = n_valid[None, :]
-                if IS_CAUSAL:
-                    allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
-                s = tl.where(allowed, s, float("-inf"))
-                # -- line 14: P_ij = diag(l_i)^-1 exp(S_ij - m_i) --
-                # NOTE: rows that saw no key have m_i = -inf, l_i = 0; the safe values give P = 0.
-                m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-                l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-                p = tl.exp(s - m_safe[:, None]) / l_safe[:, None]
-                # -- line 17: dV~_j += P_ij^T dO_i --
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-                # -- line 18: dP_ij = dO_i V_j^T --
-                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-                # -- line 20: D_i = rowsum(dO_i o O_i) --
-                d_i = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-                # -- line 21: dS_ij = P_ij o (dP_ij - D_i) --
-                ds = p * (dp - d_i[:, None])
-                # -- line 22: dQ_i += tau dS_ij K_j, read-modify-write in HBM (float32) --
-                dq += softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-                tl.store(dq_ptrs, dq, mask=qo_mask)
-                # -- line 23: dK~_j += dS_ij^T Q_i (tau applied at line 25) --
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-                # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA.
-                tl.debug_barrier()
+                visit = True
+                if HAS_DOCS:
+                    doc_q, q_lo, q_hi = _doc_block(doc_base, stride_docn, offs_m + diag_offset, N_CTX_K)
+                    visit = (q_lo <= k_hi) & (k_lo <= q_hi)
+                if visit:
+                    # -- line 11: load Q_i, O_i, dO_i, dQ_i, l_i, m_i --
+                    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                                mask=qo_mask, other=0.0)
+                    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                                mask=qo_mask, other=0.0)
+                    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                                 mask=qo_mask, other=0.0)
+                    dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+                    dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
+                    l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
+                    m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
+                    # -- lines 12-13: S_ij = tau Q_i K_j^T, MASK --
+                    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+                    allowed = _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT,
+                                           WINDOW_RIGHT, HAS_LEFT, HAS_RIGHT)
+                    if HAS_DOCS:
+                        if (q_lo != q_hi) | (k_lo != k_hi):
+                            allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+                    s = tl.where(allowed, s, float("-inf"))
+                    # -- line 14: P_ij = diag(l_i)^-1 exp(S_ij - m_i) --
+                    # NOTE: rows that saw no key have m_i = -inf, l_i = 0; the safe values give P = 0.
+                    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+                    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+                    p = tl.exp(s - m_safe[:, None]) / l_safe[:, None]
+                    # -- lines 15-16: regenerate Z_ij; P_ij^dropped = P_ij o Z_ij / (1 - p) --
+                    p_dropped = p
+                    if HAS_DROPOUT:
+                        keep = dropout_keep(seed, off_b * NHEADS + off_h, offs_m, offs_n, N_CTX_Q, N_CTX_K,
+                                            dropout_p)
+                        p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+                    # -- line 17: dV~_j += (P_ij^dropped)^T dO_i --
+                    dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                    # -- lines 18-19: dP_ij^dropped = dO_i V_j^T, dP_ij = dP_ij^dropped o Z_ij / (1 - p) --
+                    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+                    if HAS_DROPOUT:
+                        dp = tl.where(keep, dp * dropout_scale, 0.0)
+                    # -- line 20: D_i = rowsum(dO_i o O_i) --
+                    d_i = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                    # -- line 21: dS_ij = P_ij o (dP_ij - D_i) --
+                    ds = p * (dp - d_i[:, None])
+                    # -- line 22: dQ_i += tau dS_ij K_j, read-modify-write in HBM (float32) --
+                    dq += softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+                    tl.store(dq_ptrs, dq, mask=qo_mask)
+                    # -- line 23: dK~_j += dS_ij^T Q_i (tau applied at line 25) --
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+                    # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA.
+                    tl.debug_barrier()
         # -- line 25: write dK_j = tau dK~_j, dV_j = dV~_j --
         tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -396,20 +494,28 @@ class Flash1Traffic:
     block_n: int
 
 
-def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, causal: bool) -> int:
-    """Sum over K/V blocks j of the Q rows the inner loop visits (the rows of the Q blocks not skipped)."""
-    if not causal:
+def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, left: int, right: int) -> int:
+    """Sum over K/V blocks j of the Q rows the inner loop visits (the rows of the Q blocks not skipped).
+
+    The Q-block range per K/V block is the kernels' (``m_lo``, ``m_hi``): right = 0 is causal,
+    -1 unlimited.
+    """
+    if left < 0 and right < 0:
         return math.ceil(seqlen_k / block_n) * seqlen_q
     diag_offset = seqlen_k - seqlen_q
     rows = 0
     for start_n in range(0, seqlen_k, block_n):
-        m_lo = (max(start_n - diag_offset, 0) // block_m) * block_m
-        rows += max(seqlen_q - m_lo, 0)
+        m_lo = (max(start_n - diag_offset - right, 0) // block_m) * block_m if right >= 0 else 0
+        m_hi = min(start_n + block_n - diag_offset + left, seqlen_q) if left >= 0 else seqlen_q
+        if m_hi > m_lo:
+            n_blocks = math.ceil((m_hi - m_lo) / block_m)
+            rows += min(m_lo + n_blocks * block_m, seqlen_q) - m_lo
     return rows
 
 
 def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                         dtype_bytes: int, sram_bytes: int, causal: bool) -> Flash1Traffic:
+                         dtype_bytes: int, sram_bytes: int, causal: bool,
+                         window_size: tuple[int, int] = (-1, -1)) -> Flash1Traffic:
     """Bytes of HBM the forward and backward move, counting each load and store of Algorithms 1 and 4.
 
     Per (batch, head), with R = sum over K/V blocks j of the Q rows the inner loop visits
@@ -425,10 +531,14 @@ def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, 
                + 4 Nq d + 4 Nq d + b Nq d   dQ = 0; the final cast of dQ
 
     MHA is assumed (K/V heads = nheads); the blocks are the launcher's (:func:`flash_v1_block_sizes`,
-    capped at the sequence length).
+    capped at the sequence length). ``window_size`` (left, right) narrows R to the Q blocks the
+    kernels visit, so R grows as Nq * (left + right + B_r + B_c) instead of Nq * Nk. Document
+    masking is not modelled (its skipped blocks depend on the document lengths): the model
+    is an upper bound there. Dropout moves no extra bytes (the mask is regenerated on chip).
     """
     block_m, block_n = _launch_blocks(seqlen_q, seqlen_k, head_dim, _check_sram_bytes(sram_bytes))
-    rows = _visited_rows(seqlen_q, seqlen_k, block_m, block_n, causal)
+    left, right = normalize_window(window_size, causal)
+    rows = _visited_rows(seqlen_q, seqlen_k, block_m, block_n, left, right)
     b, d = dtype_bytes, head_dim
     fwd_inner = rows * (b * d + 8 * d + 16)
     fwd = 2 * b * seqlen_k * d + fwd_inner + (4 * seqlen_q * d + 8 * seqlen_q) + (4 + b) * seqlen_q * d
@@ -467,10 +577,25 @@ def _launch(kernel, grid, args, *, block_m: int, block_n: int, **meta) -> None:
             block_m, block_n = smaller
 
 
+def _mask_meta(window_left: int, window_right: int, doc_ids, dropout_p: float) -> dict:
+    """The constexpr switches: features that are off compile out of the kernels (dropout_p = 0 costs nothing)."""
+    return dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None,
+                HAS_DROPOUT=dropout_p > 0.0)
+
+
+def _mask_args(q: torch.Tensor, window_left: int, window_right: int, doc_ids, dropout_p: float, seed: int):
+    """(doc pointer and strides), (window, dropout) kernel arguments; q stands in for absent doc_ids."""
+    docs = (q, 0, 0) if doc_ids is None else (doc_ids, doc_ids.stride(0), doc_ids.stride(1))
+    # NOTE: the scale 1 / (1 - p) is computed once on the host; unused when p = 0.
+    drop = (window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p), seed)
+    return docs, drop
+
+
 @triton_op("fatrain::flash_v1_forward", mutates_args={})
-def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                      block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run Algorithm 1; return out (input dtype), l and m (float32, (B, H, Nq))."""
+def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                      window_left: int, window_right: int, doc_ids: Optional[torch.Tensor], dropout_p: float,
+                      seed: int, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Algorithm 1 with Algorithm 2's mask and dropout; return out (input dtype), l and m (float32, (B, H, Nq))."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     # -- Algorithm 1 line 3: O = 0, l = 0, m = -inf in HBM (O in float32) --
@@ -478,18 +603,21 @@ def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     l = torch.zeros(B, H, Nq, device=q.device, dtype=torch.float32)
     m = torch.full((B, H, Nq), float("-inf"), device=q.device, dtype=torch.float32)
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
+    (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
     _launch(_flash_v1_fwd_kernel, (B * H,), (
-        q, k, v, o, l, m,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        softmax_scale, Nq, Nk, H, H // Hkv, D,
-    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded, IS_CAUSAL=causal,
+        q, k, v, o, l, m, doc,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *doc_strides,
+        softmax_scale, Nq, Nk, H, H // Hkv, D, *mask_args,
+    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
+        **_mask_meta(window_left, window_right, doc_ids, dropout_p),
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
     return o.to(q.dtype), l, m
 
 
 @triton_op("fatrain::flash_v1_backward", mutates_args={})
 def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       l: torch.Tensor, m: torch.Tensor, softmax_scale: float, causal: bool,
+                       l: torch.Tensor, m: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
+                       doc_ids: Optional[torch.Tensor], dropout_p: float, seed: int,
                        block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run Algorithm 4; return dq, dk, dv in the input dtype."""
     B, Nq, H, D = q.shape
@@ -499,12 +627,14 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dk = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=v.dtype)
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
+    (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
     _launch(_flash_v1_bwd_kernel, (B * Hkv,), (
-        q, k, v, out, do, l, m, dq, dk, dv,
+        q, k, v, out, do, l, m, dq, dk, dv, doc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D,
-    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded, IS_CAUSAL=causal,
+        *dq.stride(), *dk.stride(), *dv.stride(), *doc_strides,
+        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D, *mask_args,
+    ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
+        **_mask_meta(window_left, window_right, doc_ids, dropout_p),
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
     return dq.to(q.dtype), dk, dv
 
@@ -514,21 +644,22 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 # ----------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, block_m, block_n = inputs
+    q, k, v, softmax_scale, window_left, window_right, doc_ids, dropout_p, seed, block_m, block_n = inputs
     out, l, m = output
-    ctx.save_for_backward(q, k, v, out, l, m)
+    # The seed, not the mask, is saved: the backward regenerates Z_ij (Algorithm 4 line 15).
+    ctx.save_for_backward(q, k, v, out, l, m, doc_ids)
     ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
-    ctx.block_m = block_m
-    ctx.block_n = block_n
+    ctx.window = (window_left, window_right)
+    ctx.dropout = (dropout_p, seed)
+    ctx.blocks = (block_m, block_n)
 
 
 def _backward(ctx, dout, dl, dm):
     # dl, dm: l and m are statistics, not outputs a loss depends on (lse is detached).
-    q, k, v, out, l, m = ctx.saved_tensors
-    dq, dk, dv = _flash_v1_backward(dout, q, k, v, out, l, m, ctx.softmax_scale, ctx.causal,
-                                    ctx.block_m, ctx.block_n)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, l, m, doc_ids = ctx.saved_tensors
+    dq, dk, dv = _flash_v1_backward(dout, q, k, v, out, l, m, ctx.softmax_scale, *ctx.window, doc_ids,
+                                    *ctx.dropout, *ctx.blocks)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -539,8 +670,9 @@ _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------
 
 def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
-                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False, sram_bytes=None):
-    """FlashAttention-1 (Algorithms 1 and 4): exact attention with O, l and m kept in HBM.
+                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
+                       dropout_seed: int | None = None, return_dropout_mask: bool = False, sram_bytes=None):
+    """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
     Arguments:
         q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32; headdim 16..256
@@ -555,32 +687,43 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
                                                1 1
             (a row of zeros attends to nothing and returns zeros)
         softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: must be 0.0 (dropout per Algorithm 2 is not implemented yet)
-        window_size: must be (-1, -1), unlimited (not implemented yet)
-        doc_ids: must be None (not implemented yet)
+        dropout_p: dropout on P inside the kernel (Algorithm 2); kept entries are scaled by
+            1 / (1 - dropout_p). The backward regenerates the mask from the seed.
+        window_size: (left, right), -1 means unlimited: query i, at key position
+            pos = i + seqlen_k - seqlen_q, sees keys in [pos - left, pos + right]; causal
+            forces right = 0. Blocks wholly outside the window are skipped.
+        doc_ids: optional (batch, seqlen_k) integer document ids; query i sees only keys of
+            the document of key position i + seqlen_k - seqlen_q (needs seqlen_q <= seqlen_k).
+            Any ids are correct; non-decreasing ids (packed sequences) let whole blocks skip.
         return_lse: also return the float32 logsumexp m + log(l) of each row,
             (batch, nheads, seqlen_q); MASKED_ROW_LSE for rows that see no key. Not differentiable.
+        dropout_seed: seed of the counter-based mask (``_dropout.py``); None draws one from
+            torch's default generator, so torch.manual_seed reproduces a run
+        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k) keep-mask
+            the kernels used (all True when dropout_p = 0); materialised: small shapes only
         sram_bytes: the on-chip budget M in bytes that sets the block sizes
             (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
     Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse]
+        out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse] [, dropout_mask]
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
     check_doc_ids(doc_ids, B, Nk, q.device)
+    if doc_ids is not None and Nq > Nk:
+        raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
     scale = default_scale(softmax_scale, D)
-    if check_dropout(dropout_p) > 0.0:
-        raise unsupported(BACKEND, "dropout_p > 0", "Algorithm 2's dropout is not implemented yet")
+    p = check_dropout(dropout_p)
+    if dropout_seed is not None:
+        _dropout.check_seed(dropout_seed)
+    seed = _dropout.resolve_seed(dropout_seed) if p > 0.0 else 0  # 0: unused, HAS_DROPOUT is off
     left, right = normalize_window(window_size, causal)
-    if left >= 0 or (right >= 0 and not causal):
-        raise unsupported(BACKEND, "window_size", "only (-1, -1) is supported")
-    if doc_ids is not None:
-        raise unsupported(BACKEND, "doc_ids")
     if sram_bytes is None:
         sram_bytes = device_sram_bytes(q.device)
     block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
-    out, l, m = _flash_v1_forward(q, k, v, scale, bool(causal), block_m, block_n)
-    if not return_lse:
-        return out
-    l, m = l.detach(), m.detach()
-    lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, MASKED_ROW_LSE))
-    return out, lse
+    out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n)
+    results = [out]
+    if return_lse:
+        l, m = l.detach(), m.detach()
+        results.append(torch.where(l > 0, m + torch.log(l), torch.full_like(l, MASKED_ROW_LSE)))
+    if return_dropout_mask:
+        results.append(_dropout.dropout_mask(seed, B, H, Nq, Nk, p, q.device))
+    return results[0] if len(results) == 1 else tuple(results)

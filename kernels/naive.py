@@ -2,28 +2,34 @@
 
     S = softmax_scale * Q K^T     materialised, (B, Hkv, G, Nq, Nk) in the input dtype
     P = softmax(S)                materialised, computed in float32, stored in the input dtype
-    P = dropout(P)                materialised mask when dropout_p > 0
+    P = P * Z / (1 - p)           Z: the bool keep-mask, materialised when dropout_p > 0
     O = P V
 
 Autograd keeps S's softmax output and P for the backward, so activation memory grows as
 N^2 per head: this is the memory FlashAttention removes. GQA/MQA groups query heads as
 (Hkv, G) and broadcasts K and V over G, so no copy of K or V is made.
 
+Dropout uses the counter-based mask of ``_dropout.py`` (``dropout_mask``), the one the
+flash kernels regenerate on chip, so ``naive`` and ``flash_v1`` give the same output for
+the same ``dropout_seed``. With no seed, one is drawn from torch's default generator
+(``torch.manual_seed`` reproduces it).
+
 Caution / known limits: the N x N tensors make long sequences run out of memory by
-design. Dropout draws from PyTorch's global generator (torch.manual_seed reproduces it).
+design. Dropout imports Triton (the mask is made by a small Triton kernel; on a CPU it
+runs through the interpreter).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import (MASKED_ROW_LSE, allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale,
                       needs_mask)
 
 
 def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
-                    window_size=(-1, -1), doc_ids=None, return_lse: bool = False):
+                    window_size=(-1, -1), doc_ids=None, return_lse: bool = False, dropout_seed: int | None = None,
+                    return_dropout_mask: bool = False):
     """softmax(Q K^T * softmax_scale) V with S and P held in memory.
 
     Arguments:
@@ -38,17 +44,34 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
                                                1 1
             (a row of zeros attends to nothing and returns zeros)
         softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: dropout on P; 0.0 at evaluation
-        window_size: (left, right); -1 means unlimited
-        doc_ids: optional (batch, seqlen_k) ints; queries see only keys of their document
-        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q)
+        dropout_p: dropout on P (kept entries scaled by 1 / (1 - dropout_p)); 0.0 at evaluation
+        window_size: (left, right); -1 means unlimited. Query i (at key position
+            i + seqlen_k - seqlen_q) sees keys in [pos - left, pos + right]; causal forces right = 0
+        doc_ids: optional (batch, seqlen_k) ints; query i (at key position i + seqlen_k - seqlen_q)
+            sees only keys of its own document
+        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
+            MASKED_ROW_LSE (0.0) for rows that see no key
+        dropout_seed: seed of the counter-based dropout mask (see ``_dropout.py``); None draws
+            one from torch's default generator
+        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k) keep-mask
+            used (all True when dropout_p = 0); for tests and debugging at small shapes
     Returns:
-        out (batch, seqlen_q, nheads, headdim) [, lse]
+        out (batch, seqlen_q, nheads, headdim) [, lse] [, dropout_mask]
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend="naive")
     check_doc_ids(doc_ids, B, Nk, q.device)
     scale = default_scale(softmax_scale, D)
     p = check_dropout(dropout_p)
+    keep = None  # the bool (B, H, Nq, Nk) keep-mask
+    if p > 0.0 or dropout_seed is not None:
+        from . import _dropout  # imports Triton, so only when dropout is asked for
+
+        if dropout_seed is not None:
+            _dropout.check_seed(dropout_seed)
+        if p > 0.0:
+            keep = _dropout.dropout_mask(_dropout.resolve_seed(dropout_seed), B, H, Nq, Nk, p, q.device)
+    if keep is None and return_dropout_mask:
+        keep = torch.ones(B, H, Nq, Nk, dtype=torch.bool, device=q.device)
     group = H // Hkv
     # (B, N, H, D) -> (B, Hkv, G, N, D): views only; K and V broadcast over the group.
     qh = q.view(B, Nq, Hkv, group, D).permute(0, 2, 3, 1, 4)
@@ -62,12 +85,16 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
     scores32 = scores.float()
     lse = torch.logsumexp(scores32, dim=-1)
     row_empty = torch.isneginf(lse)
-    probs = torch.exp(scores32 - torch.where(row_empty, 0.0, lse)[..., None]).to(q.dtype)
+    probs = torch.exp(scores32 - torch.where(row_empty, 0.0, lse)[..., None])
     if p > 0.0:
-        probs = F.dropout(probs, p=p, training=True)
-    out = torch.matmul(probs, vh)  # (B, Hkv, G, Nq, D)
+        # Query head h = hk * G + g, so (B, H, ...) views as (B, Hkv, G, ...).
+        probs = probs * keep.view(B, Hkv, group, Nq, Nk) * (1.0 / (1.0 - p))
+    out = torch.matmul(probs.to(q.dtype), vh)  # (B, Hkv, G, Nq, D)
     out = out.permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
+    results = [out]
     if return_lse:
         lse = torch.where(row_empty, torch.full_like(lse, MASKED_ROW_LSE), lse)
-        return out, lse.reshape(B, H, Nq)
-    return out
+        results.append(lse.reshape(B, H, Nq))
+    if return_dropout_mask:
+        results.append(keep)
+    return results[0] if len(results) == 1 else tuple(results)

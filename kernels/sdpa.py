@@ -7,6 +7,10 @@ Caution / known limits: PyTorch's ``is_causal`` aligns the mask to the top-left 
 so ``seqlen_q != seqlen_k`` with ``causal=True`` passes an explicit bottom-right mask
 (which only the math and efficient kernels accept). Windows and documents also go as an
 explicit mask. The logsumexp is not returned by the public API: ``return_lse`` raises.
+Dropout is PyTorch's own (drawn from torch's generator inside SDPA): it cannot reproduce
+the counter-based mask of ``_dropout.py`` that ``naive`` and the flash kernels share, so a
+``dropout_seed`` with ``dropout_p > 0`` and ``return_dropout_mask`` raise rather than being
+ignored (torch.manual_seed still makes SDPA's dropout reproducible).
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ def _kernel_context(kernel: str | None):
 
 
 def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
-                   window_size=(-1, -1), doc_ids=None, return_lse: bool = False, kernel: str | None = None):
+                   window_size=(-1, -1), doc_ids=None, return_lse: bool = False, dropout_seed: int | None = None,
+                   return_dropout_mask: bool = False, kernel: str | None = None):
     """The attention contract on top of ``torch.nn.functional.scaled_dot_product_attention``.
 
     ``kernel`` pins one of PyTorch's implementations: None (PyTorch chooses), 'flash',
-    'cudnn', 'efficient' or 'math'. Other arguments as ``naive_attention``.
+    'cudnn', 'efficient' or 'math'. Other arguments as ``naive_attention``, except that
+    dropout is PyTorch's: ``dropout_seed`` (with dropout_p > 0) and ``return_dropout_mask``
+    raise NotImplementedError.
     """
     name = "sdpa" if kernel is None else f"sdpa_{kernel}"
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name)
@@ -48,6 +55,11 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     p = check_dropout(dropout_p)
     if return_lse:
         raise unsupported(name, "return_lse", "PyTorch's public SDPA does not return the logsumexp")
+    if return_dropout_mask:
+        raise unsupported(name, "return_dropout_mask", "PyTorch's SDPA does not expose its dropout mask")
+    if dropout_seed is not None and p > 0.0:
+        raise unsupported(name, "dropout_seed", "SDPA draws dropout from torch's generator; "
+                          "use torch.manual_seed, or naive/flash_v1 for the counter-based mask")
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hkv != H:
         # NOTE: expanded to full heads (a copy) because not every SDPA kernel takes enable_gqa.

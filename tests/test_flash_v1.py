@@ -136,13 +136,14 @@ def test_traffic_model_counts_one_pair_by_hand():
 
 
 def test_unsupported_features_and_bad_input():
+    # dropout, window_size and doc_ids are supported since issue 5 (tests/test_features.py).
     q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="flash_v1.*dropout"):
-        flash_v1_attention(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="flash_v1.*window_size"):
-        flash_v1_attention(q, q, q, window_size=(4, 0))
-    with pytest.raises(NotImplementedError, match="flash_v1.*doc_ids"):
-        flash_v1_attention(q, q, q, causal=True, doc_ids=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="dropout_seed"):
+        flash_v1_attention(q, q, q, dropout_p=0.1, dropout_seed=-1)
+    with pytest.raises(ValueError, match="window_size"):
+        flash_v1_attention(q, q, q, window_size=(4,))
+    with pytest.raises(ValueError, match="doc_ids need seqlen_q <= seqlen_k"):
+        flash_v1_attention(q, q[:, :4], q[:, :4], doc_ids=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="head_dim 8 is not supported by flash_v1 \\(supported: 16..256\\)"):
         x = torch.randn(1, 8, 2, 8)
         flash_v1_attention(x, x, x)

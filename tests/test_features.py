@@ -1,0 +1,316 @@
+"""Issue 5's attention features in naive, flash_v1 (and sdpa where it can): dropout, sliding
+windows, packed documents, the varlen interface and fully masked rows.
+
+Every case checks outputs and gradients against the float64 reference with
+``check_backend`` (error relative to PyTorch's own error at the same dtype). Dropout cases
+pass the kernel's own keep-mask (``return_dropout_mask=True``) to the reference. On the CPU
+the flash kernels run through the Triton interpreter with a small on-chip budget, so the
+16 x 16 blocks make the window / document block skipping run on every shape.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from attention_checks import check_backend, make_qkv, max_err
+from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+from fatrain.kernels._dropout import dropout_mask, resolve_seed
+from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_hbm_traffic
+from fatrain.kernels.varlen import cu_seqlens_to_doc_ids, varlen_attention
+
+# 4096 bytes: every flash_v1 block is 16 x 16, so short sequences still span several blocks.
+SMALL_SRAM = 4096
+SEED = 1234
+
+
+def backend(name):
+    if name == "flash_v1":
+        return functools.partial(flash_v1_attention, sram_bytes=SMALL_SRAM)
+    return get_backend(name)
+
+
+def packed_doc_ids(B, N, lengths=None, seed=0):
+    """(B, N) non-decreasing ids; fixed ``lengths`` or random ones (including a length-1 document)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        if lengths is None:
+            cuts = torch.randperm(N - 1, generator=gen)[:3] + 1
+            starts = torch.zeros(N, dtype=torch.long)
+            starts[cuts] = 1
+            starts[N - 1] = 1  # a one-token document at the end
+            rows.append(torch.cumsum(starts, 0))
+        else:
+            rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+def with_seed(attn, seed):
+    """attn with a fixed dropout seed that accepts (and drops) the reference's dropout_mask argument."""
+    def call(q, k, v, dropout_mask=None, **kwargs):
+        return attn(q, k, v, dropout_seed=seed, **kwargs)
+    return call
+
+
+# (B, Nq, Nk, H, Hkv, D, causal, window, docs)
+MASK_CASES = [
+    (2, 37, 37, 4, 2, 16, True, (7, 0), False),     # causal sliding window, GQA
+    (1, 45, 61, 2, 2, 32, False, (5, 9), False),    # two-sided window, Nq < Nk
+    (1, 53, 29, 4, 1, 16, True, (4, -1), False),    # Nq > Nk: the first rows see nothing, MQA
+    (2, 50, 50, 2, 1, 16, False, (-1, -1), True),   # documents only
+    (2, 47, 47, 4, 2, 16, True, (-1, -1), True),    # causal documents, GQA
+    (1, 41, 57, 2, 2, 24, True, (6, 0), True),      # documents + causal window, Nq < Nk
+    (1, 40, 40, 2, 2, 16, False, (3, 3), True),     # documents + two-sided window
+]
+
+
+def case_id(c):
+    B, Nq, Nk, H, Hkv, D, causal, window, docs = c
+    return f"{B}x{Nq}x{Nk}x{H}x{Hkv}x{D}-{'causal' if causal else 'full'}-w{window[0]}_{window[1]}" + \
+        ("-docs" if docs else "")
+
+
+def case_inputs(case, dtype):
+    B, Nq, Nk, H, Hkv, D, causal, window, docs = case
+    q, k, v = make_qkv(B, Nq, Nk, H, Hkv, D, dtype=dtype)
+    kwargs = dict(causal=causal, window_size=window)
+    if docs:
+        kwargs["doc_ids"] = packed_doc_ids(B, Nk, seed=Nk)
+    return q, k, v, kwargs
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=case_id)
+@pytest.mark.parametrize("name", ["naive", "flash_v1", "sdpa"])
+def test_window_and_documents_match_reference(name, case):
+    q, k, v, kwargs = case_inputs(case, torch.float32)
+    check_backend(backend(name), q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("case", [MASK_CASES[0], MASK_CASES[4], MASK_CASES[5]], ids=case_id)
+@pytest.mark.parametrize("name", ["naive", "flash_v1"])
+def test_window_and_documents_float16(name, case):
+    q, k, v, kwargs = case_inputs(case, torch.float16)
+    check_backend(backend(name), q, k, v, **kwargs)
+
+
+DROPOUT_CASES = [
+    (2, 33, 33, 2, 2, 16, False, (-1, -1), False),  # dropout alone
+    (1, 37, 51, 4, 2, 16, True, (-1, -1), False),   # x causal x GQA, Nq < Nk
+    (1, 40, 40, 2, 1, 16, True, (9, 0), False),     # x window, MQA
+    (2, 45, 45, 2, 2, 16, True, (-1, -1), True),    # x documents
+    (1, 43, 43, 4, 2, 16, False, (6, 4), True),     # x two-sided window x documents x GQA
+    (1, 41, 23, 2, 2, 16, True, (5, -1), False),    # x empty rows (Nq > Nk)
+]
+
+
+# float32 on every case, float16 on two representative ones (CPU time).
+DROPOUT_PARAMS = [(c, torch.float32) for c in DROPOUT_CASES] + [(DROPOUT_CASES[i], torch.float16) for i in (1, 4)]
+
+
+@pytest.mark.parametrize("case, dtype", DROPOUT_PARAMS, ids=lambda x: case_id(x) if isinstance(x, tuple) else str(x))
+@pytest.mark.parametrize("name", ["naive", "flash_v1"])
+def test_dropout_matches_reference_with_the_kernels_mask(name, case, dtype):
+    q, k, v, kwargs = case_inputs(case, dtype)
+    p = 0.3
+    attn = backend(name)
+    out, mask = attn(q, k, v, dropout_p=p, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
+    B, Nq, H = q.shape[0], q.shape[1], q.shape[2]
+    assert mask.dtype == torch.bool and mask.shape == (B, H, Nq, k.shape[1])
+    assert torch.equal(mask, dropout_mask(SEED, B, H, Nq, k.shape[1], p, q.device))
+    check_backend(with_seed(attn, SEED), q, k, v, dropout_p=p, dropout_mask=mask, **kwargs)
+
+
+def test_dropout_seed_reproduces_and_naive_equals_flash_v1():
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16, dtype=torch.float32)
+    kw = dict(causal=True, dropout_p=0.2, window_size=(11, 0))
+    flash = backend("flash_v1")
+    a = flash(q, k, v, dropout_seed=7, **kw)
+    b = flash(q, k, v, dropout_seed=7, **kw)
+    assert torch.equal(a, b)
+    assert max_err(a, flash(q, k, v, dropout_seed=8, **kw)) > 1e-3
+    # naive draws the same counter-based mask, so the two agree to rounding.
+    assert max_err(a, backend("naive")(q, k, v, dropout_seed=7, **kw)) < 1e-5
+    # No seed: drawn from torch's default generator, so torch.manual_seed reproduces a run.
+    torch.manual_seed(5)
+    c = flash(q, k, v, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(c, flash(q, k, v, **kw))
+    assert not torch.equal(c, flash(q, k, v, **kw))  # the generator moved on: a fresh mask
+    torch.manual_seed(5)
+    assert resolve_seed(None) != resolve_seed(None)
+
+
+def test_dropout_zero_is_exactly_no_dropout():
+    q, k, v = make_qkv(1, 33, 33, 2, 2, 16, dtype=torch.float32)
+    flash = backend("flash_v1")
+    out, mask = flash(q, k, v, causal=True, dropout_p=0.0, dropout_seed=3, return_dropout_mask=True)
+    assert mask.all()
+    assert torch.equal(out, flash(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kept_fraction_within_four_sigma(p):
+    B, H, N = 2, 3, 64
+    n = B * H * N * N
+    sigma = (p * (1 - p) / n) ** 0.5
+    masks = [dropout_mask(seed, B, H, N, N, p, "cpu") for seed in (0, 1, 2**40 + 3)]
+    for mask in masks:
+        assert abs(mask.float().mean().item() - (1 - p)) < 4 * sigma
+        # Heads and rows get different draws (offsets cover (b, h, row, col)).
+        assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
+        assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1])
+    assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("name", ["naive", "flash_v1", "sdpa"])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 0))])
+def test_packed_documents_equal_each_document_alone(name, causal, window):
+    lengths = [5, 23, 1, 17]
+    N = sum(lengths)
+    q, k, v = make_qkv(1, N, N, 4, 2, 16, dtype=torch.float32)
+    attn = backend(name)
+    doc_ids = packed_doc_ids(1, N, lengths)
+    packed = attn(q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        alone = attn(q[:, s], k[:, s], v[:, s], causal=causal, window_size=window)
+        assert max_err(packed[:, s], alone) < 1e-5, f"document at {start}:{start + length}"
+        start += length
+
+
+@pytest.mark.parametrize("name", ["naive", "flash_v1"])
+def test_varlen_equals_per_document_calls(name):
+    lengths = [7, 1, 30, 12]
+    total = sum(lengths)
+    q, k, v = (t[0].detach().requires_grad_() for t in make_qkv(1, total, total, 4, 2, 16, dtype=torch.float32))
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    out, lse = varlen_attention(name, q, k, v, cu, cu, max(lengths),
+                                max(lengths), causal=True, window_size=(8, 0), return_lse=True)
+    assert out.shape == q.shape and lse.shape == (4, total) and lse.dtype == torch.float32
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        ref, ref_lse = get_backend(name)(q[None, s], k[None, s], v[None, s], causal=True, window_size=(8, 0),
+                                         return_lse=True)
+        assert max_err(out[s], ref[0]) < 1e-5 and max_err(lse[:, s], ref_lse[0]) < 1e-5
+        start += length
+    # Gradients flow through the packed call.
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_varlen_rejects_bad_cu_seqlens():
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="cu_seqlens_q == cu_seqlens_k"):
+        varlen_attention("naive", q, q, q, cu, torch.tensor([0, 5, 10], dtype=torch.int32), 6, 6)
+    with pytest.raises(ValueError, match="end at the packed length 10"):
+        varlen_attention("naive", q, q, q, cu[:2], cu[:2], 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_q=5 is smaller"):
+        varlen_attention("naive", q, q, q, cu, cu, 5, 6)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        varlen_attention("naive", q, q, q, cu.float(), cu.float(), 6, 6)
+    with pytest.raises(ValueError, match="3 dims"):
+        varlen_attention("naive", q[None], q, q, cu, cu, 6, 6)
+    assert cu_seqlens_to_doc_ids(cu, 10).tolist() == [0] * 4 + [1] * 6
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("name", ["naive", "flash_v1"])
+def test_fully_masked_rows_give_zeros_and_finite_lse(name, dropout_p):
+    # Nq > Nk with causal: rows 0..19 sit left of every key; the window empties nothing more.
+    q, k, v = make_qkv(1, 40, 20, 2, 1, 16, dtype=torch.float32)
+    out, lse = backend(name)(q, k, v, causal=True, window_size=(3, 0), dropout_p=dropout_p,
+                             dropout_seed=SEED, return_lse=True)
+    assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (lse[..., :20] == MASKED_ROW_LSE).all()
+    if dropout_p == 0.0:
+        _, ref_lse = reference_attention(q, k, v, causal=True, window_size=(3, 0), return_lse=True)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :20], torch.zeros_like(q.grad[:, :20]))
+
+
+def test_unsupported_combinations_raise_clear_errors():
+    q = torch.randn(1, 8, 2, 16)
+    sdpa = get_backend("sdpa")
+    with pytest.raises(NotImplementedError, match="'sdpa' does not support dropout_seed"):
+        sdpa(q, q, q, dropout_p=0.1, dropout_seed=3)
+    with pytest.raises(NotImplementedError, match="'sdpa' does not support return_dropout_mask"):
+        sdpa(q, q, q, return_dropout_mask=True)
+    with pytest.raises(NotImplementedError, match="'sdpa_math' does not support return_lse"):
+        get_backend("sdpa_math")(q, q, q, window_size=(2, 0), return_lse=True)
+    for name in ("naive", "flash_v1"):
+        with pytest.raises(ValueError, match="doc_ids need seqlen_q <= seqlen_k"):
+            backend(name)(q, q[:, :4], q[:, :4], doc_ids=torch.zeros(1, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="dropout_seed"):
+            backend(name)(q, q, q, dropout_p=0.1, dropout_seed=-2)
+        with pytest.raises(ValueError, match="doc_ids must hold integers"):
+            backend(name)(q, q, q, doc_ids=torch.zeros(1, 8))
+
+
+def test_traffic_model_window_grows_linearly():
+    kw = dict(batch=1, nheads=1, head_dim=64, dtype_bytes=2, sram_bytes=4 * 4 * 64 * 64, causal=True)
+    full = [flash_v1_hbm_traffic(seqlen_q=n, seqlen_k=n, **kw).forward_inner for n in (4096, 8192)]
+    window = [flash_v1_hbm_traffic(seqlen_q=n, seqlen_k=n, window_size=(256, 0), **kw).forward_inner
+              for n in (4096, 8192)]
+    assert full[1] / full[0] > 3.9  # N^2
+    assert 1.95 < window[1] / window[0] < 2.05  # N x window (the first blocks see fewer rows)
+    assert window[0] < full[0] / 6
+    # The default (no window) is the old model.
+    assert flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, **kw).forward_inner == full[0]
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["naive", "flash_v1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("feature", ["window", "docs", "docs+window", "dropout", "dropout+docs+window"])
+def test_features_gpu(name, dtype, feature):
+    B, N, H, Hkv, D = 2, 2048, 4, 2, 128
+    q, k, v = make_qkv(B, N, N, H, Hkv, D, dtype=dtype, device="cuda")
+    kwargs = dict(causal=True)
+    if "window" in feature:
+        kwargs["window_size"] = (256, 0)
+    if "docs" in feature:
+        # Documents of mean length 256: a boundary after each token with probability 1/256.
+        kwargs["doc_ids"] = torch.cumsum(torch.rand(B, N, device="cuda") < 1 / 256, dim=1)
+    attn = get_backend(name)
+    if "dropout" in feature:
+        p = 0.1
+        _, mask = attn(q, k, v, dropout_p=p, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
+        assert abs(mask.float().mean().item() - (1 - p)) < 1e-3
+        check_backend(with_seed(attn, SEED), q, k, v, dropout_p=p, dropout_mask=mask, **kwargs)
+    else:
+        check_backend(attn, q, k, v, **kwargs)
+
+
+@pytest.mark.gpu
+def test_packed_documents_and_varlen_gpu():
+    lengths = [300, 17, 1, 900, 830]
+    total = sum(lengths)
+    q, k, v = (t[0] for t in make_qkv(1, total, total, 4, 4, 64, dtype=torch.bfloat16, device="cuda"))
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    out = varlen_attention("flash_v1", q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        alone = flash_v1_attention(q[None, s], k[None, s], v[None, s], causal=True)[0]
+        assert max_err(out[s], alone) < 2e-2
+        start += length
+
+
+@pytest.mark.gpu
+def test_dropout_seed_reproduces_gpu():
+    q, k, v = make_qkv(1, 2048, 2048, 4, 4, 64, dtype=torch.bfloat16, device="cuda")
+    a = flash_v1_attention(q, k, v, causal=True, dropout_p=0.1, dropout_seed=11)
+    b = flash_v1_attention(q, k, v, causal=True, dropout_p=0.1, dropout_seed=11)
+    assert torch.equal(a, b)
+    n = get_backend("naive")(q, k, v, causal=True, dropout_p=0.1, dropout_seed=11)
+    assert max_err(a, n) < 2e-2
