@@ -3,7 +3,6 @@ every experiment file (and every point of its sweep) composing, and the max-cont
 
 import csv
 import gc
-import itertools
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fatrain import max_context, report
@@ -142,15 +142,27 @@ def test_real_oom_on_the_gpu_is_recorded_and_the_next_job_measures_its_own_peak(
     assert small.peak_allocated_gib < 30, small.peak_allocated_gib
 
 
-def _sweep_points(hydra_cfg):
-    """Every combination of the experiment's hydra.sweeper.params, as override lists."""
-    params = hydra_cfg.sweeper.params or {}
-    parser = OverridesParser.create()
-    axes = []
-    for key, values in params.items():
-        (override,) = parser.parse_overrides([f"{key}={values}"])
-        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-    return [list(point) for point in itertools.product(*axes)]
+def _sweep_points(hydra_cfg, command_line=()):
+    """The jobs Hydra's basic sweeper makes of hydra.sweeper.params plus command-line overrides
+    (a command-line value replaces the file's sweep of the same key), as override lists."""
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.params or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *command_line])
+    (batch,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return batch
+
+
+def test_block_sizes_flash_v1_command_sweeps_sram_bytes_only():
+    command = ["attention=flash_v1", "attention.block_m=null", "attention.block_n=null",
+               "attention.sram_bytes=16384,32768,65536,131072"]  # as in configs/experiment/block_sizes.yaml
+    with initialize_config_module(config_module="fatrain.configs", version_base=None):
+        base = compose(config_name="train", overrides=["experiment=block_sizes"], return_hydra_config=True)
+        points = _sweep_points(base.hydra, command)
+        assert len(points) == 4
+        for point in points:
+            cfg = compose(config_name="train", overrides=["experiment=block_sizes", *point])
+            validate_train_config(cfg)
+            assert cfg.attention.backend == "flash_v1" and backend_options(cfg.attention) == {
+                "sram_bytes": cfg.attention.sram_bytes}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
