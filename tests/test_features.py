@@ -253,6 +253,30 @@ def test_unsupported_combinations_raise_clear_errors():
             backend(name)(q, q, q, doc_ids=torch.zeros(1, 8))
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned rows
+@pytest.mark.parametrize("masking", ["window", "documents"])
+def test_flash_v1_skips_blocks_it_cannot_see(masking):
+    # Blocks are 16 x 16. NaN in K and V of keys 0..15 poisons every block pair the kernels
+    # visit (0 * NaN = NaN, even for masked entries), so finite rows prove the pairs were skipped.
+    N = 64
+    q, k, v = make_qkv(1, N, N, 2, 2, 16, dtype=torch.float32)
+    if masking == "window":
+        # Key block 0 is seen by rows <= 15 + 16: Q blocks from row 32 on skip it.
+        kwargs, skipped = dict(causal=True, window_size=(16, 0)), slice(32, N)
+    else:
+        # Documents of 16 tokens aligned with the blocks: only diagonal block pairs are visited.
+        kwargs, skipped = dict(doc_ids=packed_doc_ids(1, N, [16, 16, 16, 16])), slice(16, N)
+    clean = flash_v1_attention(q, k, v, sram_bytes=SMALL_SRAM, **kwargs)
+    k_bad, v_bad = k.detach().clone(), v.detach().clone()
+    k_bad[:, :16], v_bad[:, :16] = float("nan"), float("nan")
+    q2 = q.detach().clone().requires_grad_()
+    out = flash_v1_attention(q2, k_bad, v_bad, sram_bytes=SMALL_SRAM, **kwargs)
+    assert torch.isnan(out[:, :16]).any()  # the visited pairs do see the poison
+    assert torch.equal(out[:, skipped], clean[:, skipped])
+    out[:, skipped].sum().backward()
+    assert torch.isfinite(q2.grad[:, skipped]).all()
+
+
 def test_traffic_model_window_grows_linearly():
     kw = dict(batch=1, nheads=1, head_dim=64, dtype_bytes=2, sram_bytes=4 * 4 * 64 * 64, causal=True)
     full = [flash_v1_hbm_traffic(seqlen_q=n, seqlen_k=n, **kw).forward_inner for n in (4096, 8192)]
