@@ -3,7 +3,7 @@
 The step loop reads top to bottom like nanoGPT's: set the learning rate -> periodic
 validation and checkpoint -> micro-steps with gradient accumulation -> clip -> optimizer
 step -> zero_grad -> timing, tokens/s, MFU -> loggers. Sinks (loggers, checkpoint
-manager); the trainer's own state is ``state_dict()``: step, tokens seen,
+manager) live outside; the trainer's own state is ``state_dict()``: step, tokens seen,
 RNG states and the data loader's position, so a resumed run continues the same curve.
 
 Distributed (``trainer.strategy=ddp|fsdp``, see fatrain.distributed): every rank runs this

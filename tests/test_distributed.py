@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,3 +182,35 @@ def test_submitit_slurm_tasks_become_ranks(monkeypatch):
         monkeypatch.delenv(name)
     assert launcher_env() == (9, 16, 1)
     assert os.environ["MASTER_ADDR"] == "gpu001"
+
+
+FAILING_RANK = """
+import os
+
+import fatrain.trainer
+
+
+def fail(self):
+    raise RuntimeError("rank 1 failed on purpose")
+
+
+if os.environ["RANK"] == "1":
+    fatrain.trainer.Trainer.fit = fail
+from fatrain.train import main
+
+main()
+"""
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    """Rank 0 waits in the first gradient all-reduce; rank 1 raises. torchrun must stop both, not hang."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           f"hydra.run.dir={tmp_path / 'r'}", *FAST, "trainer.strategy=ddp", "trainer.max_steps=2",
+           "++trainer.dist_timeout_s=120"]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stderr
+    assert time.time() - start < 100, "the job waited for the process group's timeout instead of ending"
