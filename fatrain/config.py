@@ -86,7 +86,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
-    strategy: str = "single"  # single | ddp | fsdp
+    strategy: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
+    dist_backend: str = "auto"  # auto | nccl | gloo (auto: nccl on GPUs, gloo on the CPU)
+    dist_timeout_s: int = 600  # a collective waiting longer than this fails the job
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1337
     log_every: int = 10
@@ -171,6 +173,8 @@ def validate_train_config(cfg) -> None:
     _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
     _choice(t.precision, PRECISIONS, "trainer.precision")
     _choice(t.strategy, STRATEGIES, "trainer.strategy")
+    _choice(t.dist_backend, ("auto", "nccl", "gloo"), "trainer.dist_backend")
+    _positive(t.dist_timeout_s, "trainer.dist_timeout_s")
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "keep_last"):
         _positive(getattr(t, key), f"trainer.{key}")
     if t.tokens_per_step is not None:

@@ -45,7 +45,7 @@ from typing import Any, Optional, get_type_hints
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from fatrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from fatrain.checkpoint import CheckpointError, is_sharded, list_checkpoints, load_checkpoint
 from fatrain.config import AttentionConfig, DataConfig, ModelConfig, PRECISIONS, TrainerConfig, WANDB_MODES
 from fatrain.data import PackedBlocks, build_data, iter_once
 from fatrain.model import GPT, GPTSpec
@@ -592,7 +592,7 @@ def find_checkpoints(path: str, all_checkpoints: bool = False) -> list[tuple[str
     A file is itself; a folder is searched for ``checkpoints/`` folders (one training run, or
     every job of a Hydra sweep), and each contributes its newest checkpoint (or all of them).
     """
-    if os.path.isfile(path):
+    if os.path.isfile(path) or is_sharded(path):
         return [("", path)]
     if not os.path.isdir(path):
         raise CheckpointError(f"ckpt_path={path}: no such checkpoint file or folder")
@@ -608,7 +608,7 @@ def find_checkpoints(path: str, all_checkpoints: bool = False) -> list[tuple[str
         for ckpt in (ckpts if all_checkpoints else ckpts[-1:]):
             found.append((name, ckpt))
     if not found:
-        raise CheckpointError(f"ckpt_path={path}: no checkpoints (ckpt_<step>.pt) in this folder or below it")
+        raise CheckpointError(f"ckpt_path={path}: no checkpoints (ckpt_<step>.pt or ckpt_<step>.dcp) in this folder or below it")
     return found
 
 

@@ -22,6 +22,7 @@ import sys
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -142,15 +143,22 @@ def main(cfg: DictConfig) -> float:
         if dist_env is not None and dist_env.distributed and dist_env.world_size > 1:
             raise  # the other ranks wait in a collective: end the job (torchrun stops them)
         # Recorded, not raised: in a sweep one point running out of memory must not stop the rest.
-        gc.collect()
-        torch.cuda.empty_cache()
         result = {"status": "oom", "error": str(e).splitlines()[0]}
         print(f"out of memory: {result['error']}", file=sys.stderr)
     except USER_ERRORS as e:
         # Every rank that fails says so (a failure on one rank must not be hidden); rank 0 plainly.
         rank = dist_env.rank if dist_env is not None else int(os.environ.get("RANK", "0") or 0)
         print(f"error: {e}" if rank == 0 else f"error: [rank {rank}] {e}", file=sys.stderr)
-        sys.exit(2)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(2)
+        # In a sweep, a point a backend cannot run (a length, a block size) is recorded like an OOM.
+        result = {"status": "error", "error": str(e).splitlines()[0]}
+    # Freed here, not in the except block: until it ends, the traceback keeps run()'s frames (model,
+    # optimizer, activations) alive; and the trainer holds reference cycles that only gc frees. The
+    # next job of a sweep runs in this same process.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if dist_env is None or dist_env.is_main:
         write_result(run_dir, result)
     return result.get("final_val_loss", float("inf"))

@@ -164,7 +164,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shard_model(model: GPT, compile_blocks: bool) -> GPT:
+def shard_model(model: GPT, compile_blocks: bool, *, param_dtype: torch.dtype = torch.float32,
+                world_size: int = 1) -> GPT:
     """FSDP2: shard each transformer block, then the root (embeddings, final norm, the tied head).
 
     Each block is one all-gather / reduce-scatter unit, so only one block's full weights
@@ -172,8 +173,13 @@ def shard_model(model: GPT, compile_blocks: bool) -> GPT:
     order), so the FSDP hooks stay outside the compiled graphs; ``Module.compile`` works in
     place and keeps the parameter names (and so the checkpoints) unchanged.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # bf16 training gathers bf16 parameters (half the all-gather bytes; autocast would cast them
+    # to bf16 for every matmul anyway) and reduces gradients in fp32, so the update stays fp32.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # With one rank, resharding after forward only copies the weights again for the backward.
+    reshard = world_size > 1
     # NOTE: GPT.forward returns logits[..., :vocab_size], a view, and FSDP2 warns that an
     # in-place op on it would skip its pre-backward hook. The loop only backpropagates the
     # loss (not a view), so the warning is noise here.
@@ -181,10 +187,10 @@ def shard_model(model: GPT, compile_blocks: bool) -> GPT:
     for block in model.blocks:
         if compile_blocks:
             block.compile()
-        fully_shard(block)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
     # The root (embedding, final norm, tied head) stays gathered between forward and backward:
     # the backward starts with the head, so resharding it would only gather it again at once.
-    fully_shard(model, reshard_after_forward=False)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
@@ -205,6 +211,9 @@ class Trainer:
             raise ValueError(f"trainer.strategy={t.strategy} but the process group was set up for "
                              f"{self.dist.strategy}: pass the DistEnv from fatrain.distributed.init_distributed")
         self.device = self.dist.device if self.dist.distributed else select_device(t.device)
+        if self.device.type == "cuda":
+            # The jobs of a Hydra sweep run one after another in one process: each logs its own peak.
+            torch.cuda.reset_peak_memory_stats(self.device)
         check_precision(t.precision, self.device, cfg.attention.backend)
         check_strategy(t, self.dist)
         self.dtype = PRECISION_DTYPES[t.precision]
@@ -226,7 +235,9 @@ class Trainer:
         # loop calls: compiled and/or wrapped. FSDP2 shards self.model in place.
         self.ddp = None
         if self.dist.strategy == "fsdp":
-            self.forward_model = shard_model(self.model, compile_blocks=t.compile)
+            self.forward_model = shard_model(
+                self.model, compile_blocks=t.compile, world_size=self.dist.world_size,
+                param_dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
         else:
             self.forward_model = torch.compile(self.model) if t.compile else self.model
             if self.dist.strategy == "ddp":

@@ -105,8 +105,6 @@ def test_injected_oom_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert "| naive | " in text and "| OOM |" in text and "1 out of memory" in text
 
 
-@pytest.mark.xfail(reason="until fatrain/train.py's main runs gc.collect() after every job, not inside its "
-                          "except block (issue 7 report)", strict=False)
 def test_each_job_starts_with_the_previous_jobs_freed(tmp_path, monkeypatch):
     """The jobs of a sweep share one process: a finished or OOM job's model must be gone (GPU memory
     with it) before the next job builds its own, even where only reference cycles hold it."""
