@@ -43,7 +43,13 @@ kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s wi
 implementations instead (wrap_triton cannot trace interpreted kernels), which
 `torch.compile(fullgraph=True)` also traces. Block sizes are autotuned on CUDA (key:
 seqlens, head dim, mask kind, precision; FATRAIN_AUTOTUNE=0 pins the first config); the
-CPU interpreter uses one fixed small configuration.
+CPU interpreter uses one fixed small configuration. Fixed tiles (block_m, block_n), for the
+block-size ablation, skip the autotuner: block_m tiles what a program owns and block_n what
+it loops over, so the forward and the dQ pass run (BLOCK_M, BLOCK_N) = (block_m, block_n)
+and the dK/dV pass (BLOCK_N keys, BLOCK_M queries) = (block_m, block_n), the convention of
+the autotune lists (fwd 128 x 64, dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 warps from a
+128 x 64 tile up, stages as the first config. No divisibility between them is needed (every
+block range is computed per pass with its own tiles).
 
 Caution / known limits: dropout is not implemented (it raises). Document masks skip no
 blocks (ids are data; a per-block document range would let them). The P and dS that feed
@@ -564,6 +570,53 @@ def _fixed(config: dict) -> dict:
     return dict(config) if _INTERPRET else {}
 
 
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
+#: Fixed tiles (block_m, block_n): powers of two in this range (tl.dot needs sides >= 16).
+FIXED_BLOCKS = (16, 256)
+
+
+def check_blocks(block_m, block_n) -> Optional[tuple[int, int]]:
+    """Validate the public block_m / block_n: both None (autotune) or both powers of two in 16..256."""
+    if block_m is None and block_n is None:
+        return None
+    if block_m is None or block_n is None:
+        raise ValueError(f"block_m and block_n must be set together (or both None to autotune), "
+                         f"got block_m={block_m}, block_n={block_n}")
+    lo, hi = FIXED_BLOCKS
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi) or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two in {lo}..{hi} (16, 32, 64, 128, 256), got {value!r}")
+    return block_m, block_n
+
+
+def _fixed_meta(name: str, block_m: int, block_n: int, head_dim: int) -> dict:
+    """Launch parameters of a fixed tile: block_m tiles the dimension a program owns, block_n
+    the one it loops over, so the dK/dV pass (which owns keys) swaps the two."""
+    if name == "dkdv":
+        meta = dict(BLOCK_M=block_n, BLOCK_N=block_m)
+    else:
+        meta = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    # NOTE: 8 warps from a 128 x 64 tile up, as the autotuner picks on an H100 (experiments/
+    # flash_v2_notes.md); stages as the first (default) config of the autotune lists.
+    meta["num_warps"] = 8 if block_m * block_n >= 128 * 64 else 4
+    meta["num_stages"] = 3 if head_dim <= 128 else 2
+    return meta
+
+
+def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tuple[int, int],
+            interpreter_config: dict) -> None:
+    """Launch one pass: autotuned (blocks == (-1, -1)) or with the fixed tiles ``blocks``."""
+    block_m, block_n = blocks
+    if block_m < 0:
+        wrap_triton(_launcher(name, head_dim))[grid](*args, **meta, **_fixed(interpreter_config))
+        return
+    try:
+        wrap_triton(_KERNELS[name])[grid](*args, **meta, **_fixed_meta(name, block_m, block_n, head_dim))
+    except triton.runtime.errors.OutOfResources as err:
+        raise ValueError(f"block_m={block_m}, block_n={block_n} need more on-chip memory than this GPU has at "
+                         f"head_dim {head_dim} ({err}); use smaller tiles") from err
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # NOTE: Triton's default for a float32 dot is TF32 (about 1e-3 relative error);
     # float32 callers get IEEE float32. For fp16/bf16 the setting has no effect.
@@ -584,8 +637,8 @@ def _mask_args(q, doc_ids, window_left, window_right):
 
 
 def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                  softmax_scale: float, window_left: int,
-                  window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  softmax_scale: float, window_left: int, window_right: int, block_m: int,
+                  block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
@@ -595,26 +648,28 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_launcher("fwd", D))[grid](
-        q, k, v, out, lse, doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
-        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *window,
-        D=D, HEAD_DIM=triton.next_power_of_2(D), **flags,
-        DOT_PRECISION=_dot_precision(q.dtype), MASKED_LSE=MASKED_ROW_LSE, **_fixed(_INTERPRETER_FWD))
+    args = (q, k, v, out, lse, doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
+            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *window)
+    meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
+                MASKED_LSE=MASKED_ROW_LSE)
+    _launch("fwd", grid, args, meta, D, (block_m, block_n), _INTERPRETER_FWD)
     return out, lse
 
 
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
-                  window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  window_right: int, block_m: int,
+                  block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
-    precision = _dot_precision(q.dtype)
     doc, doc_strides, window, flags = _mask_args(q, doc_ids, window_left, window_right)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype))
+    blocks = (block_m, block_n)
 
     wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, Nq,
@@ -623,29 +678,27 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def grid_kv(meta):
         return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
-    wrap_triton(_launcher("dkdv", D))[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, doc,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
-        H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window,
-        D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=precision, **_fixed(_INTERPRETER_BWD))
+    args = (q, k, v, do, lse, delta, dk, dv, doc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
+            H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window)
+    _launch("dkdv", grid_kv, args, meta, D, blocks, _INTERPRETER_BWD)
 
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_launcher("dq", D))[grid_q](
-        q, k, v, do, lse, delta, dq, doc,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
-        H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window,
-        D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=precision, **_fixed(_INTERPRETER_DQ))
+    args = (q, k, v, do, lse, delta, dq, doc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
+            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window)
+    _launch("dq", grid_q, args, meta, D, blocks, _INTERPRETER_DQ)
     return dq, dk, dv
 
 
-def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right):
+def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
     B, Nq, H, D = q.shape
     return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right):
+def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -674,19 +727,21 @@ _flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
 class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right):
-        out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right)
+    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
+        out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.softmax_scale = softmax_scale
         ctx.window = (window_left, window_right)
+        ctx.blocks = (block_m, block_n)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
+                                      *ctx.blocks)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -694,7 +749,8 @@ class FlashV2Function(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
-                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False):
+                       window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
+                       block_m: Optional[int] = None, block_n: Optional[int] = None):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments:
@@ -719,6 +775,14 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             seqlen_q <= seqlen_k)
         return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
             rows that see no key get MASKED_ROW_LSE
+        block_m, block_n: fixed tiles instead of the autotuner's (both None: autotune; else
+            both powers of two in 16..256). block_m tiles the dimension a program owns and
+            block_n the one it loops over: (BLOCK_M, BLOCK_N) = (block_m, block_n) queries x
+            keys in the forward and the dQ pass, keys x queries in the dK/dV pass (its
+            BLOCK_N = block_m keys per program, BLOCK_M = block_n queries per step), as the
+            FA2 tutorial's (BLOCK_M1, BLOCK_N1) = (32, 128) / (BLOCK_M2, BLOCK_N2) = (128, 32).
+            num_warps 8 from a 128 x 64 tile up, else 4. A tile the GPU cannot hold raises
+            ValueError.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
         autocast) [, lse]
@@ -733,11 +797,12 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
         raise unsupported(BACKEND, "dropout", "use dropout_p=0.0")
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
+    blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
     if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
         raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
                          f"got {q.device}")
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right)
+    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, *blocks)
     return (out, lse) if return_lse else out

@@ -5,6 +5,8 @@ shapes); the GPU-marked tests add bfloat16, long sequences, wide heads, torch.co
 CUDA graphs.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -146,6 +148,35 @@ def test_documents_need_seqlen_q_at_most_seqlen_k():
         attn()(q, k, k, doc_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
+# (block_m, block_n): a program's owned tile larger and smaller than the looped one.
+FIXED_BLOCKS = [(64, 16), (16, 32)]
+
+
+@pytest.mark.parametrize("blocks", FIXED_BLOCKS, ids=lambda b: f"m{b[0]}n{b[1]}")
+@pytest.mark.parametrize("shape, causal, window, docs", [
+    ((1, 97, 75, 4, 2, 16), True, (-1, -1), False),
+    ((2, 50, 83, 2, 1, 16), False, (20, 5), True),
+])
+def test_fixed_block_sizes_match_reference(shape, causal, window, docs, blocks):
+    q, k, v = make_qkv(*shape, dtype=torch.float32)
+    doc_ids = torch.cumsum(torch.rand(shape[0], shape[2]) < 0.1, dim=1) if docs else None
+    fixed = functools.partial(attn(), block_m=blocks[0], block_n=blocks[1])
+    check_backend(fixed, q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
+
+
+@pytest.mark.parametrize("blocks, match", [
+    ((48, 32), r"block_m must be a power of two in 16..256"),
+    ((64, 512), r"block_n must be a power of two in 16..256"),
+    ((64, 8), r"block_n must be a power of two in 16..256"),
+    ((64, None), r"block_m and block_n must be set together"),
+    ((64.0, 32), r"block_m must be a power of two"),
+])
+def test_fixed_block_sizes_are_validated(blocks, match):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        attn()(q, q, q, block_m=blocks[0], block_n=blocks[1])
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8), v=torch.randn(1, 8, 2, 8)),
      r"head_dim 8 is not supported by flash_v2 \(supported: 16..256\)"),
@@ -253,3 +284,12 @@ def test_gpu_autocast():
         out = attn()(q, k, v, causal=True)
     assert out.dtype == torch.bfloat16
     assert max_err(out, reference_attention(q, k, v, causal=True)) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128, 256])
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+def test_gpu_fixed_block_sizes_of_the_ablation(block_m, block_n):
+    # configs/experiment/block_sizes.yaml's grid at GPT-2 small's head dim, bf16, causal.
+    q, k, v = make_qkv(2, 1000, 1000, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    check_backend(functools.partial(attn(), block_m=block_m, block_n=block_n), q, k, v, causal=True)
