@@ -37,6 +37,16 @@ Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o
 No atomics anywhere: two runs on the same inputs give bit-identical gradients (for one
 autotuned configuration, which the autotuner caches per shape).
 
+Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2's loops).
+Z_ij = dropout_keep(seed, b * H + h, row, col) from ``_dropout.py``, the counter-based mask
+naive and flash_v1 draw, so the three backends agree for one seed and nothing N x N is
+stored (ctx keeps the seed). The forward drops P_ij after the row sum (l_i stays the
+softmax's normaliser) and applies 1 / (1 - p) once to O_i; the dK/dV pass regenerates Z^T
+(``_dropout_keep_t``, the same offsets transposed) for dV += (P o Z)^T dO and
+dP^T = (V dO^T) o Z^T / (1 - p); the dQ pass regenerates Z for dP. Delta = rowsum(dO o O)
+is unchanged (sum_j P_ij dP_ij = dO_i . O_i with the dropped O). dropout_p = 0 compiles
+every draw out (constexpr HAS_DROPOUT).
+
 Registration: on CUDA the launchers are `torch.library.triton_op`s that launch through
 `wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
 kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s with fake
@@ -51,8 +61,10 @@ the autotune lists (fwd 128 x 64, dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 w
 128 x 64 tile up, stages as the first config. No divisibility between them is needed (every
 block range is computed per pass with its own tiles).
 
-Caution / known limits: dropout is not implemented (it raises). Document masks skip no
-blocks (ids are data; a per-block document range would let them). The P and dS that feed
+Caution / known limits: document masks skip no blocks (ids are data; a per-block document
+range would let them). Dropout costs one Philox draw per element of every visited block in
+the forward and in each backward pass; without a dropout_seed the seed is drawn on the host
+(``.item()``: a graph break under torch.compile). The P and dS that feed
 the second matmul of each pair are rounded to the input dtype, as in FlashAttention;
 float32 inputs use IEEE float32 dot products (no TF32). The backward recomputes Q K^T
 twice (once per pass), the price of a dQ without atomics. torch.compile launches the
@@ -70,8 +82,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import _dropout
 from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
                       unsupported)
+from ._dropout import dropout_keep
 
 BACKEND = "flash_v2"
 HEAD_DIMS = (16, 256)
@@ -102,9 +116,10 @@ def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, doc_q, doc_k,
 def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                DOC_row, stride_docn, doc_q,
                offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
+               seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row sees whole."""
     d_ok = offs_d < D
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -139,6 +154,11 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, 
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
+            # factor 1 / (1 - p) is applied to O once, after the loop --
+            keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+            p = tl.where(keep, p, 0.0)
         # -- acc += P_ij V_j --
         if MASKED:
             v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
@@ -160,10 +180,10 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_om, stride_oh, stride_od,
                 stride_docb, stride_docn,
-                H, GROUP, Nq, Nk, qk_scale, win_left, win_right,
+                H, GROUP, Nq, Nk, qk_scale, win_left, win_right, seed, dropout_p, dropout_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
@@ -224,23 +244,26 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    DOC_row, stride_docn, doc_q,
                                    offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
-                                   qk_scale, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                                   DOT_PRECISION)
+                                   qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
+                                   MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                                DOC_row, stride_docn, doc_q,
                                offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
-                               qk_scale, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                               DOT_PRECISION)
+                               qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT,
+                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                                DOC_row, stride_docn, doc_q,
                                offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
-                               qk_scale, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                               DOT_PRECISION)
+                               qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
+                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
 
     # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (dropout_scale / l_safe)[:, None]  # O_i = acc / l_i / (1 - p)
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
     tl.store(LSE + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
     O_blk = Out + off_b * stride_ob + off_h * stride_oh
@@ -270,12 +293,22 @@ def _bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
+def _dropout_keep_t(seed, off_bh, offs_n, offs_m, Nq, Nk, dropout_p):
+    """_dropout.dropout_keep's tile transposed, (keys offs_n) x (queries offs_m): the same
+    offsets ((b * H + h) * Nq + row) * Nk + col, so the same draws as the forward's."""
+    rows = off_bh.to(tl.int64) * Nq + offs_m.to(tl.int64)
+    offsets = rows[None, :] * Nk + offs_n[:, None].to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
+                    seed, dropout_p, dropout_scale, bh,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the mask."""
     d_ok = offs_d < D
     offs_m = lo + tl.arange(0, BLOCK_M)
@@ -298,11 +331,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, st
                                doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
             pT = tl.where(allowed, pT, 0.0)
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # -- dV += P^T dO --
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        # -- dS^T = P^T * (V dO^T - Delta); dK += dS^T Q --
+        # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
+        if HAS_DROPOUT:
+            keepT = _dropout_keep_t(seed, bh, offs_n, rows, Nq, Nk, dropout_p)
+            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
         delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
         qT_ptrs += BLOCK_M * stride_qm
@@ -319,9 +358,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
               stride_dkb, stride_dkn, stride_dkh, stride_dkd,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
               stride_docb, stride_docn,
-              H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right,
+              H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
-              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -376,17 +415,22 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
+                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                  DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, D, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, False, MASK_LEFT,
+                                 MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         if MASK_LEFT or HAS_DOCS:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
+                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dk *= sm_scale
+    if HAS_DROPOUT:
+        dv *= dropout_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
@@ -397,9 +441,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                   DOC_row, stride_docn, doc_q,
                   offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
+                  seed, dropout_p, dropout_scale, off_bh, Nq,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     d_ok = offs_d < D
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
@@ -421,8 +466,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, st
             allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
                                doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
             p = tl.where(allowed, p, 0.0)
-        # -- dS = P * (dO V^T - Delta); dQ += dS K --
+        # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
         kT_ptrs += BLOCK_N * stride_kn
@@ -438,9 +486,9 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
             stride_dob, stride_dom, stride_doh, stride_dod,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
             stride_docb, stride_docn,
-            H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right,
+            H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
-            MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+            MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -498,16 +546,16 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                            DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
-                           win_left, win_right, qk_scale, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                           DOT_PRECISION)
+                           win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
+                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
-                       win_left, win_right, qk_scale, D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                       DOT_PRECISION)
+                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, False,
+                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
-                       win_left, win_right, qk_scale, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                       DOT_PRECISION)
+                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
+                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
@@ -544,7 +592,7 @@ _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 
 def _autotuned(kernel, configs):
     configs = configs if _AUTOTUNE else configs[:1]
-    key = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "DOT_PRECISION"]
+    key = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT", "DOT_PRECISION"]
     return triton.autotune(configs, key=key)(kernel)
 
 
@@ -627,29 +675,33 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Host launchers, registered as torch.library triton ops
 # ----------------------------------------------------------------------------------------
 
-def _mask_args(q, doc_ids, window_left, window_right):
-    """Kernel arguments of the mask: (DOC, its two strides, win_left, win_right) and the constexprs."""
+def _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed):
+    """Kernel arguments of the mask and dropout: (DOC, its two strides), (win_left, win_right,
+    seed, dropout_p, dropout_scale) and the constexprs (features that are off compile out)."""
     # NOTE: without documents the kernels never read DOC; q stands in for the pointer.
     doc = q if doc_ids is None else doc_ids
     doc_strides = (0, 0) if doc_ids is None else doc_ids.stride()
-    flags = dict(MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None)
-    return doc, doc_strides, (max(window_left, 0), max(window_right, 0)), flags
+    flags = dict(MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None,
+                 HAS_DROPOUT=dropout_p > 0.0)
+    # NOTE: 1 / (1 - p) is computed once on the host; unused when p = 0.
+    scalars = (max(window_left, 0), max(window_right, 0), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+    return doc, doc_strides, scalars, flags
 
 
 def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                  softmax_scale: float, window_left: int, window_right: int, block_m: int,
-                  block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  softmax_scale: float, window_left: int, window_right: int, dropout_p: float, seed: int,
+                  block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    doc, doc_strides, window, flags = _mask_args(q, doc_ids, window_left, window_right)
+    doc, doc_strides, scalars, flags = _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     args = (q, k, v, out, lse, doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
-            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *window)
+            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
                 MASKED_LSE=MASKED_ROW_LSE)
     _launch("fwd", grid, args, meta, D, (block_m, block_n), _INTERPRETER_FWD)
@@ -658,12 +710,12 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
 
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
-                  window_right: int, block_m: int,
+                  window_right: int, dropout_p: float, seed: int, block_m: int,
                   block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
-    doc, doc_strides, window, flags = _mask_args(q, doc_ids, window_left, window_right)
+    doc, doc_strides, scalars, flags = _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
@@ -680,7 +732,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     args = (q, k, v, do, lse, delta, dk, dv, doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
-            H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window)
+            H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv", grid_kv, args, meta, D, blocks, _INTERPRETER_BWD)
 
     def grid_q(meta):
@@ -688,17 +740,19 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     args = (q, k, v, do, lse, delta, dq, doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
-            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *window)
+            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dq", grid_q, args, meta, D, blocks, _INTERPRETER_DQ)
     return dq, dk, dv
 
 
-def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
+def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m,
+                       block_n):
     B, Nq, H, D = q.shape
     return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
+def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
+                       block_m, block_n):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -727,11 +781,13 @@ _flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
 class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n):
-        out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right, block_m, block_n)
+    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m, block_n):
+        out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
+                                    block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.softmax_scale = softmax_scale
         ctx.window = (window_left, window_right)
+        ctx.dropout = (dropout_p, seed)  # the seed, not the mask: the backward regenerates Z
         ctx.blocks = (block_m, block_n)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -740,8 +796,8 @@ class FlashV2Function(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
-                                      *ctx.blocks)
-        return dq, dk, dv, None, None, None, None, None, None
+                                      *ctx.dropout, *ctx.blocks)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -750,7 +806,7 @@ class FlashV2Function(torch.autograd.Function):
 
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
-                       block_m: Optional[int] = None, block_n: Optional[int] = None):
+                       dropout_seed: Optional[int] = None, return_dropout_mask: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments:
@@ -766,7 +822,10 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
                                                1 1
             (a row of zeros attends to nothing and returns zeros)
         softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: must be 0.0 (dropout is not implemented yet)
+        dropout_p: dropout on P inside the kernels; kept entries are scaled by
+            1 / (1 - dropout_p). The mask is counter-based (``_dropout.py``, the one naive
+            and flash_v1 draw), so the backward regenerates it and the same seed gives the
+            same mask in all three backends.
         window_size: (left, right); -1 means infinite. Query i (at key position
             i + seqlen_k - seqlen_q) sees keys in [pos - left, pos + right]; causal sets
             right = 0. Key blocks outside every row's window are skipped.
@@ -775,6 +834,12 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             seqlen_q <= seqlen_k)
         return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
             rows that see no key get MASKED_ROW_LSE
+        dropout_seed: seed of the dropout mask; None draws one from torch's default
+            generator (torch.manual_seed reproduces a run; a graph break under torch.compile,
+            so pass a seed to compile with fullgraph=True)
+        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k)
+            keep-mask the kernels used (all True when dropout_p = 0); materialised: small
+            shapes only
         block_m, block_n: fixed tiles instead of the autotuner's (both None: autotune; else
             both powers of two in 16..256). block_m tiles the dimension a program owns and
             block_n the one it loops over: (BLOCK_M, BLOCK_N) = (block_m, block_n) queries x
@@ -785,7 +850,7 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             ValueError.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
-        autocast) [, lse]
+        autocast) [, lse] [, dropout_mask]
     """
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -793,8 +858,10 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     check_doc_ids(doc_ids, B, Nk, q.device)
     if doc_ids is not None and Nq > Nk:
         raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
-    if check_dropout(dropout_p) > 0.0:
-        raise unsupported(BACKEND, "dropout", "use dropout_p=0.0")
+    p = check_dropout(dropout_p)
+    if dropout_seed is not None:
+        _dropout.check_seed(dropout_seed)
+    seed = _dropout.resolve_seed(dropout_seed) if p > 0.0 else 0  # 0: unused, HAS_DROPOUT is off
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
     blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
@@ -804,5 +871,10 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, *blocks)
-    return (out, lse) if return_lse else out
+    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, p, seed, *blocks)
+    results = [out]
+    if return_lse:
+        results.append(lse)
+    if return_dropout_mask:
+        results.append(_dropout.dropout_mask(seed, B, q.shape[2], Nq, Nk, p, q.device))
+    return results[0] if len(results) == 1 else tuple(results)

@@ -12,6 +12,7 @@ import torch
 
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+from fatrain.kernels._dropout import dropout_mask
 
 SHAPES = [  # (B, Nq, Nk, H, Hkv, D): lengths 1/17/97/128/257, GQA 1/4/H, Nq != Nk both ways
     (1, 1, 1, 2, 2, 16),
@@ -113,10 +114,80 @@ def test_autocast_casts_inputs():
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
-def test_dropout_is_unsupported():
-    q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="flash_v2.*dropout"):
-        attn()(q, q, q, dropout_p=0.1)
+SEED = 1234
+
+
+def with_seed(attn, seed):
+    """attn with a fixed dropout seed that drops the reference's dropout_mask argument."""
+    def call(q, k, v, dropout_mask=None, **kwargs):
+        return attn(q, k, v, dropout_seed=seed, **kwargs)
+    return call
+
+
+DROPOUT_CASES = [  # (shape, causal, window, documents)
+    ((2, 33, 33, 2, 2, 16), False, (-1, -1), False),
+    ((1, 37, 51, 4, 2, 16), True, (-1, -1), False),   # causal, GQA, Nq < Nk
+    ((1, 51, 37, 4, 1, 16), True, (-1, -1), False),   # causal, MQA, Nq > Nk (empty rows)
+    ((1, 45, 70, 2, 2, 80), False, (-1, -1), False),  # Nq < Nk, head dim 80
+    ((2, 40, 40, 4, 2, 16), True, (9, 0), True),      # window x documents x GQA
+]
+DROPOUT_PARAMS = [(*c, torch.float32) for c in DROPOUT_CASES] + [(*DROPOUT_CASES[1], torch.float16)]
+
+
+@pytest.mark.parametrize("shape, causal, window, docs, dtype", DROPOUT_PARAMS)
+def test_dropout_matches_reference_with_the_kernels_mask(shape, causal, window, docs, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype)
+    B, Nq, Nk, H = shape[0], shape[1], shape[2], shape[3]
+    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
+    p = 0.3
+    kwargs = dict(causal=causal, window_size=window, doc_ids=doc_ids, dropout_p=p)
+    out, mask = attn()(q, k, v, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
+    assert mask.dtype == torch.bool and mask.shape == (B, H, Nq, Nk)
+    assert torch.equal(mask, dropout_mask(SEED, B, H, Nq, Nk, p, q.device))
+    check_backend(with_seed(attn(), SEED), q, k, v, dropout_mask=mask, **kwargs)
+
+
+def test_dropout_mask_inside_the_kernel_and_kept_fraction():
+    # q = 0 gives P = 1 / Nk everywhere and V = I reads P o Z / (1 - p) out row by row: the
+    # forward's own mask, compared with dropout_mask's and counted.
+    B, H, N, p = 1, 4, 64, 0.25
+    q = torch.zeros(B, N, H, N)
+    v = torch.eye(N)[None, :, None, :].expand(B, N, H, N).contiguous()
+    out = attn()(q, torch.randn(B, N, H, N), v, dropout_p=p, dropout_seed=SEED)
+    kernel_mask = (out * N * (1 - p)).round().permute(0, 2, 1, 3)  # (B, H, Nq, Nk)
+    assert torch.equal(kernel_mask.bool(), dropout_mask(SEED, B, H, N, N, p, "cpu"))
+    assert set(kernel_mask.unique().tolist()) == {0.0, 1.0}
+    n = kernel_mask.numel()
+    assert abs(kernel_mask.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+
+
+def test_dropout_seed_reproduces_and_naive_equals_flash_v2():
+    q, k, v = make_qkv(1, 40, 56, 4, 2, 16, dtype=torch.float32)
+    kw = dict(causal=True, dropout_p=0.2)
+    a = attn()(q, k, v, dropout_seed=7, **kw)
+    assert torch.equal(a, attn()(q, k, v, dropout_seed=7, **kw))
+    assert max_err(a, attn()(q, k, v, dropout_seed=8, **kw)) > 1e-3
+    # naive and flash_v1 draw the same counter-based mask: the outputs and gradients agree.
+    dout = torch.randn_like(a)
+    grads = torch.autograd.grad(a, (q, k, v), dout)
+    for name in ("naive", "flash_v1"):
+        b = get_backend(name)(q, k, v, dropout_seed=7, **kw)
+        assert max_err(a, b) < 1e-5, name
+        for g, h in zip(grads, torch.autograd.grad(b, (q, k, v), dout)):
+            assert max_err(g, h) < 1e-4, name
+    # No seed: one is drawn from torch's default generator.
+    torch.manual_seed(5)
+    c = attn()(q, k, v, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(c, attn()(q, k, v, **kw))
+    assert not torch.equal(c, attn()(q, k, v, **kw))
+
+
+def test_dropout_zero_is_exactly_no_dropout():
+    q, k, v = make_qkv(1, 33, 33, 2, 2, 16, dtype=torch.float32)
+    out, mask = attn()(q, k, v, causal=True, dropout_p=0.0, dropout_seed=3, return_dropout_mask=True)
+    assert mask.all() and mask.shape == (1, 2, 33, 33)
+    assert torch.equal(out, attn()(q, k, v, causal=True))
 
 
 WINDOW_CASES = [  # (shape, causal, window, with documents)
@@ -191,6 +262,8 @@ def test_fixed_block_sizes_are_validated(blocks, match):
     (dict(k=torch.randn(1, 8, 2, 16, device="meta")), "one device"),
     (dict(softmax_scale=-1.0), "softmax_scale"),
     (dict(dropout_p=1.5), "dropout_p"),
+    (dict(dropout_p=0.1, dropout_seed=-2), "dropout_seed"),
+    (dict(dropout_seed=2.5), "dropout_seed"),
     (dict(window_size=(-3, 0)), "window_size"),
     (dict(doc_ids=torch.zeros(1, 7, dtype=torch.long)), "doc_ids must be an integer tensor of shape"),
 ])
@@ -293,3 +366,19 @@ def test_gpu_fixed_block_sizes_of_the_ablation(block_m, block_n):
     # configs/experiment/block_sizes.yaml's grid at GPT-2 small's head dim, bf16, causal.
     q, k, v = make_qkv(2, 1000, 1000, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
     check_backend(functools.partial(attn(), block_m=block_m, block_n=block_n), q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("docs", [False, True], ids=["causal", "causal+docs"])
+def test_gpu_dropout(docs):
+    q, k, v = make_qkv(2, 1024, 1100, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    doc_ids = torch.cumsum(torch.rand(2, 1100, device="cuda") < 0.003, dim=1) if docs else None
+    p = 0.1
+    kwargs = dict(causal=True, doc_ids=doc_ids, dropout_p=p)
+    out, mask = attn()(q, k, v, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
+    assert abs(mask.float().mean().item() - (1 - p)) < 2e-3
+    check_backend(with_seed(attn(), SEED), q, k, v, dropout_mask=mask, **kwargs)
+    again = attn()(q, k, v, dropout_seed=SEED, **kwargs)
+    assert torch.equal(out, again)
+    naive = get_backend("naive")(q, k, v, dropout_seed=SEED, **kwargs)
+    assert max_err(out, naive) < 2e-2
