@@ -17,8 +17,14 @@ position p = i + Nk - Nq (bottom-right alignment) and sees keys p - left <= j <=
 of window_size (left, right), causal being (-1, 0); with doc_ids only keys of its own
 document. Key blocks outside every row's window (above the causal diagonal) are never
 visited, blocks every row sees whole run without any mask, and only blocks that a window
-edge, the diagonal or the Nk tail crosses pay for the mask; with documents every visited
-block is masked. GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
+edge, the diagonal or the Nk tail crosses pay for the mask. Documents (as flash_v1): each
+pass loads the ids of its own block once and those of every block it visits (positions
+past Nk clamped to Nk - 1, in the same block) and takes their min and max; a pair whose
+[min, max] ranges are disjoint is skipped (no query shares a key's document), and a pair
+whose ids are all one value runs without the document mask. Both tests are exact for any
+ids; non-decreasing ids (packed sequences) make the ranges narrow. The ranges are computed
+in the kernels, per tile the kernel runs, so there is no host pass and no device sync.
+GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
 arithmetic; every tensor is addressed through its strides, so strided (B, N, H, D) views
 are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs one); the
 tail of d is masked on load and store.
@@ -61,15 +67,19 @@ the autotune lists (fwd 128 x 64, dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 w
 128 x 64 tile up, stages as the first config. No divisibility between them is needed (every
 block range is computed per pass with its own tiles).
 
-Caution / known limits: document masks skip no blocks (ids are data; a per-block document
-range would let them). Dropout costs one Philox draw per element of every visited block in
-the forward and in each backward pass; without a dropout_seed the seed is drawn on the host
-(``.item()``: a graph break under torch.compile). The P and dS that feed
-the second matmul of each pair are rounded to the input dtype, as in FlashAttention;
-float32 inputs use IEEE float32 dot products (no TF32). The backward recomputes Q K^T
-twice (once per pass), the price of a dQ without atomics. torch.compile launches the
-kernels with fp64 scale arguments, cast to fp32 on entry. The interpreter's bfloat16
-arithmetic is wrong (Triton 3.9): bf16 is tested on GPU only.
+Caution / known limits: with documents the key loop still steps over every key block in
+the window and loads its ids (BLOCK_N integers) to decide the skip, a cost linear in the
+number of block pairs, small next to a K tile; unsorted ids skip little. Dropout costs one
+Philox draw per element of every visited block in the forward and in each backward pass;
+without a dropout_seed the seed is drawn on the host (``.item()``: a graph break under
+torch.compile). The P and dS that feed the second matmul of each pair are rounded to the
+input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no TF32).
+The backward recomputes Q K^T twice (once per pass), the price of a dQ without atomics.
+torch.compile launches the kernels with fp64 scale arguments, cast to fp32 on entry. The
+interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is tested on GPU only. Fixed
+tiles are not checked against the GPU's shared memory before the launch: one that does not
+fit raises a ValueError naming block_m / block_n (eager mode; under torch.compile the
+compiler's own error).
 """
 
 from __future__ import annotations
@@ -98,76 +108,111 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, doc_q, doc_k,
-             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """_common.allowed_mask for one tile: rows and cols broadcast against each other."""
+def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """_common.allowed_mask's window and tail for one tile: rows and cols broadcast against each other."""
     pos = rows + seq_shift  # bottom-right alignment: query i sits at key position i + Nk - Nq
     allowed = cols < Nk
     if MASK_RIGHT:  # causal is the window (-1, 0)
         allowed = allowed & (cols <= pos + win_right)
     if MASK_LEFT:
         allowed = allowed & (cols >= pos - win_left)
-    if HAS_DOCS:
-        allowed = allowed & (doc_q == doc_k)
     return allowed
 
 
 @triton.jit
+def _doc_range(DOC_row, stride_docn, pos, Nk):
+    """Document ids at key positions ``pos`` and their min and max.
+
+    NOTE: positions past Nk are clamped to Nk - 1, which lies in the same (last) block, so the
+    range is that of the block's valid positions; the tail masks handle the rest.
+    """
+    ids = tl.load(DOC_row + tl.minimum(pos, Nk - 1) * stride_docn)
+    return ids, tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs,
+               offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One key block of Algorithm 1's inner loop. MASKED: a window edge, the diagonal or the Nk
+    tail crosses it; with documents the id mask applies only where the pair spans several (mixed_docs)."""
+    d_ok = offs_d < D
+    # -- S_ij = Q_i K_j^T (base 2, scaled) --
+    if MASKED:
+        kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
+    elif D == HEAD_DIM:
+        kT = tl.load(kT_ptrs)
+    else:
+        kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    if MASKED:
+        allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
+                           MASK_LEFT, MASK_RIGHT)
+        if HAS_DOCS:
+            if mixed_docs:
+                allowed = allowed & (doc_q == doc_k)
+        qk = tl.where(allowed, qk, float("-inf"))
+    elif HAS_DOCS:
+        if mixed_docs:
+            qk = tl.where(doc_q == doc_k, qk, float("-inf"))
+    # -- m_new = max(m_i, rowmax(S_ij)) --
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED or HAS_DOCS:
+        # NOTE: a row that has seen no key yet keeps m = -inf; subtract 0 instead so
+        # exp2(-inf - -inf) never makes a NaN (its P and alpha are 0 either way).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    # -- P_ij = exp2(S_ij - m_new); rescale the running sums lazily --
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
+        # factor 1 / (1 - p) is applied to O once, after the loop --
+        keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+        p = tl.where(keep, p, 0.0)
+    # -- acc += P_ij V_j --
+    if MASKED:
+        v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
+    elif D == HEAD_DIM:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-               DOC_row, stride_docn, doc_q,
+               DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row sees whole."""
-    d_ok = offs_d < D
+    """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row's window sees whole."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V_blk + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        # -- S_ij = Q_i K_j^T (base 2, scaled) --
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
-        elif D == HEAD_DIM:
-            kT = tl.load(kT_ptrs)
+        if HAS_DOCS:
+            # Skip the pair when the id ranges are disjoint: no query shares a key's document.
+            doc_k, k_doc_lo, k_doc_hi = _doc_range(DOC_row, stride_docn, cols, Nk)
+            if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
+                mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
+                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k[None, :],
+                                           mixed_docs, offs_m, offs_d, Nk, seq_shift, win_left, win_right,
+                                           qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
+                                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        if MASKED:
-            doc_k = 0
-            if HAS_DOCS:
-                doc_k = tl.load(DOC_row + cols * stride_docn, mask=cols < Nk, other=-1)[None, :]
-            allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
-                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
-            qk = tl.where(allowed, qk, float("-inf"))
-        # -- m_new = max(m_i, rowmax(S_ij)) --
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASKED:
-            # NOTE: a row that has seen no key yet keeps m = -inf; subtract 0 instead so
-            # exp2(-inf - -inf) never makes a NaN (its P and alpha are 0 either way).
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        # -- P_ij = exp2(S_ij - m_new); rescale the running sums lazily --
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
-            # factor 1 / (1 - p) is applied to O once, after the loop --
-            keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
-            p = tl.where(keep, p, 0.0)
-        # -- acc += P_ij V_j --
-        if MASKED:
-            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
-        elif D == HEAD_DIM:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, 0, False,
+                                       offs_m, offs_d, Nk, seq_shift, win_left, win_right,
+                                       qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
+                                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         kT_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -212,8 +257,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
     q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     doc_q = 0
+    q_doc_lo = 0
+    q_doc_hi = 0
     if HAS_DOCS:
-        doc_q = tl.load(DOC_row + (offs_m + seq_shift) * stride_docn, mask=row_ok, other=-2)[:, None]
+        doc_q, q_doc_lo, q_doc_hi = _doc_range(DOC_row, stride_docn, offs_m + seq_shift, Nk)
+        doc_q = doc_q[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -237,22 +285,19 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
     if MASK_LEFT:
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.maximum(full_hi, full_lo)
-    if HAS_DOCS:  # documents are data: every visited block is masked
-        full_lo = lo
-        full_hi = lo
     if MASK_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   DOC_row, stride_docn, doc_q,
+                                   DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                    offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
                                    qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
                                    MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                               DOC_row, stride_docn, doc_q,
+                               DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT,
                                MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                               DOC_row, stride_docn, doc_q,
+                               DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
                                MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
@@ -302,48 +347,75 @@ def _dropout_keep_t(seed, off_bh, offs_n, offs_m, Nq, Nk, dropout_p):
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
-                    stride_qm, stride_qd, stride_dom, stride_dod,
+def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
+                Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
+                D: tl.constexpr, MASKED: tl.constexpr,
+                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One query block against the program's K/V block; masks as in _fwd_block."""
+    d_ok = offs_d < D
+    row_ok = rows < Nq
+    # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
+    qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+    # -- P^T = exp2(S^T - LSE), recomputed --
+    qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        allowed = _allowed(rows[None, :], offs_n[:, None], Nk, seq_shift, win_left, win_right,
+                           MASK_LEFT, MASK_RIGHT)
+        if HAS_DOCS:
+            if mixed_docs:
+                allowed = allowed & (doc_q == doc_k)
+        pT = tl.where(allowed, pT, 0.0)
+    elif HAS_DOCS:
+        if mixed_docs:
+            pT = tl.where(doc_q == doc_k, pT, 0.0)
+    do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
+    if HAS_DROPOUT:
+        keepT = _dropout_keep_t(seed, bh, offs_n, rows, Nq, Nk, dropout_p)
+        dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
+    delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k, k_doc_lo,
+                    k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
                     seed, dropout_p, dropout_scale, bh,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """Query blocks [lo, hi) against one K/V block; MASKED=True applies the mask."""
-    d_ok = offs_d < D
+    """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
     do_ptrs = DO_blk + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < Nq
-        # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
-        qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
-        # -- P^T = exp2(S^T - LSE), recomputed --
-        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            doc_q = 0
-            if HAS_DOCS:
-                doc_q = tl.load(DOC_row + (rows + seq_shift) * stride_docn, mask=row_ok, other=-2)[None, :]
-            allowed = _allowed(rows[None, :], offs_n[:, None], Nk, seq_shift, win_left, win_right,
-                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
-            pT = tl.where(allowed, pT, 0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
-        if HAS_DROPOUT:
-            keepT = _dropout_keep_t(seed, bh, offs_n, rows, Nq, Nk, dropout_p)
-            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if HAS_DOCS:
+            # Skip the pair when the id ranges are disjoint: no query shares a key's document.
+            doc_q, q_doc_lo, q_doc_hi = _doc_range(DOC_row, stride_docn, rows + seq_shift, Nk)
+            if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
+                mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
+                dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
+                                     doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift, win_left, win_right,
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, MASKED, MASK_LEFT,
+                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         else:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
-        delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+            dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
+                                 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, D, MASKED, MASK_LEFT,
+                                 MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -380,8 +452,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     DOC_row = DOC + off_b * stride_docb
     doc_k = 0
+    k_doc_lo = 0
+    k_doc_hi = 0
     if HAS_DOCS:
-        doc_k = tl.load(DOC_row + offs_n * stride_docn, mask=offs_n < Nk, other=-1)[:, None]
+        doc_k, k_doc_lo, k_doc_hi = _doc_range(DOC_row, stride_docn, offs_n, Nk)
+        doc_k = doc_k[:, None]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -402,9 +477,6 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
         full_lo = tl.minimum(full_lo, hi)
         if MASK_LEFT:
             full_hi = tl.maximum(full_hi, full_lo)
-    if HAS_DOCS:
-        full_lo = lo
-        full_hi = lo
     # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -413,18 +485,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                     DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                 DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, False, MASK_LEFT,
                                  MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-        if MASK_LEFT or HAS_DOCS:
+        if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                     DOC_row, stride_docn, doc_k, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
@@ -438,41 +510,69 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
 
 
 @triton.jit
+def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q, doc_k, mixed_docs,
+              Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
+              D: tl.constexpr, MASKED: tl.constexpr,
+              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One key block of the dQ loop; masks as in _fwd_block."""
+    d_ok = offs_d < D
+    if MASKED:
+        kv_ok = d_ok[:, None] & (cols[None, :] < Nk)
+    else:
+        kv_ok = d_ok[:, None]
+    kT = tl.load(kT_ptrs, mask=kv_ok, other=0.0)
+    vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
+    # -- P = exp2(S - LSE), recomputed --
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
+                           MASK_LEFT, MASK_RIGHT)
+        if HAS_DOCS:
+            if mixed_docs:
+                allowed = allowed & (doc_q == doc_k)
+        p = tl.where(allowed, p, 0.0)
+    elif HAS_DOCS:
+        if mixed_docs:
+            p = tl.where(doc_q == doc_k, p, 0.0)
+    # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                  DOC_row, stride_docn, doc_q,
+                  DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                   offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                   seed, dropout_p, dropout_scale, off_bh, Nq,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    d_ok = offs_d < D
+    """Key blocks [lo, hi) against the program's query block."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_ok = d_ok[:, None] & (cols[None, :] < Nk)
+        if HAS_DOCS:
+            # Skip the pair when the id ranges are disjoint: no query shares a key's document.
+            doc_k, k_doc_lo, k_doc_hi = _doc_range(DOC_row, stride_docn, cols, Nk)
+            if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
+                mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
+                dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q,
+                               doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right, qk_scale, seed,
+                               dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                               DOT_PRECISION, HAS_DROPOUT)
         else:
-            kv_ok = d_ok[:, None]
-        kT = tl.load(kT_ptrs, mask=kv_ok, other=0.0)
-        vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
-        # -- P = exp2(S - LSE), recomputed --
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            doc_k = 0
-            if HAS_DOCS:
-                doc_k = tl.load(DOC_row + cols * stride_docn, mask=cols < Nk, other=-1)[None, :]
-            allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
-                               doc_q, doc_k, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
-            p = tl.where(allowed, p, 0.0)
-        # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+            dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q,
+                           0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
+                           dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                           DOT_PRECISION, HAS_DROPOUT)
         kT_ptrs += BLOCK_N * stride_kn
         vT_ptrs += BLOCK_N * stride_vn
     return dq
@@ -516,8 +616,11 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
     delta = tl.load(Delta + bh * Nq + offs_m, mask=row_ok, other=0.0)
     DOC_row = DOC + off_b * stride_docb
     doc_q = 0
+    q_doc_lo = 0
+    q_doc_hi = 0
     if HAS_DOCS:
-        doc_q = tl.load(DOC_row + (offs_m + seq_shift) * stride_docn, mask=row_ok, other=-2)[:, None]
+        doc_q, q_doc_lo, q_doc_hi = _doc_range(DOC_row, stride_docn, offs_m + seq_shift, Nk)
+        doc_q = doc_q[:, None]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
@@ -540,20 +643,17 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
     if MASK_LEFT:
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.maximum(full_hi, full_lo)
-    if HAS_DOCS:  # documents are data: every visited block is masked
-        full_lo = lo
-        full_hi = lo
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                           DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
+                           DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
                            win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                            MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
+                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, False,
                        MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       DOC_row, stride_docn, doc_q, offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
+                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                        MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq *= sm_scale
@@ -831,7 +931,8 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             right = 0. Key blocks outside every row's window are skipped.
         doc_ids: optional (batch, seqlen_k) integers; a query sees only keys of its own
             document (query i has the document of key i + seqlen_k - seqlen_q, so
-            seqlen_q <= seqlen_k)
+            seqlen_q <= seqlen_k). Any ids are correct; with non-decreasing ids (packed
+            documents) block pairs between documents are skipped.
         return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
             rows that see no key get MASKED_ROW_LSE
         dropout_seed: seed of the dropout mask; None draws one from torch's default

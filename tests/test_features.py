@@ -338,3 +338,105 @@ def test_dropout_seed_reproduces_gpu():
     assert torch.equal(a, b)
     n = get_backend("naive")(q, k, v, causal=True, dropout_p=0.1, dropout_seed=11)
     assert max_err(a, n) < 2e-2
+
+
+# ------------------------------------------------------------------------------ flash_v2
+# The same feature cases for flash_v2 (its own file tests more shapes; these keep the three
+# backends side by side). Its CPU-interpreter tiles are 32 x 16 / 16 x 32, so 16-token
+# blocks are asked for explicitly where a test needs to know the block geometry.
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=case_id)
+def test_flash_v2_window_and_documents_match_reference(case):
+    q, k, v, kwargs = case_inputs(case, torch.float32)
+    check_backend(backend("flash_v2"), q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("case, dtype", DROPOUT_PARAMS, ids=lambda x: case_id(x) if isinstance(x, tuple) else str(x))
+def test_flash_v2_dropout_matches_reference_with_the_kernels_mask(case, dtype):
+    q, k, v, kwargs = case_inputs(case, dtype)
+    p = 0.3
+    attn = backend("flash_v2")
+    out, mask = attn(q, k, v, dropout_p=p, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
+    assert torch.equal(mask, dropout_mask(SEED, q.shape[0], q.shape[2], q.shape[1], k.shape[1], p, q.device))
+    check_backend(with_seed(attn, SEED), q, k, v, dropout_p=p, dropout_mask=mask, **kwargs)
+
+
+def test_flash_v2_dropout_equals_naive_and_flash_v1_for_one_seed():
+    q, k, v, kwargs = case_inputs(DROPOUT_CASES[4], torch.float32)  # window x documents x GQA
+    outs = {name: backend(name)(q, k, v, dropout_p=0.2, dropout_seed=SEED, **kwargs)
+            for name in ("naive", "flash_v1", "flash_v2")}
+    assert max_err(outs["flash_v2"], outs["naive"]) < 1e-5
+    assert max_err(outs["flash_v2"], outs["flash_v1"]) < 1e-5
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 0))])
+def test_flash_v2_packed_documents_equal_each_document_alone(causal, window):
+    lengths = [5, 23, 1, 17]
+    N = sum(lengths)
+    q, k, v = make_qkv(1, N, N, 4, 2, 16, dtype=torch.float32)
+    attn = backend("flash_v2")
+    packed = attn(q, k, v, causal=causal, window_size=window, doc_ids=packed_doc_ids(1, N, lengths))
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        alone = attn(q[:, s], k[:, s], v[:, s], causal=causal, window_size=window)
+        assert max_err(packed[:, s], alone) < 1e-5, f"document at {start}:{start + length}"
+        start += length
+
+
+def test_flash_v2_varlen_equals_per_document_calls():
+    lengths = [7, 1, 30, 12]
+    total = sum(lengths)
+    q, k, v = (t[0].detach().requires_grad_() for t in make_qkv(1, total, total, 4, 2, 16, dtype=torch.float32))
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    out = varlen_attention("flash_v2", q, k, v, cu, cu, max(lengths), max(lengths), causal=True, window_size=(8, 0))
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        ref = backend("flash_v2")(q[None, s], k[None, s], v[None, s], causal=True, window_size=(8, 0))
+        assert max_err(out[s], ref[0]) < 1e-5
+        start += length
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_flash_v2_fully_masked_rows_give_zeros_and_finite_lse(dropout_p):
+    q, k, v = make_qkv(1, 40, 20, 2, 1, 16, dtype=torch.float32)
+    out, lse = backend("flash_v2")(q, k, v, causal=True, window_size=(3, 0), dropout_p=dropout_p,
+                                   dropout_seed=SEED, return_lse=True)
+    assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
+    assert torch.isfinite(out).all() and (lse[..., :20] == MASKED_ROW_LSE).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :20], torch.zeros_like(q.grad[:, :20]))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned rows
+@pytest.mark.parametrize("masking", ["window", "documents"])
+def test_flash_v2_skips_blocks_it_cannot_see(masking):
+    # As the flash_v1 test above, with 16 x 16 tiles in all three passes.
+    N = 64
+    q, k, v = make_qkv(1, N, N, 2, 2, 16, dtype=torch.float32)
+    if masking == "window":
+        kwargs, skipped = dict(causal=True, window_size=(16, 0)), slice(32, N)
+    else:
+        kwargs, skipped = dict(doc_ids=packed_doc_ids(1, N, [16, 16, 16, 16])), slice(16, N)
+    attn = functools.partial(get_backend("flash_v2"), block_m=16, block_n=16, **kwargs)
+    clean = attn(q, k, v)
+    k_bad, v_bad = k.detach().clone(), v.detach().clone()
+    k_bad[:, :16], v_bad[:, :16] = float("nan"), float("nan")
+    q2 = q.detach().clone().requires_grad_()
+    out = attn(q2, k_bad, v_bad)
+    assert torch.isnan(out[:, :16]).any()
+    assert torch.equal(out[:, skipped], clean[:, skipped])
+    out[:, skipped].sum().backward()
+    assert torch.isfinite(q2.grad[:, skipped]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("feature", ["window", "docs", "docs+window", "dropout", "dropout+docs+window"])
+def test_flash_v2_features_gpu(dtype, feature):
+    test_features_gpu("flash_v2", dtype, feature)

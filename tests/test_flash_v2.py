@@ -213,6 +213,64 @@ def test_window_and_documents_match_reference(shape, causal, window, docs, dtype
     check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_unsorted_document_ids_match_reference(causal):
+    # Ids that do not increase along the sequence: block ranges overlap, nothing is skipped
+    # wrongly, and pairs whose ranges overlap are masked element by element.
+    q, k, v = make_qkv(2, 45, 70, 2, 1, 16, dtype=torch.float32)
+    doc_ids = torch.randint(0, 3, (2, 70))
+    doc_ids[:, 32:48] = 5  # one key block inside a single document
+    check_backend(attn(), q, k, v, causal=causal, doc_ids=doc_ids)
+
+
+def _packed_ids(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned rows
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), None], ids=["m16n16", "m32n16", "default"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_blocks_between_documents_are_skipped(blocks, causal):
+    # Documents of 32 tokens aligned with the blocks. NaN in the first document's K and V
+    # (forward, dQ) or Q (dK/dV) reaches every block pair a pass visits (0 * NaN = NaN, even
+    # where masked), so finite results elsewhere prove those pairs were skipped in all passes.
+    N, first = 96, slice(0, 32)
+    kwargs = dict(causal=causal, doc_ids=_packed_ids([32, 32, 32]))
+    if blocks is not None:
+        kwargs.update(block_m=blocks[0], block_n=blocks[1])
+    q, k, v = make_qkv(1, N, N, 2, 2, 16, dtype=torch.float32)
+    clean = attn()(q, k, v, **kwargs)
+    rest = slice(32, N)
+    # Forward and dQ: poisoned keys.
+    k_bad, v_bad = k.detach().clone(), v.detach().clone()
+    k_bad[:, first], v_bad[:, first] = float("nan"), float("nan")
+    out = attn()(q, k_bad, v_bad, **kwargs)
+    assert torch.isnan(out[:, first]).any()  # the visited pairs do see the poison
+    assert torch.equal(out[:, rest], clean[:, rest])
+    dq, = torch.autograd.grad(out[:, rest].sum(), (q,))
+    assert torch.isfinite(dq[:, rest]).all()
+    # dK/dV: poisoned queries.
+    q_bad = q.detach().clone()
+    q_bad[:, first] = float("nan")
+    out = attn()(q_bad, k, v, **kwargs)
+    assert torch.equal(out[:, rest], clean[:, rest])
+    dk, dv = torch.autograd.grad(out[:, rest].sum(), (k, v))
+    assert torch.isfinite(dk[:, rest]).all() and torch.isfinite(dv[:, rest]).all()
+
+
+def test_packed_documents_equal_each_document_alone():
+    lengths = [5, 23, 1, 17, 34]
+    N = sum(lengths)
+    q, k, v = make_qkv(1, N, N, 4, 2, 16, dtype=torch.float32)
+    packed = attn()(q, k, v, causal=True, doc_ids=_packed_ids(lengths))
+    start = 0
+    for length in lengths:
+        s = slice(start, start + length)
+        alone = attn()(q[:, s], k[:, s], v[:, s], causal=True)
+        assert max_err(packed[:, s], alone) < 1e-5, f"document at {start}:{start + length}"
+        start += length
+
+
 def test_documents_need_seqlen_q_at_most_seqlen_k():
     q, k = torch.randn(1, 9, 2, 16), torch.randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match="doc_ids need seqlen_q <= seqlen_k"):
