@@ -23,7 +23,11 @@ past Nk clamped to Nk - 1, in the same block) and takes their min and max; a pai
 [min, max] ranges are disjoint is skipped (no query shares a key's document), and a pair
 whose ids are all one value runs without the document mask. Both tests are exact for any
 ids; non-decreasing ids (packed sequences) make the ranges narrow. The ranges are computed
-in the kernels, per tile the kernel runs, so there is no host pass and no device sync.
+in the kernels, per tile the kernel runs. For packed rows the loops are also clipped to
+the documents a block touches: ``_doc_ranges`` gives each position the [start, end) of its
+run of equal ids (a few device ops per call, no sync; [0, Nk) for rows whose ids decrease
+somewhere), and each program loops only from the run start of its first position to the
+run end of its last, so packed documents cost about sum(len_i^2), not N^2.
 GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
 arithmetic; every tensor is addressed through its strides, so strided (B, N, H, D) views
 are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs one); the
@@ -67,9 +71,9 @@ the autotune lists (fwd 128 x 64, dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 w
 128 x 64 tile up, stages as the first config. No divisibility between them is needed (every
 block range is computed per pass with its own tiles).
 
-Caution / known limits: with documents the key loop still steps over every key block in
-the window and loads its ids (BLOCK_N integers) to decide the skip, a cost linear in the
-number of block pairs, small next to a K tile; unsorted ids skip little. Dropout costs one
+Caution / known limits: ids that are not non-decreasing get no loop clipping: every block
+in the window is stepped over and its ids (BLOCK_N integers) loaded to decide the skip, and
+ranges of interleaved documents overlap, so little is skipped. Dropout costs one
 Philox draw per element of every visited block in the forward and in each backward pass;
 without a dropout_seed the seed is drawn on the host (``.item()``: a graph break under
 torch.compile). The P and dS that feed the second matmul of each pair are rounded to the
@@ -128,6 +132,25 @@ def _doc_range(DOC_row, stride_docn, pos, Nk):
     """
     ids = tl.load(DOC_row + tl.minimum(pos, Nk - 1) * stride_docn)
     return ids, tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
+def _narrow_to_documents(RANGE_row, Nk, first, last, offset, lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """Clip the loop's segments [lo, full_lo) [full_lo, full_hi) [full_hi, hi) to the positions
+    the documents of key positions ``first`` .. ``last`` cover, minus ``offset``.
+
+    RANGE_row holds [start, end) of each position's run of equal ids when the row's ids are
+    non-decreasing, else [0, Nk) (``_doc_ranges``). lo stays a multiple of BLOCK; the
+    unmasked segment may now end inside a block: the extra positions are still inside
+    every row's window and belong to other documents, so the document mask removes them.
+    """
+    doc_lo = tl.load(RANGE_row + first) - offset
+    doc_hi = tl.load(RANGE_row + Nk + last) - offset
+    lo = tl.maximum(lo, (tl.maximum(doc_lo, 0) // BLOCK) * BLOCK)
+    hi = tl.minimum(hi, doc_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -219,7 +242,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE, DOC,
+def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
@@ -285,6 +308,10 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC,
     if MASK_LEFT:
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # packed documents: only the keys of the documents of this block's rows
+        lo, full_lo, full_hi, hi = _narrow_to_documents(DOC_RANGE + off_b * 2 * Nk, Nk, start_m + seq_shift,
+                                                        tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
+                                                        lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                                    DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
@@ -422,7 +449,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, st
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
+def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
@@ -477,6 +504,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC,
         full_lo = tl.minimum(full_lo, hi)
         if MASK_LEFT:
             full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # packed documents: only the query rows of the documents of this key block
+        lo, full_lo, full_hi, hi = _narrow_to_documents(DOC_RANGE + off_b * 2 * Nk, Nk, start_n,
+                                                        tl.minimum(start_n + BLOCK_N, Nk) - 1, seq_shift,
+                                                        lo, full_lo, full_hi, hi, BLOCK_M)
     # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -579,7 +610,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, st
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
+def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
@@ -643,6 +674,10 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC,
     if MASK_LEFT:
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.maximum(full_hi, full_lo)
+    if HAS_DOCS:  # packed documents: only the keys of the documents of this block's rows
+        lo, full_lo, full_hi, hi = _narrow_to_documents(DOC_RANGE + off_b * 2 * Nk, Nk, start_m + seq_shift,
+                                                        tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
+                                                        lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
                            DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
@@ -775,11 +810,31 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Host launchers, registered as torch.library triton ops
 # ----------------------------------------------------------------------------------------
 
+def _doc_ranges(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 2, Nk) int32: [start, end) of each key position's run of equal ids in rows whose
+    ids are non-decreasing (packed documents: a run is a document), else [0, Nk).
+
+    A few element-wise device ops per call and no device->host sync; the kernels clip their
+    loops to these ranges, so packed documents cost their own lengths, not N^2.
+    """
+    B, N = doc_ids.shape
+    pos = torch.arange(N, device=doc_ids.device)
+    first = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    new_run = torch.cat((first, doc_ids[:, 1:] != doc_ids[:, :-1]), dim=1)
+    ends_run = torch.cat((new_run[:, 1:], first), dim=1)
+    start = torch.where(new_run, pos, 0).cummax(dim=1).values
+    end = torch.where(ends_run, pos + 1, N).flip(1).cummin(dim=1).values.flip(1)
+    packed = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all(dim=1, keepdim=True)
+    start = torch.where(packed, start, 0)
+    end = torch.where(packed, end, N)
+    return torch.stack((start, end), dim=1).to(torch.int32).contiguous()
+
+
 def _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed):
     """Kernel arguments of the mask and dropout: (DOC, its two strides), (win_left, win_right,
     seed, dropout_p, dropout_scale) and the constexprs (features that are off compile out)."""
-    # NOTE: without documents the kernels never read DOC; q stands in for the pointer.
-    doc = q if doc_ids is None else doc_ids
+    # NOTE: without documents the kernels never read DOC or DOC_RANGE; q stands in for them.
+    doc = (q, q) if doc_ids is None else (doc_ids, _doc_ranges(doc_ids))
     doc_strides = (0, 0) if doc_ids is None else doc_ids.stride()
     flags = dict(MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None,
                  HAS_DROPOUT=dropout_p > 0.0)
@@ -800,7 +855,7 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    args = (q, k, v, out, lse, doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
+    args = (q, k, v, out, lse, *doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
                 MASKED_LSE=MASKED_ROW_LSE)
@@ -830,7 +885,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def grid_kv(meta):
         return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
-    args = (q, k, v, do, lse, delta, dk, dv, doc,
+    args = (q, k, v, do, lse, delta, dk, dv, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv", grid_kv, args, meta, D, blocks, _INTERPRETER_BWD)
@@ -838,7 +893,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    args = (q, k, v, do, lse, delta, dq, doc,
+    args = (q, k, v, do, lse, delta, dq, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dq", grid_q, args, meta, D, blocks, _INTERPRETER_DQ)

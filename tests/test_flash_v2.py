@@ -13,6 +13,7 @@ import torch
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
 from fatrain.kernels._dropout import dropout_mask
+from fatrain.kernels.flash_v2 import _doc_ranges
 
 SHAPES = [  # (B, Nq, Nk, H, Hkv, D): lengths 1/17/97/128/257, GQA 1/4/H, Nq != Nk both ways
     (1, 1, 1, 2, 2, 16),
@@ -221,6 +222,14 @@ def test_unsorted_document_ids_match_reference(causal):
     doc_ids = torch.randint(0, 3, (2, 70))
     doc_ids[:, 32:48] = 5  # one key block inside a single document
     check_backend(attn(), q, k, v, causal=causal, doc_ids=doc_ids)
+
+
+def test_document_ranges_clip_packed_rows_only():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3], [0, 1, 0, 1, 1, 1, 2, 2]])
+    ranges = _doc_ranges(ids)
+    assert ranges.dtype == torch.int32 and ranges.shape == (2, 2, 8)
+    assert ranges[0].tolist() == [[0, 0, 2, 2, 2, 5, 6, 6], [2, 2, 5, 5, 5, 6, 8, 8]]
+    assert ranges[1].tolist() == [[0] * 8, [8] * 8]  # ids decrease somewhere: no clipping
 
 
 def _packed_ids(lengths):
