@@ -81,14 +81,15 @@ input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products 
 The backward recomputes Q K^T twice (once per pass), the price of a dQ without atomics.
 torch.compile launches the kernels with fp64 scale arguments, cast to fp32 on entry. The
 interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is tested on GPU only. Fixed
-tiles are not checked against the GPU's shared memory before the launch: one that does not
-fit raises a ValueError naming block_m / block_n (eager mode; under torch.compile the
-compiler's own error).
+tiles are not checked against the GPU's shared memory before the launch: when they do not
+fit, eager mode retries with fewer stages and then raises a ValueError naming block_m /
+block_n; under torch.compile the compiler's own error comes instead.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -256,6 +257,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
     qk_scale = tl.cast(qk_scale, tl.float32)
+    if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
         # NOTE: causally the last query blocks see the most keys; launching them first shortens the tail.
@@ -463,6 +467,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
+    if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hkv).to(tl.int64)
@@ -623,6 +630,9 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
+    if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
@@ -793,11 +803,21 @@ def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tup
     if block_m < 0:
         wrap_triton(_launcher(name, head_dim))[grid](*args, **meta, **_fixed(interpreter_config))
         return
-    try:
-        wrap_triton(_KERNELS[name])[grid](*args, **meta, **_fixed_meta(name, block_m, block_n, head_dim))
-    except triton.runtime.errors.OutOfResources as err:
-        raise ValueError(f"block_m={block_m}, block_n={block_n} need more on-chip memory than this GPU has at "
-                         f"head_dim {head_dim} ({err}); use smaller tiles") from err
+    fixed = _fixed_meta(name, block_m, block_n, head_dim)
+    while True:
+        try:
+            wrap_triton(_KERNELS[name])[grid](*args, **meta, **fixed)
+            return
+        except triton.runtime.errors.OutOfResources as err:
+            # NOTE: eager mode only (a traced launch does not run here). Fewer pipeline stages
+            # need less shared memory; the tile itself, the ablation's variable, never changes.
+            if fixed["num_stages"] <= 1:
+                raise ValueError(f"block_m={block_m}, block_n={block_n} need more on-chip memory than this GPU "
+                                 f"has at head_dim {head_dim} ({err}); use smaller tiles") from err
+            warnings.warn(f"flash_v2 {name}: tiles (block_m, block_n) = {(block_m, block_n)} with "
+                          f"num_stages={fixed['num_stages']} exceed the GPU's resources; retrying with "
+                          f"{fixed['num_stages'] - 1}", RuntimeWarning, stacklevel=2)
+            fixed["num_stages"] -= 1
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -1002,8 +1022,9 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             keys in the forward and the dQ pass, keys x queries in the dK/dV pass (its
             BLOCK_N = block_m keys per program, BLOCK_M = block_n queries per step), as the
             FA2 tutorial's (BLOCK_M1, BLOCK_N1) = (32, 128) / (BLOCK_M2, BLOCK_N2) = (128, 32).
-            num_warps 8 from a 128 x 64 tile up, else 4. A tile the GPU cannot hold raises
-            ValueError.
+            num_warps 8 from a 128 x 64 tile up, else 4; num_stages as the autotuner's
+            first config, lowered (with a warning) if the tiles do not fit in shared memory;
+            a tile that does not fit even with one stage raises ValueError.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
         autocast) [, lse] [, dropout_mask]
