@@ -436,7 +436,7 @@ def test_flash_v2_skips_blocks_it_cannot_see(masking):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("feature", ["window", "docs", "docs+window", "dropout", "dropout+docs+window"])
-def test_flash_v2_features_gpu(dtype, feature):
-    test_features_gpu("flash_v2", dtype, feature)
+@pytest.mark.parametrize("feature", ["docs+window", "dropout+docs+window"])
+def test_flash_v2_features_gpu(feature):
+    # bf16 and two combinations only: each one compiles three kernels (test_flash_v2.py has more).
+    test_features_gpu("flash_v2", torch.bfloat16, feature)
