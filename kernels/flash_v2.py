@@ -98,8 +98,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dropout
-from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
-                      unsupported)
+from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
 from ._dropout import dropout_keep
 
 BACKEND = "flash_v2"
@@ -523,18 +522,21 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
+                                     stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                 DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
+                                 stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, False, MASK_LEFT,
                                  MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
-                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
+                                     DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
+                                     stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
@@ -690,15 +692,18 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
                                                         lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                           DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
+                           DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+                           offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
                            win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                            MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
+                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+                       offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, False,
                        MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi, offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
+                       DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+                       offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                        MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
     dq *= sm_scale
@@ -981,7 +986,8 @@ class FlashV2Function(torch.autograd.Function):
 
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
-                       dropout_seed: Optional[int] = None, return_dropout_mask: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None):
+                       dropout_seed: Optional[int] = None, return_dropout_mask: bool = False,
+                       block_m: Optional[int] = None, block_n: Optional[int] = None):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments:
