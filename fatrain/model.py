@@ -213,13 +213,18 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus the attention matmuls.
 
-        Attention does QK^T and PV, 2 * 2 * T * n_embd FLOPs per token and layer forward,
-        x3 for forward + backward, halved when causal (PaLM appendix B; nanoGPT's estimate_mfu).
+        N counts every matmul weight: the blocks and the output head (tied or not), but not
+        the embedding lookup, which does no multiply-adds. Attention does QK^T and PV,
+        2 * 2 * T * n_embd FLOPs per token and layer forward, x3 for forward + backward,
+        halved when causal (PaLM appendix B; nanoGPT's estimate_mfu).
         """
         attn = 12 * self.spec.n_layer * self.spec.n_embd * seq_len
         if causal:
             attn //= 2
-        return 6 * self.num_params(non_embedding=True) + attn
+        matmul_params = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        if not self.spec.tie_embeddings:
+            matmul_params -= self.lm_head.weight.numel()  # already counted in num_params
+        return 6 * matmul_params + attn
 
     def forward(self, idx, targets=None, *, doc_ids=None, cache: KVCache | None = None, reduction="mean"):
         """Logits (B, T, vocab) and, with targets, the cross-entropy loss.
