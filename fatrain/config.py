@@ -95,6 +95,7 @@ class TrainerConfig:
     eval_every: int = 200  # 0 disables periodic validation (one still runs at the end)
     eval_batches: int = 20
     ckpt_every: int = 500  # 0: only at the end
+    save_final: bool = True  # false: no checkpoint at the end (throughput sweeps)
     keep_last: int = 3
     peak_tflops: Optional[float] = None  # None: from the table of known GPUs
     progress_bar: bool = True

@@ -458,7 +458,7 @@ class Trainer:
 
         val_loss = self.evaluate()
         self.logger.log({"val/loss": val_loss}, self.step)
-        path = self.save_checkpoint()
+        path = self.save_checkpoint() if t.save_final else None
         return {"final_val_loss": val_loss, "step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": path}
 
 

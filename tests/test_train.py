@@ -84,6 +84,13 @@ def test_every_experiment_composes_and_runs(experiment, tmp_path):
     assert run(cfg, str(tmp_path))["status"] == "ok"
 
 
+def test_save_final_false_leaves_no_checkpoint(tmp_path):
+    cfg = compose_train([*FAST, "trainer.ckpt_every=0", "trainer.save_final=false"])
+    result = run(cfg, str(tmp_path))
+    assert result["status"] == "ok" and result["checkpoint"] is None
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*"))
+
+
 def test_typo_and_wrong_type_fail_before_work():
     with pytest.raises(Exception, match="lerning_rate"):
         compose_train(["optim.lerning_rate=1e-3"])
