@@ -1,16 +1,29 @@
 """Counter-based attention dropout shared by every backend that draws its own mask.
 
-A kept entry of P is decided by a stateless generator on a seed and the element's place:
+A kept entry of P is decided by a stateless generator on a seed and the element's place,
+so a kernel's backward regenerates exactly the mask its forward used from (seed, b, h, r, c)
+alone and nothing N x N is stored (FlashAttention-1, Algorithm 2 line 14 and Algorithm 4
+line 15). Kept entries are scaled by 1 / (1 - dropout_p).
 
-    keep[b, h, r, c] = tl.rand(seed, offset) >= dropout_p
-    offset = ((b * H + h) * Nq + r) * Nk + c          (int64; h is the query head)
+The generator (the same scheme as flash-attn's CUDA kernels: one Philox call feeds many
+elements, so the draws cost a fraction of the attention's own arithmetic)
+    One Philox4x32 call with 7 rounds (Salmon et al. 2011; flash-attn also runs 7) on the
+    counter (group, row, b * H + h, 0) and the key (seed low 32 bits, seed high 32 bits)
+    gives 128 random bits. They are cut into ``DROPOUT_BITS``-bit integers u, one per
+    element of a group of ``128 / DROPOUT_BITS`` consecutive columns of row ``row``
+    (group = col // (128 / DROPOUT_BITS)), and
 
-so a kernel's backward regenerates exactly the mask its forward used from (seed, b, h, r,
-c) alone and nothing N x N is stored (FlashAttention-1, Algorithm 2 line 14 and Algorithm
-4 line 15). Kept entries are scaled by 1 / (1 - dropout_p).
+        keep[b, h, r, c] = u >= round(dropout_p * 2**DROPOUT_BITS)
+
+    so dropout_p is applied in steps of 2**-DROPOUT_BITS (16 bits: |error| <= 7.6e-6; the
+    scale 1 / (1 - dropout_p) is not changed). The position of element c inside its group
+    is a fixed permutation, the same for any tile shape, so every kernel, whatever its
+    blocks, and the host ``dropout_mask`` draw the same mask. The counters are 32-bit
+    integers with no arithmetic on the element's flat index: no int64 products per element.
 
 Pieces:
-    dropout_keep        the ``@triton.jit`` helper a kernel calls on one (B_r, B_c) tile
+    dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns)
+                        tile whose first column is a multiple of the group width
     dropout_mask        host function: the full bool (B, H, Nq, Nk) keep-mask for the same
                         seed, made by a tiny kernel that calls the same helper; used by
                         ``naive``, by the debug path ``return_dropout_mask`` and by tests
@@ -18,15 +31,19 @@ Pieces:
                         generator, so ``torch.manual_seed`` reproduces a run
 
 Caution / known limits
-    * The stream is Triton's Philox: the same seed gives the same mask on every device for
-      one Triton version, but Triton may change how ``tl.rand`` maps int64 offsets between
-      versions (3.9 splits them into two 32-bit counters). Compare masks made by one install.
+    * The stream is this module's own Philox, so it does not depend on how a Triton version
+      maps offsets in ``tl.rand``; it is not torch's dropout stream (``sdpa`` keeps PyTorch's).
+    * Tiles must start on a group boundary and be a whole number of groups wide (the kernels'
+      column blocks are powers of two >= 16 starting at multiples of their width).
     * ``dropout_mask`` materialises B * H * Nq * Nk bools: meant for small shapes (tests,
       debugging) and for ``naive``, which holds N x N tensors anyway.
+    * Limits: Nq, Nk and B * H below 2**32 (the counters are 32-bit).
     * The draw of a default seed moves torch's CPU generator by one draw per call.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -40,13 +57,57 @@ _MASK_BLOCK_M = 16
 _MASK_BLOCK_N = 64
 
 
+#: Bits of randomness per element: 128 / DROPOUT_BITS elements share one Philox call.
+DROPOUT_BITS = int(os.environ.get("FATRAIN_DROPOUT_BITS", "16"))
+if DROPOUT_BITS not in (8, 16):
+    raise ValueError(f"FATRAIN_DROPOUT_BITS must be 8 or 16, got {DROPOUT_BITS}")
+_BITS = tl.constexpr(DROPOUT_BITS)
+#: Columns per Philox call (the group width): 8 at 16 bits, 16 at 8 bits.
+GROUP_COLS = 128 // DROPOUT_BITS
+_GROUP = tl.constexpr(GROUP_COLS)
+_LEVELS = tl.constexpr(1 << DROPOUT_BITS)
+_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
-def dropout_keep(seed, off_bh, offs_m, offs_n, N_CTX_Q, N_CTX_K, dropout_p):
-    """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head ``off_bh = b * H + h``."""
-    # NOTE: int64 offsets: B * H * Nq * Nk passes 2**31 at long sequence lengths.
-    rows = off_bh.to(tl.int64) * N_CTX_Q + offs_m.to(tl.int64)
-    offsets = rows[:, None] * N_CTX_K + offs_n[None, :].to(tl.int64)
-    return tl.rand(seed, offsets) >= dropout_p
+def _philox4x32(c0, c1, c2, c3, k0, k1, ROUNDS: tl.constexpr):
+    """ROUNDS rounds of Philox4x32 on the uint32 counter (c0, c1, c2, c3) and key (k0, k1)."""
+    for _ in tl.static_range(ROUNDS):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
+    """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
+    ``off_bh = b * H + h``; ``offs_n`` is consecutive, starts on a group boundary and is a
+    whole number of groups long."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    G: tl.constexpr = BLOCK_N // _GROUP
+    seed64 = tl.to_tensor(seed).to(tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed64 >> 32).to(tl.uint32)
+    groups = (tl.max(tl.reshape(offs_n, [G, _GROUP]), axis=1) // _GROUP).to(tl.uint32)
+    rows = offs_m.to(tl.uint32)
+    bh = tl.to_tensor(off_bh).to(tl.uint32)
+    zero = tl.zeros([1, G], dtype=tl.uint32)
+    # NOTE: counter (group, row, b * H + h, 0); the shapes broadcast to (rows, G) in round 2.
+    r0, r1, r2, r3 = _philox4x32(groups[None, :], rows[:, None], bh + zero, zero, k0, k1, _ROUNDS)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [offs_m.shape[0], 4 * G])
+    if _BITS == 16:
+        vals = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [offs_m.shape[0], BLOCK_N])
+    else:
+        lo = tl.join(words & 0xFF, (words >> 8) & 0xFF)
+        hi = tl.join((words >> 16) & 0xFF, words >> 24)
+        vals = tl.reshape(tl.join(lo, hi), [offs_m.shape[0], BLOCK_N])
+    threshold = (tl.to_tensor(dropout_p).to(tl.float32) * _LEVELS + 0.5).to(tl.uint32)
+    return vals >= threshold
 
 
 @triton.jit
@@ -58,7 +119,7 @@ def _dropout_mask_kernel(Mask, seed, dropout_p, N_CTX_Q, N_CTX_K,
     base = Mask + off_bh.to(tl.int64) * N_CTX_Q * N_CTX_K
     for start_n in range(0, N_CTX_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, off_bh, offs_m, offs_n, N_CTX_Q, N_CTX_K, dropout_p)
+        keep = dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
         valid = (offs_m[:, None] < N_CTX_Q) & (offs_n[None, :] < N_CTX_K)
         tl.store(base + offs_m[:, None].to(tl.int64) * N_CTX_K + offs_n[None, :], keep.to(tl.int8), mask=valid)
 

@@ -69,7 +69,8 @@ Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
     line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
 
 Dropout (Algorithm 2; the generator is ``_dropout.py``, shared with ``naive``)
-    Z_ij is ``tl.rand(seed, ((b * H + h) * Nq + r) * Nk + c) >= p`` (Philox, counter-based),
+    Z_ij is ``_dropout.dropout_keep(seed, b * H + h, rows, cols, p)`` (Philox on the counter
+    (column group, row, b * H + h), 16 bits per element; counter-based),
     so the backward regenerates exactly the forward's mask from the seed and nothing
     N x N is stored; ctx keeps only the seed. ``dropout_p = 0`` compiles the draws out
     (constexpr ``HAS_DROPOUT``). ``return_dropout_mask`` rebuilds the same mask on the host
@@ -102,16 +103,18 @@ Caution / known limits
       every (i, j). :func:`flash_v1_hbm_traffic` gives the modelled bytes.
     * O and dQ live in HBM as float32 buffers the size of q (B, Nq, H, d) each, on top of
       the output: more extra memory than flash_v2, still linear in the sequence length.
-    * A program reads back what it wrote on an earlier step (O_i, l_i, m_i; dQ_i), possibly
-      through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync, which
-      also orders the CTA's global memory accesses) follows each write-back, and the loops
-      are compiled with ``num_stages=1`` so no load is hoisted above that barrier.
+    * A program reads back what it wrote for an earlier K/V block (O_i, l_i, m_i; dQ_i),
+      possibly through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync,
+      which also orders the CTA's global memory accesses) ends each outer step. The steps of
+      one inner loop touch disjoint rows, so that loop is software-pipelined
+      (``NUM_STAGES``): the next row block's loads overlap this one's arithmetic, and no
+      load crosses the barrier (the pipeliner works inside the inner loop only).
     * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match
       PyTorch's float32 matmul.
     * The K/V blocks are loaded in the outer loop even when no Q block sees them (linear
       traffic); the backward must visit them anyway to write their zero dK_j, dV_j.
     * Document skipping is not in :func:`flash_v1_hbm_traffic` (it depends on the lengths).
-    * Dropout costs one Philox draw per element of every visited block, in the forward and
+    * Dropout costs one Philox call per 8 elements of every visited block, in the forward and
       once more in the backward (the mask is regenerated, not stored). Without a
       ``dropout_seed`` the seed is drawn with ``torch.randint(...).item()`` on the host: a
       graph break under ``torch.compile`` (pass a seed to compile with ``fullgraph=True``).
@@ -158,6 +161,10 @@ MIN_BLOCK = 16
 _BYTES_PER_WORD = 4
 
 _sram_bytes_override: int | None = None
+#: Software-pipelining depth of the inner loop (Triton's num_stages): the next Q_i, O_i,
+#: l_i, m_i (dO_i, dQ_i) are loaded while this step computes; safe because consecutive
+#: inner steps touch different rows (the bar.sync sits between K/V blocks).
+NUM_STAGES = 2
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,7 +284,7 @@ def _flash_v1_fwd_kernel(
                 l_new = alpha * l_i + beta * l_ij
                 # -- Algorithm 2 line 14: P~_ij^dropped = P~_ij o Z_ij / (1 - p); l stays un-dropped --
                 if HAS_DROPOUT:
-                    keep = dropout_keep(seed, pid, offs_m, offs_n, N_CTX_Q, N_CTX_K, dropout_p)
+                    keep = dropout_keep(seed, pid, offs_m, offs_n, dropout_p)
                     p = tl.where(keep, p * dropout_scale, 0.0)
                 # -- line 13: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j) --
                 # NOTE: P~_ij is cast to the input dtype for the tensor-core product, as in FA.
@@ -288,9 +295,10 @@ def _flash_v1_fwd_kernel(
                 # -- line 14: l_i = l_new, m_i = m_new --
                 tl.store(L + lm_offset + offs_m, l_new, mask=m_valid)
                 tl.store(M + lm_offset + offs_m, m_new, mask=m_valid)
-                # NOTE: the next read of these rows may come from other threads of this CTA;
-                # bar.sync makes the writes above visible to them first.
-                tl.debug_barrier()
+        # NOTE: the next K/V block reads these O_i, l_i, m_i rows again, maybe through other
+        # threads of this CTA; bar.sync makes the writes above visible to them first. Inside
+        # the inner loop each step touches other rows, so the loop can be software-pipelined.
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -389,8 +397,7 @@ def _flash_v1_bwd_kernel(
                     # -- lines 15-16: regenerate Z_ij; P_ij^dropped = P_ij o Z_ij / (1 - p) --
                     p_dropped = p
                     if HAS_DROPOUT:
-                        keep = dropout_keep(seed, off_b * NHEADS + off_h, offs_m, offs_n, N_CTX_Q, N_CTX_K,
-                                            dropout_p)
+                        keep = dropout_keep(seed, off_b * NHEADS + off_h, offs_m, offs_n, dropout_p)
                         p_dropped = tl.where(keep, p * dropout_scale, 0.0)
                     # -- line 17: dV~_j += (P_ij^dropped)^T dO_i --
                     dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=INPUT_PRECISION)
@@ -407,8 +414,9 @@ def _flash_v1_bwd_kernel(
                     tl.store(dq_ptrs, dq, mask=qo_mask)
                     # -- line 23: dK~_j += dS_ij^T Q_i (tau applied at line 25) --
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-                    # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA.
-                    tl.debug_barrier()
+        # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA (inside
+        # the loops over g and i every step touches other rows).
+        tl.debug_barrier()
         # -- line 25: write dK_j = tau dK~_j, dV_j = dV~_j --
         tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -566,7 +574,7 @@ def _launch(kernel, grid, args, *, block_m: int, block_n: int, **meta) -> None:
     """
     while True:
         try:
-            wrap_triton(kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=1, **meta)
+            wrap_triton(kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=NUM_STAGES, **meta)
             return
         except triton.runtime.errors.OutOfResources as err:
             if block_n <= MIN_BLOCK:

@@ -51,8 +51,8 @@ Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2'
 Z_ij = dropout_keep(seed, b * H + h, row, col) from ``_dropout.py``, the counter-based mask
 naive and flash_v1 draw, so the three backends agree for one seed and nothing N x N is
 stored (ctx keeps the seed). The forward drops P_ij after the row sum (l_i stays the
-softmax's normaliser) and applies 1 / (1 - p) once to O_i; the dK/dV pass regenerates Z^T
-(``_dropout_keep_t``, the same offsets transposed) for dV += (P o Z)^T dO and
+softmax's normaliser) and applies 1 / (1 - p) once to O_i; the dK/dV pass regenerates Z
+for its (query block x key block) tile and transposes it, for dV += (P o Z)^T dO and
 dP^T = (V dO^T) o Z^T / (1 - p); the dQ pass regenerates Z for dP. Delta = rowsum(dO o O)
 is unchanged (sum_j P_ij dP_ij = dO_i . O_i with the dropped O). dropout_p = 0 compiles
 every draw out (constexpr HAS_DROPOUT).
@@ -73,8 +73,9 @@ block range is computed per pass with its own tiles).
 
 Caution / known limits: ids that are not non-decreasing get no loop clipping: every block
 in the window is stepped over and its ids (BLOCK_N integers) loaded to decide the skip, and
-ranges of interleaved documents overlap, so little is skipped. Dropout costs one
-Philox draw per element of every visited block in the forward and in each backward pass;
+ranges of interleaved documents overlap, so little is skipped. Dropout costs one 7-round
+Philox call per 8 elements (``_dropout.py``) of every visited block in the forward and in
+each backward pass;
 without a dropout_seed the seed is drawn on the host (``.item()``: a graph break under
 torch.compile). The P and dS that feed the second matmul of each pair are rounded to the
 input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no TF32).
@@ -196,7 +197,7 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs
     if HAS_DROPOUT:
         # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
         # factor 1 / (1 - p) is applied to O once, after the loop --
-        keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+        keep = dropout_keep(seed, off_bh, offs_m, cols, dropout_p)
         p = tl.where(keep, p, 0.0)
     # -- acc += P_ij V_j --
     if MASKED:
@@ -368,15 +369,6 @@ def _bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _dropout_keep_t(seed, off_bh, offs_n, offs_m, Nq, Nk, dropout_p):
-    """_dropout.dropout_keep's tile transposed, (keys offs_n) x (queries offs_m): the same
-    offsets ((b * H + h) * Nq + row) * Nk + col, so the same draws as the forward's."""
-    rows = off_bh.to(tl.int64) * Nq + offs_m.to(tl.int64)
-    offsets = rows[None, :] * Nk + offs_n[:, None].to(tl.int64)
-    return tl.rand(seed, offsets) >= dropout_p
-
-
-@triton.jit
 def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
                 D: tl.constexpr, MASKED: tl.constexpr,
@@ -404,7 +396,7 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
-        keepT = _dropout_keep_t(seed, bh, offs_n, rows, Nq, Nk, dropout_p)
+        keepT = tl.trans(dropout_keep(seed, bh, rows, offs_n, dropout_p))
         dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -579,7 +571,7 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, do
     # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, off_bh, offs_m, cols, Nq, Nk, dropout_p)
+        keep = dropout_keep(seed, off_bh, offs_m, cols, dropout_p)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)

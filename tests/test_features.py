@@ -15,6 +15,7 @@ import torch
 
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+from fatrain.kernels import _dropout
 from fatrain.kernels._dropout import dropout_mask, resolve_seed
 from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_hbm_traffic
 from fatrain.kernels.varlen import cu_seqlens_to_doc_ids, varlen_attention
@@ -161,6 +162,51 @@ def test_kept_fraction_within_four_sigma(p):
         assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
         assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1])
     assert not torch.equal(masks[0], masks[1])
+
+
+def _philox4x32_7(counter, seed):
+    """Philox4x32 with 7 rounds in Python integers (Salmon et al. 2011): the documented generator."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    mask = 0xFFFFFFFF
+    for _ in range(7):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("seed", [5, 2**40 + 3])
+def test_dropout_mask_is_the_documented_philox_stream(seed):
+    # keep[b, h, r, c] = u >= round(p * 2**bits), u = bits-wide slice of Philox4x32-7 on the
+    # counter (c // group, r, b * H + h, 0); slot order inside a group as _dropout.py builds it.
+    bits, group = _dropout.DROPOUT_BITS, _dropout.GROUP_COLS
+    B, H, Nq, Nk, p = 2, 2, 5, 21, 0.3
+    mask = dropout_mask(seed, B, H, Nq, Nk, p, "cpu")
+    threshold = int(p * 2**bits + 0.5)
+    per_word = 32 // bits
+    for b in range(B):
+        for h in range(H):
+            for r in range(Nq):
+                for c in range(Nk):
+                    words = _philox4x32_7((c // group, r, b * H + h, 0), seed)
+                    slot = c % group
+                    word = (0, 2, 1, 3)[slot // per_word]
+                    piece = slot % per_word
+                    if bits == 8:
+                        piece = (0, 2, 1, 3)[piece]
+                    u = (words[word] >> (bits * piece)) & ((1 << bits) - 1)
+                    assert bool(mask[b, h, r, c]) == (u >= threshold), (b, h, r, c)
+
+
+def test_dropout_mask_does_not_depend_on_the_tiles():
+    B, H, Nq, Nk, p, seed = 1, 3, 37, 75, 0.2, 99
+    expected = dropout_mask(seed, B, H, Nq, Nk, p, "cpu")
+    for block_m, block_n in [(16, 16), (1, 32), (32, 128)]:
+        mask = torch.empty(B, H, Nq, Nk, dtype=torch.int8)
+        grid = (B * H, -(-Nq // block_m))
+        _dropout._dropout_mask_kernel[grid](mask, seed, p, Nq, Nk, BLOCK_M=block_m, BLOCK_N=block_n)
+        assert torch.equal(mask.bool(), expected), (block_m, block_n)
 
 
 @pytest.mark.parametrize("name", ["naive", "flash_v1", "sdpa"])

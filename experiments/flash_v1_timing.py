@@ -1,0 +1,82 @@
+"""Timing of flash_v1's software-pipelining depth against naive (the real benchmark is fatrain-bench).
+
+    python experiments/flash_v1_timing.py [--stages 1 2 3] [--seqlens 4096 8192] [--headdims 64 128]
+
+bf16, batch x seqlen = 16k tokens, hidden 2048 (nheads = 2048 / headdim), median of
+triton.testing.do_bench; forward and forward+backward in ms. Each stage count is checked
+against naive's output and gradients first (a race across the pipelined loads would show
+there). Prints one JSON line per measurement and a table.
+"""
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+import fatrain  # noqa: F401
+from fatrain.kernels import flash_v1, naive
+
+
+def run(fn, q, k, v, causal, mode):
+    if mode == "fwd":
+        return do_bench(lambda: fn(q, k, v, causal=causal), warmup=50, rep=300, return_mode="median")
+    dout = torch.randn_like(q)
+
+    def step():
+        out = fn(q, k, v, causal=causal)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    return do_bench(step, warmup=50, rep=300, return_mode="median")
+
+
+def rel_errors(q, k, v, causal):
+    dout = torch.randn_like(q)
+    results = []
+    for fn in (flash_v1.flash_v1_attention, naive.naive_attention):
+        out = fn(q, k, v, causal=causal)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    return [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--naive", action="store_true", help="also time naive")
+    args = parser.parse_args()
+    rows = []
+    for d in args.headdims:
+        for n in args.seqlens:
+            b, h = 16384 // n, 2048 // d
+            for causal in (False, True):
+                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                impls = [(f"flash_v1/stages={s}", s) for s in args.stages]
+                if args.naive:
+                    impls.append(("naive", None))
+                for name, stages in impls:
+                    if stages is not None:
+                        flash_v1.NUM_STAGES = stages
+                        fn = flash_v1.flash_v1_attention
+                        errs = rel_errors(q, k, v, causal) if n <= 4096 else []
+                    else:
+                        fn, errs = naive.naive_attention, []
+                    row = dict(impl=name, d=d, n=n, causal=causal, errs=[round(e, 5) for e in errs])
+                    for mode in ("fwd", "fwdbwd"):
+                        try:
+                            row[mode] = round(run(fn, q, k, v, causal, mode), 3)
+                        except torch.OutOfMemoryError:
+                            row[mode] = "OOM"
+                        torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print("| impl | d | N | causal | fwd ms | fwd+bwd ms | rel err vs naive (out, dq, dk, dv) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['d']} | {r['n']} | {r['causal']} | {r['fwd']} | {r['fwdbwd']} | {r['errs']} |")
+
+
+if __name__ == "__main__":
+    main()
