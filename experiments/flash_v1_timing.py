@@ -39,12 +39,18 @@ def rel_errors(q, k, v, causal):
     return [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results)]
 
 
+default_warps = flash_v1._num_warps
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--naive", action="store_true", help="also time naive")
+    parser.add_argument("--sram-bytes", type=int, nargs="+", default=[0],
+                        help="on-chip budgets M to try (bytes; 0: the GPU's own)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[0], help="num_warps to try (0: flash_v1's choice)")
     args = parser.parse_args()
     rows = []
     for d in args.headdims:
@@ -53,17 +59,22 @@ def main():
             for causal in (False, True):
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                            for _ in range(3))
-                impls = [(f"flash_v1/stages={s}", s) for s in args.stages]
+                impls = [(f"flash_v1/stages={s},sram={m},warps={w}", (s, m, w)) for s in args.stages
+                         for m in args.sram_bytes for w in args.warps]
                 if args.naive:
                     impls.append(("naive", None))
                 for name, stages in impls:
                     if stages is not None:
-                        flash_v1.NUM_STAGES = stages
+                        flash_v1.NUM_STAGES, sram, warps = stages
+                        flash_v1.set_sram_bytes(sram or None)
+                        flash_v1._num_warps = (lambda hd, w=warps: w) if warps else default_warps
                         fn = flash_v1.flash_v1_attention
                         errs = rel_errors(q, k, v, causal) if n <= 4096 else []
                     else:
                         fn, errs = naive.naive_attention, []
                     row = dict(impl=name, d=d, n=n, causal=causal, errs=[round(e, 5) for e in errs])
+                    if stages is not None:
+                        row["blocks"] = flash_v1._launch_blocks(n, n, d, flash_v1.device_sram_bytes("cuda"))
                     for mode in ("fwd", "fwdbwd"):
                         try:
                             row[mode] = round(run(fn, q, k, v, causal, mode), 3)
@@ -72,10 +83,11 @@ def main():
                         torch.cuda.empty_cache()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    print("| impl | d | N | causal | fwd ms | fwd+bwd ms | rel err vs naive (out, dq, dk, dv) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| impl | blocks | d | N | causal | fwd ms | fwd+bwd ms | rel err vs naive (out, dq, dk, dv) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['d']} | {r['n']} | {r['causal']} | {r['fwd']} | {r['fwdbwd']} | {r['errs']} |")
+        print(f"| {r['impl']} | {r.get('blocks', '')} | {r['d']} | {r['n']} | {r['causal']} | {r['fwd']} | "
+              f"{r['fwdbwd']} | {r['errs']} |")
 
 
 if __name__ == "__main__":

@@ -90,12 +90,12 @@ def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
     whole number of groups long."""
     BLOCK_N: tl.constexpr = offs_n.shape[0]
     G: tl.constexpr = BLOCK_N // _GROUP
-    seed64 = tl.to_tensor(seed).to(tl.uint64)
+    seed64 = tl.cast(seed, tl.uint64)
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed64 >> 32).to(tl.uint32)
     groups = (tl.max(tl.reshape(offs_n, [G, _GROUP]), axis=1) // _GROUP).to(tl.uint32)
     rows = offs_m.to(tl.uint32)
-    bh = tl.to_tensor(off_bh).to(tl.uint32)
+    bh = tl.cast(off_bh, tl.uint32)
     zero = tl.zeros([1, G], dtype=tl.uint32)
     # NOTE: counter (group, row, b * H + h, 0); the shapes broadcast to (rows, G) in round 2.
     r0, r1, r2, r3 = _philox4x32(groups[None, :], rows[:, None], bh + zero, zero, k0, k1, _ROUNDS)
@@ -106,7 +106,7 @@ def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
         lo = tl.join(words & 0xFF, (words >> 8) & 0xFF)
         hi = tl.join((words >> 16) & 0xFF, words >> 24)
         vals = tl.reshape(tl.join(lo, hi), [offs_m.shape[0], BLOCK_N])
-    threshold = (tl.to_tensor(dropout_p).to(tl.float32) * _LEVELS + 0.5).to(tl.uint32)
+    threshold = (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
     return vals >= threshold
 
 

@@ -106,9 +106,8 @@ Caution / known limits
     * A program reads back what it wrote for an earlier K/V block (O_i, l_i, m_i; dQ_i),
       possibly through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync,
       which also orders the CTA's global memory accesses) ends each outer step. The steps of
-      one inner loop touch disjoint rows, so that loop is software-pipelined
-      (``NUM_STAGES``): the next row block's loads overlap this one's arithmetic, and no
-      load crosses the barrier (the pipeliner works inside the inner loop only).
+      one inner loop touch disjoint rows, so no barrier is needed inside it (``NUM_STAGES``
+      says why its loads are still not software-pipelined).
     * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match
       PyTorch's float32 matmul.
     * The K/V blocks are loaded in the outer loop even when no Q block sees them (linear
@@ -161,10 +160,11 @@ MIN_BLOCK = 16
 _BYTES_PER_WORD = 4
 
 _sram_bytes_override: int | None = None
-#: Software-pipelining depth of the inner loop (Triton's num_stages): the next Q_i, O_i,
-#: l_i, m_i (dO_i, dQ_i) are loaded while this step computes; safe because consecutive
-#: inner steps touch different rows (the bar.sync sits between K/V blocks).
-NUM_STAGES = 2
+#: Software-pipelining depth of the inner loop (Triton's num_stages). Deeper pipelines are
+#: safe (consecutive inner steps touch different rows; the bar.sync sits between K/V blocks)
+#: but measured slower on an H100: 2 stages took 1.1-2.1x the time of 1 (forward+backward,
+#: bf16, d 64/128, N 4k/8k; experiments/flash_v1_vs_v2.md), so the loads are not pipelined.
+NUM_STAGES = 1
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Compile fatrain's Triton kernels for an H100 (sm_90a) on a machine without a GPU.
+
+    TRITON_INTERPRET=0 python experiments/compile_check.py [--only NAME ...]
+
+Catches compile errors (API gaps between Triton versions, type errors) before any device
+time is spent, and prints what ``ptxas -v`` reports per kernel variant: registers per
+thread, spill bytes and shared memory. Run it under the Triton version of the GPU machine
+(3.6 there) with e.g. ``pip install --target /tmp/t36 triton==3.6.0`` and
+``PYTHONPATH=/tmp/t36``. Kernel arguments are typed from their names (pointers bf16 or
+fp32/int32 as the launchers pass them, floats fp32, the rest i32).
+"""
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import fatrain  # noqa: E402,F401
+from fatrain.kernels import _dropout, flash_v1, flash_v2  # noqa: E402
+
+FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale"}
+FP32_POINTERS = {"LSE", "Delta", "L", "M", "O_acc", "DQ_acc"}
+INT_POINTERS = {"DOC", "DOC_RANGE", "Mask"}
+BF16_POINTERS = {"Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"}
+
+
+def signature(fn, constexprs, pointer_types):
+    """Types by name; like a real launch, unit strides of the last dim become constants 1."""
+    params = inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters
+    sig = {}
+    for name in params:
+        if re.fullmatch(r"stride_\w*d", name):
+            constexprs[name] = 1
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name in INT_POINTERS:
+            sig[name] = "*i32" if name != "Mask" else "*i8"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in BF16_POINTERS:
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def ptxas_report(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    path = "/tmp/_compile_check.ptx"
+    with open(path, "w") as f:
+        f.write(ptx)
+    res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", "/tmp/_compile_check.cubin"],
+                         capture_output=True, text=True)
+    text = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}"
+
+
+def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None):
+    constexprs = dict(constexprs)
+    sig = signature(fn, constexprs, pointer_types or {})
+    # NOTE: like a launch on real tensors: pointers and other strides divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*") or (t == "i32" and n.startswith("stride"))}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as err:  # noqa: BLE001
+        print(f"FAIL {label}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
+        return False
+    print(f"ok   {label}: shared={k.metadata.shared} {ptxas_report(k.asm['ptx'])}", flush=True)
+    return True
+
+
+def v2_cases():
+    flags = [dict(MASK_LEFT=False, MASK_RIGHT=False, HAS_DOCS=False, HAS_DROPOUT=False),
+             dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False),
+             dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=True),
+             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True)]
+    for d in (64, 128):
+        for f in flags:
+            tag = "+".join(k for k, v in f.items() if v) or "plain"
+            for bm, bn, w, s in [tuple(c.kwargs.values()) + (c.num_warps, c.num_stages)
+                                 for c in flash_v2._FWD_CONFIGS[:3]]:
+                yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
+                       dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
+            for name, kernel, configs in (("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2]),
+                                          ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2])):
+                for c in configs:
+                    yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
+                           f"s{c.num_stages}", kernel,
+                           dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c.kwargs["BLOCK_M"],
+                                BLOCK_N=c.kwargs["BLOCK_N"], **f), c.num_warps, c.num_stages)
+
+
+def v1_cases():
+    for d in (64, 128):
+        for bm, bn in ((64, 64), (64, 128), (128, 128)):
+            for drop in (False, True):
+                f = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=drop)
+                meta = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, INPUT_PRECISION="tf32", **f)
+                for w in sorted({flash_v1._num_warps(d), 8, 16}):
+                    yield (f"v1 fwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
+                           {"O": "*fp32"})
+                    yield (f"v1 bwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_bwd_kernel, meta, w, 1,
+                           {"O": "*bf16", "DQ": "*fp32"})
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=[], help="substrings of the labels to compile")
+    args = parser.parse_args()
+    print("triton", triton.__version__, "dropout bits", _dropout.DROPOUT_BITS, flush=True)
+    ok = compile_one("dropout mask kernel", _dropout._dropout_mask_kernel, dict(BLOCK_M=16, BLOCK_N=64), 4, 1,
+                     {"Mask": "*i8"})
+    for label, fn, constexprs, w, s, *ptrs in list(v2_cases()) + list(v1_cases()):
+        if args.only and not any(o in label for o in args.only):
+            continue
+        ok &= compile_one(label, fn, constexprs, w, s, *(ptrs or [None]))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
