@@ -57,12 +57,16 @@ _MASK_BLOCK_M = 16
 _MASK_BLOCK_N = 64
 
 
-#: Bits of randomness per element: 128 / DROPOUT_BITS elements share one Philox call.
-DROPOUT_BITS = int(os.environ.get("FATRAIN_DROPOUT_BITS", "16"))
-if DROPOUT_BITS not in (8, 16):
-    raise ValueError(f"FATRAIN_DROPOUT_BITS must be 8 or 16, got {DROPOUT_BITS}")
-_BITS = tl.constexpr(DROPOUT_BITS)
-#: Columns per Philox call (the group width): 8 at 16 bits, 16 at 8 bits.
+#: The generator: "philox" (one Philox4x32-7 call per 8 consecutive columns, cut into 16-bit
+#: pieces) or "pcg" (one pcg3d hash per element). An experiment switch while the two are
+#: compared on the GPU; both give 16 random bits per element.
+DROPOUT_RNG = os.environ.get("FATRAIN_DROPOUT_RNG", "philox")
+if DROPOUT_RNG not in ("philox", "pcg"):
+    raise ValueError(f"FATRAIN_DROPOUT_RNG must be 'philox' or 'pcg', got {DROPOUT_RNG!r}")
+_USE_PCG = tl.constexpr(DROPOUT_RNG == "pcg")
+#: Bits of randomness per element: dropout_p is applied in steps of 2**-16.
+DROPOUT_BITS = 16
+#: Columns per Philox call (the group width).
 GROUP_COLS = 128 // DROPOUT_BITS
 _GROUP = tl.constexpr(GROUP_COLS)
 _LEVELS = tl.constexpr(1 << DROPOUT_BITS)
@@ -84,30 +88,87 @@ def _philox4x32(c0, c1, c2, c3, k0, k1, ROUNDS: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
-    """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
-    ``off_bh = b * H + h``; ``offs_n`` is consecutive, starts on a group boundary and is a
-    whole number of groups long."""
+def _lowbias32(x):
+    """A 32-bit integer finaliser (bijective; two multiply-xorshift rounds)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _pcg3d(x, y, z):
+    """pcg3d (Jarzynski and Olano 2020, "Hash Functions for GPU Rendering"), a bijection of
+    three uint32 lanes; returns the third lane."""
+    x = x * 1664525 + 1013904223
+    y = y * 1664525 + 1013904223
+    z = z * 1664525 + 1013904223
+    x = x + y * z
+    y = y + z * x
+    z = z + x * y
+    x = x ^ (x >> 16)
+    y = y ^ (y >> 16)
+    z = z ^ (z >> 16)
+    x = x + y * z
+    y = y + z * x
+    return z + x * y
+
+
+@triton.jit
+def _random16_pcg(k0, k1, bh, cols, rows):
+    """16 random bits per element: pcg3d(col, row, key(seed, b * H + h)), high half; ``cols``
+    and ``rows`` broadcast against each other (any tile orientation)."""
+    key = _lowbias32(_lowbias32(bh ^ _lowbias32(k1)) ^ k0)
+    z = _pcg3d(cols.to(tl.uint32), rows.to(tl.uint32), key)
+    return z >> 16
+
+
+@triton.jit
+def _random16_philox(k0, k1, bh, offs_m, offs_n):
+    """16 random bits per element: Philox4x32-7 on (col // 8, row, b * H + h, 0), cut in 8."""
     BLOCK_N: tl.constexpr = offs_n.shape[0]
     G: tl.constexpr = BLOCK_N // _GROUP
-    seed64 = tl.cast(seed, tl.uint64)
-    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed64 >> 32).to(tl.uint32)
     groups = (tl.max(tl.reshape(offs_n, [G, _GROUP]), axis=1) // _GROUP).to(tl.uint32)
     rows = offs_m.to(tl.uint32)
-    bh = tl.cast(off_bh, tl.uint32)
     zero = tl.zeros([1, G], dtype=tl.uint32)
     # NOTE: counter (group, row, b * H + h, 0); the shapes broadcast to (rows, G) in round 2.
     r0, r1, r2, r3 = _philox4x32(groups[None, :], rows[:, None], bh + zero, zero, k0, k1, _ROUNDS)
     words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [offs_m.shape[0], 4 * G])
-    if _BITS == 16:
-        vals = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [offs_m.shape[0], BLOCK_N])
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), [offs_m.shape[0], BLOCK_N])
+
+
+@triton.jit
+def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
+    """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
+    ``off_bh = b * H + h``; ``offs_n`` is consecutive, starts on a group boundary and is a
+    whole number of groups long."""
+    seed64 = tl.cast(seed, tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed64 >> 32).to(tl.uint32)
+    bh = tl.cast(off_bh, tl.uint32)
+    if _USE_PCG:
+        vals = _random16_pcg(k0, k1, bh, offs_n[None, :], offs_m[:, None])
     else:
-        lo = tl.join(words & 0xFF, (words >> 8) & 0xFF)
-        hi = tl.join((words >> 16) & 0xFF, words >> 24)
-        vals = tl.reshape(tl.join(lo, hi), [offs_m.shape[0], BLOCK_N])
+        vals = _random16_philox(k0, k1, bh, offs_m, offs_n)
     threshold = (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
     return vals >= threshold
+
+
+@triton.jit
+def dropout_keep_t(seed, off_bh, offs_n, offs_m, dropout_p):
+    """``dropout_keep``'s tile transposed: (columns ``offs_n``) x (rows ``offs_m``), for kernels
+    that hold P^T (the dK/dV pass). The pcg stream is elementwise, so it is drawn in that
+    orientation directly; Philox's groups run along columns, so its tile is transposed."""
+    if _USE_PCG:
+        seed64 = tl.cast(seed, tl.uint64)
+        k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+        k1 = (seed64 >> 32).to(tl.uint32)
+        vals = _random16_pcg(k0, k1, tl.cast(off_bh, tl.uint32), offs_n[:, None], offs_m[None, :])
+        threshold = (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
+        return vals >= threshold
+    else:
+        return tl.trans(dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p))
 
 
 @triton.jit

@@ -100,7 +100,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import _dropout
 from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
-from ._dropout import dropout_keep
+from ._dropout import dropout_keep, dropout_keep_t
 
 BACKEND = "flash_v2"
 HEAD_DIMS = (16, 256)
@@ -396,7 +396,7 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
-        keepT = tl.trans(dropout_keep(seed, bh, rows, offs_n, dropout_p))
+        keepT = dropout_keep_t(seed, bh, offs_n, rows, dropout_p)
         dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -719,15 +719,16 @@ def _configs(*rows):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
-# when autotuning is off (FATRAIN_AUTOTUNE=0). Heads wider than 128 get smaller tiles so
+# when autotuning is off (FATRAIN_AUTOTUNE=0): the autotuner's usual pick on an H100 at head
+# dims 64-128 (experiments/flash_v2_notes.md). Heads wider than 128 get smaller tiles so
 # Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
-_FWD_CONFIGS = _configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+_FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
                         (128, 64, 8, 4), (128, 64, 8, 2))
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
-_DKDV_CONFIGS = _configs((32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3),
+_DKDV_CONFIGS = _configs((64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                          (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))
 _DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
-_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
+_DQ_CONFIGS = _configs((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 

@@ -176,26 +176,49 @@ def _philox4x32_7(counter, seed):
     return c0, c1, c2, c3
 
 
+def _lowbias32(x):
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _pcg3d_z(x, y, z):
+    m = 0xFFFFFFFF
+    x, y, z = ((v * 1664525 + 1013904223) & m for v in (x, y, z))
+    x = (x + y * z) & m
+    y = (y + z * x) & m
+    z = (z + x * y) & m
+    x, y, z = x ^ (x >> 16), y ^ (y >> 16), z ^ (z >> 16)
+    x = (x + y * z) & m
+    y = (y + z * x) & m
+    return (z + x * y) & m
+
+
+def _random16(seed, bh, r, c):
+    """The 16 random bits _dropout.py documents for element (b * H + h, row, col)."""
+    if _dropout.DROPOUT_RNG == "pcg":
+        key = _lowbias32(_lowbias32(bh ^ _lowbias32(seed >> 32)) ^ (seed & 0xFFFFFFFF))
+        return _pcg3d_z(c, r, key) >> 16
+    words = _philox4x32_7((c // 8, r, bh, 0), seed)
+    slot = c % 8
+    word = (0, 2, 1, 3)[slot // 2]
+    return (words[word] >> (16 * (slot % 2))) & 0xFFFF
+
+
 @pytest.mark.parametrize("seed", [5, 2**40 + 3])
-def test_dropout_mask_is_the_documented_philox_stream(seed):
-    # keep[b, h, r, c] = u >= round(p * 2**bits), u = bits-wide slice of Philox4x32-7 on the
-    # counter (c // group, r, b * H + h, 0); slot order inside a group as _dropout.py builds it.
-    bits, group = _dropout.DROPOUT_BITS, _dropout.GROUP_COLS
+def test_dropout_mask_is_the_documented_stream(seed):
+    # keep[b, h, r, c] = u >= round(p * 2**16), u the element's 16 random bits (_dropout.py).
     B, H, Nq, Nk, p = 2, 2, 5, 21, 0.3
     mask = dropout_mask(seed, B, H, Nq, Nk, p, "cpu")
-    threshold = int(p * 2**bits + 0.5)
-    per_word = 32 // bits
+    threshold = int(p * 2**16 + 0.5)
     for b in range(B):
         for h in range(H):
             for r in range(Nq):
                 for c in range(Nk):
-                    words = _philox4x32_7((c // group, r, b * H + h, 0), seed)
-                    slot = c % group
-                    word = (0, 2, 1, 3)[slot // per_word]
-                    piece = slot % per_word
-                    if bits == 8:
-                        piece = (0, 2, 1, 3)[piece]
-                    u = (words[word] >> (bits * piece)) & ((1 << bits) - 1)
+                    u = _random16(seed, b * H + h, r, c)
                     assert bool(mask[b, h, r, c]) == (u >= threshold), (b, h, r, c)
 
 
