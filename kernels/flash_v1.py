@@ -69,8 +69,8 @@ Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
     line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
 
 Dropout (Algorithm 2; the generator is ``_dropout.py``, shared with ``naive``)
-    Z_ij is ``_dropout.dropout_keep(seed, b * H + h, rows, cols, p)`` (Philox on the counter
-    (column group, row, b * H + h), 16 bits per element; counter-based),
+    Z_ij is ``_dropout.dropout_keep(seed, b * H + h, rows, cols, p)`` (a counter-based hash
+    of (seed, b * H + h, row, col), 16 bits per element),
     so the backward regenerates exactly the forward's mask from the seed and nothing
     N x N is stored; ctx keeps only the seed. ``dropout_p = 0`` compiles the draws out
     (constexpr ``HAS_DROPOUT``). ``return_dropout_mask`` rebuilds the same mask on the host
@@ -113,7 +113,7 @@ Caution / known limits
     * The K/V blocks are loaded in the outer loop even when no Q block sees them (linear
       traffic); the backward must visit them anyway to write their zero dK_j, dV_j.
     * Document skipping is not in :func:`flash_v1_hbm_traffic` (it depends on the lengths).
-    * Dropout costs one Philox call per 8 elements of every visited block, in the forward and
+    * Dropout costs one integer hash per element of every visited block, in the forward and
       once more in the backward (the mask is regenerated, not stored). Without a
       ``dropout_seed`` the seed is drawn with ``torch.randint(...).item()`` on the host: a
       graph break under ``torch.compile`` (pass a seed to compile with ``fullgraph=True``).

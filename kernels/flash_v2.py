@@ -73,9 +73,9 @@ block range is computed per pass with its own tiles).
 
 Caution / known limits: ids that are not non-decreasing get no loop clipping: every block
 in the window is stepped over and its ids (BLOCK_N integers) loaded to decide the skip, and
-ranges of interleaved documents overlap, so little is skipped. Dropout costs one 7-round
-Philox call per 8 elements (``_dropout.py``) of every visited block in the forward and in
-each backward pass;
+ranges of interleaved documents overlap, so little is skipped. Dropout costs one integer
+hash per element (``_dropout.py``) of every visited block in the forward and in each
+backward pass;
 without a dropout_seed the seed is drawn on the host (``.item()``: a graph break under
 torch.compile). The P and dS that feed the second matmul of each pair are rounded to the
 input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no TF32).
@@ -719,16 +719,16 @@ def _configs(*rows):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
-# when autotuning is off (FATRAIN_AUTOTUNE=0): the autotuner's usual pick on an H100 at head
-# dims 64-128 (experiments/flash_v2_notes.md). Heads wider than 128 get smaller tiles so
+# when autotuning is off (FATRAIN_AUTOTUNE=0), so it must fit shared memory for fp32 inputs
+# too (the autotuner skips configs that do not fit; a pinned one would fail). Heads wider than 128 get smaller tiles so
 # Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
 _FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
                         (128, 64, 8, 4), (128, 64, 8, 2))
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
-_DKDV_CONFIGS = _configs((64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+_DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                          (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))
 _DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
-_DQ_CONFIGS = _configs((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
+_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 

@@ -164,18 +164,6 @@ def test_kept_fraction_within_four_sigma(p):
     assert not torch.equal(masks[0], masks[1])
 
 
-def _philox4x32_7(counter, seed):
-    """Philox4x32 with 7 rounds in Python integers (Salmon et al. 2011): the documented generator."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    mask = 0xFFFFFFFF
-    for _ in range(7):
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
-        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
-    return c0, c1, c2, c3
-
-
 def _lowbias32(x):
     m = 0xFFFFFFFF
     x ^= x >> 16
@@ -199,13 +187,8 @@ def _pcg3d_z(x, y, z):
 
 def _random16(seed, bh, r, c):
     """The 16 random bits _dropout.py documents for element (b * H + h, row, col)."""
-    if _dropout.DROPOUT_RNG == "pcg":
-        key = _lowbias32(_lowbias32(bh ^ _lowbias32(seed >> 32)) ^ (seed & 0xFFFFFFFF))
-        return _pcg3d_z(c, r, key) >> 16
-    words = _philox4x32_7((c // 8, r, bh, 0), seed)
-    slot = c % 8
-    word = (0, 2, 1, 3)[slot // 2]
-    return (words[word] >> (16 * (slot % 2))) & 0xFFFF
+    key = _lowbias32(_lowbias32(bh ^ _lowbias32(seed >> 32)) ^ (seed & 0xFFFFFFFF))
+    return _pcg3d_z(c, r, key) >> 16
 
 
 @pytest.mark.parametrize("seed", [5, 2**40 + 3])
