@@ -163,7 +163,7 @@ _sram_bytes_override: int | None = None
 #: Software-pipelining depth of the inner loop (Triton's num_stages). Deeper pipelines are
 #: safe (consecutive inner steps touch different rows; the bar.sync sits between K/V blocks)
 #: but measured slower on an H100: 2 stages took 1.1-2.1x the time of 1 (forward+backward,
-#: bf16, d 64/128, N 4k/8k; experiments/flash_v1_vs_v2.md), so the loads are not pipelined.
+#: bf16, d 64/128, N 4k/8k; experiments/results/flash_v1_variants_h100.md): not pipelined.
 NUM_STAGES = 1
 
 
