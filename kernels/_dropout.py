@@ -94,36 +94,29 @@ def _pcg3d(x, y, z):
 
 
 @triton.jit
-def _random16(k0, k1, bh, cols, rows):
-    """16 random bits per element: pcg3d(col, row, key(seed, b * H + h)), high half; ``cols``
-    and ``rows`` broadcast against each other (any tile orientation)."""
-    key = _lowbias32(_lowbias32(bh ^ _lowbias32(k1)) ^ k0)
-    z = _pcg3d(cols.to(tl.uint32), rows.to(tl.uint32), key)
-    return z >> 16
+def _keep(seed, off_bh, cols, rows, dropout_p):
+    """u >= round(dropout_p * 2**16) with u = pcg3d(col, row, key(seed, b * H + h)).z >> 16;
+    ``cols`` and ``rows`` broadcast against each other (any tile orientation)."""
+    seed64 = tl.cast(seed, tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed64 >> 32).to(tl.uint32)
+    key = _lowbias32(_lowbias32(tl.cast(off_bh, tl.uint32) ^ _lowbias32(k1)) ^ k0)
+    u = _pcg3d(cols.to(tl.uint32), rows.to(tl.uint32), key) >> 16
+    return u >= (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
 
 
 @triton.jit
 def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
     """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
     ``off_bh = b * H + h`` (any positions: the stream is elementwise)."""
-    seed64 = tl.cast(seed, tl.uint64)
-    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed64 >> 32).to(tl.uint32)
-    vals = _random16(k0, k1, tl.cast(off_bh, tl.uint32), offs_n[None, :], offs_m[:, None])
-    threshold = (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
-    return vals >= threshold
+    return _keep(seed, off_bh, offs_n[None, :], offs_m[:, None], dropout_p)
 
 
 @triton.jit
 def dropout_keep_t(seed, off_bh, offs_n, offs_m, dropout_p):
     """``dropout_keep``'s tile transposed, (columns ``offs_n``) x (rows ``offs_m``), drawn in
     that orientation (the stream is elementwise): for kernels that hold P^T (the dK/dV pass)."""
-    seed64 = tl.cast(seed, tl.uint64)
-    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed64 >> 32).to(tl.uint32)
-    vals = _random16(k0, k1, tl.cast(off_bh, tl.uint32), offs_n[:, None], offs_m[None, :])
-    threshold = (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
-    return vals >= threshold
+    return _keep(seed, off_bh, offs_n[:, None], offs_m[None, :], dropout_p)
 
 
 @triton.jit
