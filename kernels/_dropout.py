@@ -5,27 +5,35 @@ so a kernel's backward regenerates exactly the mask its forward used from (seed,
 alone and nothing N x N is stored (FlashAttention-1, Algorithm 2 line 14 and Algorithm 4
 line 15). Kept entries are scaled by 1 / (1 - dropout_p).
 
-The generator: 16 random bits per element from a counter-based hash
-    key = lowbias32(lowbias32((b * H + h) ^ lowbias32(seed_hi)) ^ seed_lo)   (per head)
-    u   = pcg3d(col, row, key).z >> 16                                     (per element)
-    keep[b, h, r, c] = u >= round(dropout_p * 2**16)
-pcg3d is the three-lane integer hash of Jarzynski and Olano ("Hash Functions for GPU
-Rendering", JCGT 2020), a bijection of its 96 input bits built from multiply-adds and one
-xorshift; lowbias32 is a two-round multiply-xorshift finaliser (also a bijection). Each
-element is hashed on its own, so the mask is drawn in whatever register layout the kernel
-holds P in (no data movement between threads), in either orientation (``dropout_keep_t``
-for the P^T tiles of the dK/dV pass), and it does not depend on the tile shapes: every
-kernel and the host ``dropout_mask`` draw the same mask. dropout_p is applied in steps of
-2**-16 (|error| <= 7.6e-6; the scale 1 / (1 - dropout_p) is not changed).
+The generator: a product of two odd factors, one per row and one per column
+    key   = lowbias32(lowbias32((b * H + h) ^ lowbias32(seed_hi)) ^ seed_lo)   (per head)
+    mix(x, k) = (y ^ (y >> 16)) | 1   with   y = (x ^ k) * 0x9E3779B1 mod 2**32
+    R_r   = mix(row, key),   C_c = mix(col, lowbias32(key + 0x9E3779B9))   (per row, per column)
+    keep[b, h, r, c] = (R_r * C_c mod 2**32) >= min(round(dropout_p * 2**16), 2**16 - 1) * 2**16
+lowbias32 is a two-round multiply-xorshift finaliser. Multiplication by an odd number mod
+2**32 is a bijection, so for a fixed column the product is uniform over the rows (and the
+other way round), and two rows' products differ by (R_r - R_r') C_c, a shift that changes
+with every column, so no row, column, head or seed pattern repeats: neighbouring rows,
+columns (lags 1 to 256), heads and seeds are uncorrelated and the 16 keep patterns of 2 x 2
+neighbourhoods are equally frequent, within sampling error over 200 keys
+(tests/test_features.py checks one). The top 16 bits of the product are the element's random
+bits, so dropout_p is applied in steps of 2**-16 (|error| <= 7.6e-6; the scale 1 / (1 - p)
+is not changed; p >= 1 - 2**-17 keeps 1 element in 2**16). The ``| 1`` can give two rows (or
+columns) of one head the same factor, with probability 2**-31 per pair: such a pair shares its
+mask along the other axis; harmless for dropout, and documented here rather than paid for.
 
-Why not Philox: one Philox4x32-7 call per 8 consecutive columns (flash-attn's scheme, cut
-into 16-bit pieces) was measured against this on an H100 (bf16, causal, d=128, N=16384,
-each kernel's default config): forward 1.95x / 1.78x the time without dropout, forward+
-backward 1.81x / 1.51x for Philox / pcg3d. In Triton the grouped draws must be moved between
-threads (join, reshape, layout conversion through shared memory) to reach P's layout,
-and that cost more than the per-element hash's arithmetic (experiments/README.md). Both
-streams passed the same statistics (kept fraction; correlation of neighbouring rows,
-columns, heads and seeds within 2 standard errors at 2M elements).
+Cost is what decides the generator: per element of P it is one 32-bit multiply, one compare
+and one select; the row and column hashes cost O(B_r + B_c) per tile. Integer multiplies and
+logic run at a quarter of the exp2 rate or worse on an H100 SM, and P's softmax already
+limits the forward, so a full per-element hash is not free: measured on an H100 (bf16,
+causal, d=128, N=16384, default configs), pcg3d per element cost 1.78x the forward time
+without dropout and 1.51x forward+backward, and Philox4x32-7 per 8 columns (flash-attn's
+scheme) 1.95x / 1.81x, because in Triton its grouped draws must move between threads
+(join, reshape, layout conversion through shared memory) to reach P's layout. The product
+needs no data movement: each element is computed in whatever register layout the kernel
+holds P in, in either orientation (``dropout_keep_t`` for the P^T tiles of the dK/dV pass),
+and the mask does not depend on the tile shapes: every kernel and the host ``dropout_mask``
+draw the same mask (experiments/README.md has the measurements).
 
 Pieces:
     dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
@@ -76,33 +84,26 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _pcg3d(x, y, z):
-    """pcg3d (Jarzynski and Olano 2020, "Hash Functions for GPU Rendering"), a bijection of
-    three uint32 lanes; returns the third lane."""
-    x = x * 1664525 + 1013904223
-    y = y * 1664525 + 1013904223
-    z = z * 1664525 + 1013904223
-    x = x + y * z
-    y = y + z * x
-    z = z + x * y
-    x = x ^ (x >> 16)
-    y = y ^ (y >> 16)
-    z = z ^ (z >> 16)
-    x = x + y * z
-    y = y + z * x
-    return z + x * y
+def _mix(x, key):
+    """One multiply-xorshift round of x ^ key, made odd: a row's or a column's factor."""
+    x = (x ^ key) * 0x9E3779B1
+    return (x ^ (x >> 16)) | 1
 
 
 @triton.jit
 def _keep(seed, off_bh, cols, rows, dropout_p):
-    """u >= round(dropout_p * 2**16) with u = pcg3d(col, row, key(seed, b * H + h)).z >> 16;
-    ``cols`` and ``rows`` broadcast against each other (any tile orientation)."""
+    """(R_row * C_col mod 2**32) >= threshold, R and C the odd row and column factors of the
+    head's key; ``cols`` and ``rows`` broadcast against each other (any tile orientation), so
+    the factors cost a few operations per row and column, each element a multiply and a compare."""
     seed64 = tl.cast(seed, tl.uint64)
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed64 >> 32).to(tl.uint32)
     key = _lowbias32(_lowbias32(tl.cast(off_bh, tl.uint32) ^ _lowbias32(k1)) ^ k0)
-    u = _pcg3d(cols.to(tl.uint32), rows.to(tl.uint32), key) >> 16
-    return u >= (tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32)
+    key_c = _lowbias32(key + 0x9E3779B9)
+    r_hash = _mix(rows.to(tl.uint32), key)
+    c_hash = _mix(cols.to(tl.uint32), key_c)
+    level = tl.minimum((tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32), _LEVELS - 1)
+    return r_hash * c_hash >= (level << 16)
 
 
 @triton.jit

@@ -401,10 +401,13 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
+    # With dropout, dS^T = (P^T * ((V dO^T) o Z - Delta (1 - p))) / (1 - p): the 1 / (1 - p)
+    # moves to dK's epilogue, so each element costs one select and no multiply.
     delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+        dpT = tl.where(keepT, dpT, 0.0)
+        delta = delta * (1.0 - dropout_p)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -532,9 +535,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    dk *= sm_scale
     if HAS_DROPOUT:
+        dk *= sm_scale * dropout_scale
         dv *= dropout_scale
+    else:
+        dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
@@ -572,7 +577,7 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, do
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, off_bh, offs_m, cols, dropout_p)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
+        dp = tl.where(keep, dp, 0.0)  # NOTE: 1 / (1 - p) is folded into delta and dq's epilogue
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
@@ -649,6 +654,8 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
     bh = pid_bh.to(tl.int64)
     lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
     delta = tl.load(Delta + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:  # dS = (P * (dP o Z - Delta (1 - p))) / (1 - p), see _dkdv_block
+        delta = delta * (1.0 - dropout_p)
     DOC_row = DOC + off_b * stride_docb
     doc_q = 0
     q_doc_lo = 0
@@ -698,7 +705,10 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
                        offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                        MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    dq *= sm_scale
+    if HAS_DROPOUT:
+        dq *= sm_scale * dropout_scale
+    else:
+        dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
 
