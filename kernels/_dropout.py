@@ -38,6 +38,8 @@ draw the same mask (experiments/README.md has the measurements).
 Pieces:
     dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
     dropout_keep_t      the same mask for a (columns x rows) tile
+    dropout_apply       a float32 tile with the dropped entries zeroed (what the forward and
+                        dQ loops call; one inline-PTX block per element on the GPU)
     dropout_mask        host function: the full bool (B, H, Nq, Nk) keep-mask for the same
                         seed, made by a tiny kernel that calls the same helper; used by
                         ``naive``, by the debug path ``return_dropout_mask`` and by tests
@@ -56,6 +58,8 @@ Caution / known limits
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -71,6 +75,10 @@ _MASK_BLOCK_N = 64
 #: Bits of randomness per element: dropout_p is applied in steps of 2**-16.
 DROPOUT_BITS = 16
 _LEVELS = tl.constexpr(1 << DROPOUT_BITS)
+#: On the GPU the multiply, compare and select of each element are one inline-PTX block (the
+#: interpreter runs no PTX): as separate Triton ops, LLVM moves the select past the bf16
+#: conversion, which then no longer pairs two elements per instruction.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -91,19 +99,43 @@ def _mix(x, key):
 
 
 @triton.jit
-def _keep(seed, off_bh, cols, rows, dropout_p):
-    """(R_row * C_col mod 2**32) >= threshold, R and C the odd row and column factors of the
-    head's key; ``cols`` and ``rows`` broadcast against each other (any tile orientation), so
-    the factors cost a few operations per row and column, each element a multiply and a compare."""
+def _head_keys(seed, off_bh):
+    """The row and column keys of head ``off_bh = b * H + h`` (uint32 scalars)."""
     seed64 = tl.cast(seed, tl.uint64)
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed64 >> 32).to(tl.uint32)
     key = _lowbias32(_lowbias32(tl.cast(off_bh, tl.uint32) ^ _lowbias32(k1)) ^ k0)
-    key_c = _lowbias32(key + 0x9E3779B9)
-    r_hash = _mix(rows.to(tl.uint32), key)
-    c_hash = _mix(cols.to(tl.uint32), key_c)
+    return key, _lowbias32(key + 0x9E3779B9)
+
+
+@triton.jit
+def keep_from_factors(r_factor, c_factor, dropout_p):
+    """Keep-mask from row and column factors (uint32) that broadcast against each other: one
+    multiply and one compare per element."""
     level = tl.minimum((tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32), _LEVELS - 1)
-    return r_hash * c_hash >= (level << 16)
+    return r_factor.to(tl.uint32, bitcast=True) * c_factor.to(tl.uint32, bitcast=True) >= (level << 16)
+
+
+@triton.jit
+def _drop(x, r_factor, c_factor, dropout_p):
+    """x where keep_from_factors(r_factor, c_factor, dropout_p), else 0 (x float32)."""
+    if _PTX:
+        level = tl.minimum((tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32), _LEVELS - 1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred %p0; .reg .b32 %t0; mul.lo.u32 %t0, $2, $3; setp.hs.u32 %p0, %t0, $4; "
+            "selp.f32 $0, $1, 0f00000000, %p0; }",
+            "=f,f,r,r,r", [x, r_factor.to(tl.uint32, bitcast=True), c_factor.to(tl.uint32, bitcast=True),
+                           level << 16], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.where(keep_from_factors(r_factor, c_factor, dropout_p), x, 0.0)
+
+
+@triton.jit
+def _keep(seed, off_bh, cols, rows, dropout_p):
+    """(R_row * C_col mod 2**32) >= threshold, R and C the odd row and column factors of the
+    head's key; ``cols`` and ``rows`` broadcast against each other (any tile orientation)."""
+    key, key_c = _head_keys(seed, off_bh)
+    return keep_from_factors(_mix(rows.to(tl.uint32), key), _mix(cols.to(tl.uint32), key_c), dropout_p)
 
 
 @triton.jit
@@ -111,6 +143,21 @@ def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
     """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
     ``off_bh = b * H + h`` (any positions: the stream is elementwise)."""
     return _keep(seed, off_bh, offs_n[None, :], offs_m[:, None], dropout_p)
+
+
+@triton.jit
+def dropout_apply(x, seed, off_bh, offs_m, offs_n, dropout_p):
+    """The float32 tile x (rows ``offs_m`` x columns ``offs_n`` of head ``off_bh``) with the
+    entries ``dropout_keep`` drops set to 0, in one multiply, compare and select per element."""
+    key, key_c = _head_keys(seed, off_bh)
+    return _drop(x, _mix(offs_m.to(tl.uint32), key)[:, None], _mix(offs_n.to(tl.uint32), key_c)[None, :], dropout_p)
+
+
+@triton.jit
+def dropout_apply_t(x, seed, off_bh, offs_n, offs_m, dropout_p):
+    """``dropout_apply`` on a transposed float32 tile, (columns ``offs_n``) x (rows ``offs_m``)."""
+    key, key_c = _head_keys(seed, off_bh)
+    return _drop(x, _mix(offs_m.to(tl.uint32), key)[None, :], _mix(offs_n.to(tl.uint32), key_c)[:, None], dropout_p)
 
 
 @triton.jit

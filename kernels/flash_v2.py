@@ -100,7 +100,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import _dropout
 from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
-from ._dropout import dropout_keep, dropout_keep_t
+from ._dropout import dropout_apply, dropout_apply_t
 
 BACKEND = "flash_v2"
 HEAD_DIMS = (16, 256)
@@ -197,8 +197,7 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs
     if HAS_DROPOUT:
         # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
         # factor 1 / (1 - p) is applied to O once, after the loop --
-        keep = dropout_keep(seed, off_bh, offs_m, cols, dropout_p)
-        p = tl.where(keep, p, 0.0)
+        p = dropout_apply(p, seed, off_bh, offs_m, cols, dropout_p)
     # -- acc += P_ij V_j --
     if MASKED:
         v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
@@ -396,8 +395,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
-        keepT = dropout_keep_t(seed, bh, offs_n, rows, dropout_p)
-        dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # NOTE: the mask is drawn twice (here and for dP^T) rather than held across the two dots:
+        # a held bool tile made this pass spill (1.6 KB at d=128), a redraw is a multiply and a compare.
+        dv = tl.dot(dropout_apply_t(pT, seed, bh, offs_n, rows, dropout_p).to(do.dtype), do, dv,
+                    input_precision=DOT_PRECISION)
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
@@ -406,7 +407,7 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        dpT = tl.where(keepT, dpT, 0.0)
+        dpT = dropout_apply_t(dpT, seed, bh, offs_n, rows, dropout_p)
         delta = delta * (1.0 - dropout_p)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
@@ -576,8 +577,7 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, do
     # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, off_bh, offs_m, cols, dropout_p)
-        dp = tl.where(keep, dp, 0.0)  # NOTE: 1 / (1 - p) is folded into delta and dq's epilogue
+        dp = dropout_apply(dp, seed, off_bh, offs_m, cols, dropout_p)  # NOTE: 1 / (1 - p) is in delta, dq
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
@@ -736,9 +736,11 @@ _FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128
                         (128, 64, 8, 4), (128, 64, 8, 2))
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
 _DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
-                         (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))
+                         (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4),
+                         (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4))  # the last three: no spills at d=128
 _DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
-_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2))
+_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                       (128, 64, 16, 3), (128, 128, 8, 3))
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 
