@@ -421,7 +421,13 @@ def run_info(device: torch.device) -> dict:
 
 
 def git_sha() -> str:
-    """HEAD of the checkout this package runs from, '+dirty' with uncommitted changes to tracked files."""
+    """HEAD of the checkout this package runs from, '+dirty' with uncommitted changes to tracked files.
+
+    ``FATRAIN_GIT_SHA`` overrides it: a copy of the tree run elsewhere (a lent GPU machine) can
+    carry a stale ``.git``, so the scripts that run there pass the commit they were started from.
+    """
+    if os.environ.get("FATRAIN_GIT_SHA"):
+        return os.environ["FATRAIN_GIT_SHA"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

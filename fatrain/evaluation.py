@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 from typing import Any, Optional, get_type_hints
 
@@ -466,12 +465,10 @@ def environment(device: torch.device) -> dict:
 
 
 def git_sha() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    """The checkout's commit as the benchmarks record it (``FATRAIN_GIT_SHA`` overrides), or None."""
+    from .benchmarking import git_sha as checkout_sha
+    sha = checkout_sha()
+    return None if sha == "unknown" else sha
 
 
 def write_json(obj, path: str) -> None:

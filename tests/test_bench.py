@@ -176,3 +176,12 @@ def test_summarize_features(tmp_path):
     table = bench.summarize_features(str(path))
     assert {(r["window"], r["dropout_p"]): r["speedup"] for r in table} == pytest.approx(
         {(1024, 0.0): 100 / 16, (-1, 0.1): 100 / 110})
+
+
+def test_git_sha_override(monkeypatch):
+    from fatrain import evaluation
+    from fatrain.benchmarking import git_sha
+    monkeypatch.setenv("FATRAIN_GIT_SHA", "abc1234")
+    assert git_sha() == "abc1234" and evaluation.git_sha() == "abc1234"
+    monkeypatch.delenv("FATRAIN_GIT_SHA")
+    assert git_sha() != "abc1234"
