@@ -98,13 +98,16 @@ def v2_cases():
                                  for c in flash_v2._FWD_CONFIGS[:3]]:
                 yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
                        dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
-            for name, kernel, configs in (("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2]),
-                                          ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2])):
+            for name, kernel, configs, extra in (
+                    ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=False)),
+                    ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=True)),
+                    ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
                 for c in configs:
                     yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
                            f"s{c.num_stages}", kernel,
                            dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c.kwargs["BLOCK_M"],
-                                BLOCK_N=c.kwargs["BLOCK_N"], **f), c.num_warps, c.num_stages)
+                                BLOCK_N=c.kwargs["BLOCK_N"], **f, **extra), c.num_warps, c.num_stages,
+                           {"DQ": "*fp32"} if extra.get("ATOMIC_DQ") else {})
 
 
 def v1_cases():

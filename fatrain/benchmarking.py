@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import gc
 import inspect
 import itertools
@@ -59,7 +60,8 @@ MODES = ("fwd", "bwd", "fwdbwd")
 #: FLOPs of a mode relative to the forward: the backward recomputes S and P (2.5x).
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-EXTRA_IMPLS = ("flex",)
+#: Bench-only names: FlexAttention, and flash_v2 with its dQ added by atomics (deterministic=False).
+EXTRA_IMPLS = ("flex", "flash_v2_atomic")
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
            "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "gpu", "torch",
            "triton", "git_sha", "date", "note"]
@@ -291,6 +293,8 @@ def resolve_impl(name: str):
     from fatrain.kernels import get_backend
 
     try:
+        if name == "flash_v2_atomic":
+            return functools.partial(get_backend("flash_v2"), deterministic=False)
         return get_backend(name)
     except ImportError as exc:
         return exc

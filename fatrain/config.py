@@ -43,6 +43,7 @@ class AttentionConfig:
     block_m: Optional[int] = None  # flash_v2: fixed block sizes instead of autotuning (None: autotune)
     block_n: Optional[int] = None
     sram_bytes: Optional[int] = None  # flash_v1: the on-chip budget M in bytes (None: read from the GPU)
+    deterministic: Optional[bool] = None  # flash_v2: False adds dQ with atomics (faster, not bit-reproducible)
 
 
 @dataclass

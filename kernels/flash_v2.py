@@ -370,10 +370,13 @@ def _bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
+                DQ_blk, stride_dqm,
                 D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """One query block against the program's K/V block; masks as in _fwd_block."""
+                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query block against the program's K/V block; masks as in _fwd_block. ATOMIC_DQ: also
+    add this block's dS K to the float32 dQ accumulator DQ_blk (unscaled; atomics, so the order
+    of the additions, and the last bits of dQ, vary from run to run)."""
     d_ok = offs_d < D
     row_ok = rows < Nq
     # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
@@ -409,8 +412,12 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     if HAS_DROPOUT:
         dpT = dropout_apply_t(dpT, seed, bh, offs_n, rows, dropout_p)
         delta = delta * (1.0 - dropout_p)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+    dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(DQ_blk + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -418,10 +425,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
 def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k, k_doc_lo,
                     k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
-                    seed, dropout_p, dropout_scale, bh,
+                    seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -435,13 +442,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, st
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
                 dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
                                      doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, MASKED, MASK_LEFT,
-                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
+                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
                                  0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, D, MASKED, MASK_LEFT,
-                                 MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -455,11 +462,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               stride_dob, stride_dom, stride_doh, stride_dod,
               stride_dkb, stride_dkn, stride_dkh, stride_dkd,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-              stride_docb, stride_docn,
+              stride_docb, stride_docn, DQ, stride_dqb, stride_dqm, stride_dqh,
               H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -516,26 +523,27 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         bh = off_b * H + off_h
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
+        DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
-                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
+                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, False, MASK_LEFT,
-                                 MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, D, BLOCK_M, True, MASK_LEFT,
-                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
+                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -745,21 +753,26 @@ _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 
 
-def _autotuned(kernel, configs):
+def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
-    key = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT", "DOT_PRECISION"]
-    return triton.autotune(configs, key=key)(kernel)
+    key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
+                             "DOT_PRECISION", "ATOMIC_DQ") if name in kernel.arg_names]
+    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
 # One launcher per (kernel, head-dim class): HEAD_DIM > 128 picks the "wide" launcher on
 # the host, so no early_config_prune hook is needed (torch.compile replays autotuners).
 if _INTERPRET:
     _LAUNCHERS = {name: (kernel, kernel) for name, kernel in
-                  (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv), ("dq", _bwd_dq))}
+                  (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv), ("dkdv_atomic", _bwd_dkdv), ("dq", _bwd_dq))}
 else:
     _LAUNCHERS = {
         "fwd": (_autotuned(_fwd_kernel, _FWD_CONFIGS), _autotuned(_fwd_kernel, _FWD_WIDE)),
         "dkdv": (_autotuned(_bwd_dkdv, _DKDV_CONFIGS), _autotuned(_bwd_dkdv, _DKDV_WIDE)),
+        # NOTE: the autotuner runs each config on the same arguments: dQ's accumulator is zeroed
+        # before every trial and after the last.
+        "dkdv_atomic": (_autotuned(_bwd_dkdv, _DKDV_CONFIGS, reset_to_zero=["DQ"]),
+                        _autotuned(_bwd_dkdv, _DKDV_WIDE, reset_to_zero=["DQ"])),
         "dq": (_autotuned(_bwd_dq, _DQ_CONFIGS), _autotuned(_bwd_dq, _DQ_WIDE)),
     }
 
@@ -773,7 +786,7 @@ def _fixed(config: dict) -> dict:
     return dict(config) if _INTERPRET else {}
 
 
-_KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dkdv_atomic": _bwd_dkdv, "dq": _bwd_dq}
 #: Fixed tiles (block_m, block_n): powers of two in this range (tl.dot needs sides >= 16).
 FIXED_BLOCKS = (16, 256)
 
@@ -795,7 +808,7 @@ def check_blocks(block_m, block_n) -> Optional[tuple[int, int]]:
 def _fixed_meta(name: str, block_m: int, block_n: int, head_dim: int) -> dict:
     """Launch parameters of a fixed tile: block_m tiles the dimension a program owns, block_n
     the one it loops over, so the dK/dV pass (which owns keys) swaps the two."""
-    if name == "dkdv":
+    if name in ("dkdv", "dkdv_atomic"):
         meta = dict(BLOCK_M=block_n, BLOCK_N=block_m)
     else:
         meta = dict(BLOCK_M=block_m, BLOCK_N=block_n)
@@ -896,7 +909,7 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
                   window_right: int, dropout_p: float, seed: int, block_m: int,
-                  block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_n: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
@@ -915,10 +928,20 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     def grid_kv(meta):
         return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
+    # deterministic=False: the dK/dV pass also adds dS K into a float32 dQ with atomics (5
+    # matmuls instead of 7, as flash-attn's default backward); else dQ has its own pass.
+    dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
+        torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
+    dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
     args = (q, k, v, do, lse, delta, dk, dv, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
+            dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
-    _launch("dkdv", grid_kv, args, meta, D, blocks, _INTERPRETER_BWD)
+    _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args, dict(meta, ATOMIC_DQ=not deterministic), D,
+            blocks, _INTERPRETER_BWD)
+    if not deterministic:
+        scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
+        return (dq_acc * scale).to(q.dtype), dk, dv
 
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
@@ -937,7 +960,7 @@ def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_righ
 
 
 def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
-                       block_m, block_n):
+                       block_m, block_n, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -966,7 +989,8 @@ _flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
 class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m, block_n):
+    def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m, block_n,
+                deterministic):
         out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
                                     block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
@@ -974,6 +998,7 @@ class FlashV2Function(torch.autograd.Function):
         ctx.window = (window_left, window_right)
         ctx.dropout = (dropout_p, seed)  # the seed, not the mask: the backward regenerates Z
         ctx.blocks = (block_m, block_n)
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -981,8 +1006,8 @@ class FlashV2Function(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
-                                      *ctx.dropout, *ctx.blocks)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                      *ctx.dropout, *ctx.blocks, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -992,7 +1017,7 @@ class FlashV2Function(torch.autograd.Function):
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
                        dropout_seed: Optional[int] = None, return_dropout_mask: bool = False,
-                       block_m: Optional[int] = None, block_n: Optional[int] = None):
+                       block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments:
@@ -1036,6 +1061,10 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             num_warps 8 from a 128 x 64 tile up, else 4; num_stages as the autotuner's
             first config, lowered (with a warning) if the tiles do not fit in shared memory;
             a tile that does not fit even with one stage raises ValueError.
+        deterministic: True (default): dQ from its own pass, bit-identical gradients on every
+            run. False: the dK/dV pass also adds dS K into a float32 dQ with atomic adds (5
+            matmuls in the backward instead of 7, as flash-attn's and PyTorch's flash backward
+            do), so dQ's last bits depend on the order the additions land in.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
         autocast) [, lse] [, dropout_mask]
@@ -1053,13 +1082,16 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
     blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
         raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
                          f"got {q.device}")
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, p, seed, *blocks)
+    out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, p, seed, *blocks,
+                                     deterministic)
     results = [out]
     if return_lse:
         results.append(lse)

@@ -151,10 +151,11 @@ def test_append_resumes_without_repeating_rows(tmp_path):
 @pytest.mark.gpu
 def test_gpu_sweep_times_every_backend(tmp_path):
     # The CUDA path: do_bench, peak memory, FlexAttention compiled, bf16; small enough for seconds.
-    _, rows = run_main(tmp_path, ["impls=[naive,flash_v1,flash_v2,sdpa_flash,sdpa_cudnn,flex]", "seqlens=[256,1024]",
+    _, rows = run_main(tmp_path, ["impls=[naive,flash_v1,flash_v2,flash_v2_atomic,sdpa_flash,sdpa_cudnn,flex]",
+                                  "seqlens=[256,1024]",
                                   "headdims=[64]", "dtypes=[bf16]", "tokens_per_batch=4096", "hidden=512",
                                   "warmup_ms=5", "rep_ms=20"])
-    assert len(rows) == 6 * 3 * 2 * 2
+    assert len(rows) == 7 * 3 * 2 * 2
     failed = [(r["impl"], r["mode"], r["status"], r["note"]) for r in rows if r["status"] != "ok"]
     assert not failed, failed
     assert all(float(r["peak_mem_mib"]) > 0 and float(r["tflops"]) > 0 for r in rows)
@@ -185,3 +186,10 @@ def test_git_sha_override(monkeypatch):
     assert git_sha() == "abc1234" and evaluation.git_sha() == "abc1234"
     monkeypatch.delenv("FATRAIN_GIT_SHA")
     assert git_sha() != "abc1234"
+
+
+def test_flash_v2_atomic_is_a_bench_impl(tmp_path):
+    # flash_v2 with deterministic=False, timed beside the default on the same cases.
+    _, rows = run_main(tmp_path, ["impls=[flash_v2,flash_v2_atomic]", "seqlens=[32]", "modes=[fwdbwd]"])
+    assert {r["impl"] for r in rows} == {"flash_v2", "flash_v2_atomic"}
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows]

@@ -94,6 +94,40 @@ def test_gradients_are_deterministic():
         assert torch.equal(a, b)
 
 
+ATOMIC_CASES = [  # (shape, causal, window, documents, dropout_p, dtype)
+    ((1, 97, 97, 4, 1, 64), True, (-1, -1), False, 0.0, torch.float32),   # MQA: 4 heads add into one dK/dV
+    ((2, 33, 70, 4, 2, 80), False, (-1, -1), False, 0.0, torch.float16),  # Nq < Nk, head dim 80, tails
+    ((1, 70, 33, 2, 2, 16), True, (-1, -1), False, 0.0, torch.float32),   # Nq > Nk: rows that see no key
+    ((2, 40, 40, 4, 2, 16), True, (9, 0), True, 0.3, torch.float32),      # window x documents x dropout x GQA
+]
+
+
+@pytest.mark.parametrize("shape, causal, window, docs, p, dtype", ATOMIC_CASES)
+def test_atomic_dq_matches_reference(shape, causal, window, docs, p, dtype):
+    """deterministic=False: dQ added with atomics inside the dK/dV pass, same gradients."""
+    q, k, v = make_qkv(*shape, dtype=dtype)
+    B, Nq, Nk, H = shape[0], shape[1], shape[2], shape[3]
+    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
+    kwargs = dict(causal=causal, window_size=window, doc_ids=doc_ids, dropout_p=p)
+    atomic = with_seed(functools.partial(attn(), deterministic=False), SEED)
+    mask = dropout_mask(SEED, B, H, Nq, Nk, p, q.device) if p > 0 else None
+    check_backend(atomic, q, k, v, dropout_mask=mask, **kwargs)
+    # Against the deterministic pass: dK and dV are the same computation, dQ differs in rounding only.
+    dout = torch.randn(q.shape, dtype=dtype)
+    grads = {}
+    for det in (True, False):
+        out = attn()(q, k, v, dropout_seed=SEED, **dict(kwargs, deterministic=det))
+        grads[det] = torch.autograd.grad(out, (q, k, v), dout)
+    assert torch.equal(grads[True][1], grads[False][1]) and torch.equal(grads[True][2], grads[False][2])
+    assert max_err(grads[True][0], grads[False][0]) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_deterministic_is_validated():
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        attn()(q, k, v, deterministic=1)
+
+
 def test_torch_compile_fullgraph():
     q, k, v = make_qkv(1, 33, 33, 2, 1, 16, dtype=torch.float32)
     fn = attn()  # looked up outside: torch.compile traces the kernel call, not the registry
@@ -445,6 +479,33 @@ def test_gpu_window_and_documents(causal, window, docs):
     q, k, v = make_qkv(2, 1000, 1100, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
     doc_ids = torch.cumsum(torch.rand(2, 1100, device="cuda") < 0.003, dim=1) if docs else None
     check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, causal, dropout_p", [((2, 2048, 2048, 8, 2, 128), True, 0.0),
+                                                      ((2, 1000, 1100, 12, 12, 64), False, 0.1)],
+                         ids=["d128-causal-gqa", "d64-tails-dropout"])
+def test_gpu_atomic_dq(shape, causal, dropout_p):
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+    B, Nq, Nk, H = shape[:4]
+    fn = with_seed(functools.partial(attn(), deterministic=False), SEED)
+    mask = dropout_mask(SEED, B, H, Nq, Nk, dropout_p, q.device) if dropout_p else None
+    check_backend(fn, q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=mask)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_dq_under_torch_compile():
+    q, k, v = make_qkv(1, 512, 512, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(1, 512, 4, 64, dtype=torch.bfloat16, device="cuda")
+    fn = functools.partial(attn(), deterministic=False)
+    compiled = torch.compile(lambda q, k, v: fn(q, k, v, causal=True), fullgraph=True)
+    out = compiled(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = attn()(q, k, v, causal=True)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    assert max_err(out, ref) == 0
+    for a, b in zip(got, want):
+        assert max_err(a, b) < 2e-2
 
 
 @pytest.mark.gpu

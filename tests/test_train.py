@@ -61,6 +61,12 @@ def test_backends_train_and_log(attention, tmp_path):
     assert os.path.exists(result["checkpoint"])
 
 
+def test_flash_v2_trains_with_atomic_dq(tmp_path):
+    cfg = compose_train(["attention=flash_v2", "attention.deterministic=false", *FAST])
+    result = run(cfg, str(tmp_path))
+    assert result["status"] == "ok" and result["step"] == 3
+
+
 @pytest.mark.parametrize("group", ["model", "data", "optim", "trainer", "logger", "attention"])
 def test_every_group_option_composes(group):
     for option in group_options(group):
@@ -107,6 +113,7 @@ def test_typo_and_wrong_type_fail_before_work():
     ("data.seq_len=100000000", "data.seq_len"),
     ("data.path=/no/such/file.txt", "/no/such/file.txt"),
     ("model.n_kv_head=3", "model.n_kv_head=3"),
+    ("attention.deterministic=false", "attention.deterministic is used only by flash_v2"),
 ])
 def test_bad_settings_name_the_setting(override, match, tmp_path):
     cfg = compose_train([*FAST, override])
