@@ -1064,7 +1064,9 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
         deterministic: True (default): dQ from its own pass, bit-identical gradients on every
             run. False: the dK/dV pass also adds dS K into a float32 dQ with atomic adds (5
             matmuls in the backward instead of 7, as flash-attn's and PyTorch's flash backward
-            do), so dQ's last bits depend on the order the additions land in.
+            do), so dQ's last bits depend on the order the additions land in. Measured on an
+            H100 it is slower than the default (0.79-1.00x forward+backward; Triton's fp32
+            atomics and the transposed dS tile cost more than the dQ pass's recomputation).
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
         autocast) [, lse] [, dropout_mask]
