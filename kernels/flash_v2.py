@@ -125,6 +125,24 @@ def _allowed(rows, cols, Nk, seq_shift, win_left, win_right, MASK_LEFT: tl.const
 
 
 @triton.jit
+def _mask_tile(x, rows, cols, doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left, win_right, fill,
+               MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """x with the pairs no query may see set to ``fill``: the window, diagonal and Nk tail in a
+    MASKED block, and different documents wherever the block spans several (mixed_docs).
+    rows, cols (and doc_q, doc_k) broadcast to x's orientation."""
+    if MASKED:
+        allowed = _allowed(rows, cols, Nk, seq_shift, win_left, win_right, MASK_LEFT, MASK_RIGHT)
+        if HAS_DOCS:
+            if mixed_docs:
+                allowed = allowed & (doc_q == doc_k)
+        x = tl.where(allowed, x, fill)
+    elif HAS_DOCS:
+        if mixed_docs:
+            x = tl.where(doc_q == doc_k, x, fill)
+    return x
+
+
+@triton.jit
 def _doc_range(DOC_row, stride_docn, pos, Nk):
     """Document ids at key positions ``pos`` and their min and max.
 
@@ -171,16 +189,8 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs
     else:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-    if MASKED:
-        allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
-                           MASK_LEFT, MASK_RIGHT)
-        if HAS_DOCS:
-            if mixed_docs:
-                allowed = allowed & (doc_q == doc_k)
-        qk = tl.where(allowed, qk, float("-inf"))
-    elif HAS_DOCS:
-        if mixed_docs:
-            qk = tl.where(doc_q == doc_k, qk, float("-inf"))
+    qk = _mask_tile(qk, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
+                    win_right, float("-inf"), MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- m_new = max(m_i, rowmax(S_ij)) --
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED or HAS_DOCS:
@@ -385,16 +395,8 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
     # -- P^T = exp2(S^T - LSE), recomputed --
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-    if MASKED:
-        allowed = _allowed(rows[None, :], offs_n[:, None], Nk, seq_shift, win_left, win_right,
-                           MASK_LEFT, MASK_RIGHT)
-        if HAS_DOCS:
-            if mixed_docs:
-                allowed = allowed & (doc_q == doc_k)
-        pT = tl.where(allowed, pT, 0.0)
-    elif HAS_DOCS:
-        if mixed_docs:
-            pT = tl.where(doc_q == doc_k, pT, 0.0)
+    pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
+                    win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
@@ -572,16 +574,8 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, do
     # -- P = exp2(S - LSE), recomputed --
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-    if MASKED:
-        allowed = _allowed(offs_m[:, None], cols[None, :], Nk, seq_shift, win_left, win_right,
-                           MASK_LEFT, MASK_RIGHT)
-        if HAS_DOCS:
-            if mixed_docs:
-                allowed = allowed & (doc_q == doc_k)
-        p = tl.where(allowed, p, 0.0)
-    elif HAS_DOCS:
-        if mixed_docs:
-            p = tl.where(doc_q == doc_k, p, 0.0)
+    p = _mask_tile(p, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
+                   win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
