@@ -340,10 +340,12 @@ def test_unsupported_combinations_raise_clear_errors():
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned rows
+@pytest.mark.parametrize("name", ["flash_v1", "flash_v2"])
 @pytest.mark.parametrize("masking", ["window", "documents"])
-def test_flash_v1_skips_blocks_it_cannot_see(masking):
-    # Blocks are 16 x 16. NaN in K and V of keys 0..15 poisons every block pair the kernels
-    # visit (0 * NaN = NaN, even for masked entries), so finite rows prove the pairs were skipped.
+def test_flash_kernels_skip_blocks_they_cannot_see(masking, name):
+    # Blocks are 16 x 16 (all three flash_v2 passes). NaN in K and V of keys 0..15 poisons every
+    # block pair the kernels visit (0 * NaN = NaN, even for masked entries), so finite rows
+    # prove the pairs were skipped.
     N = 64
     q, k, v = make_qkv(1, N, N, 2, 2, 16, dtype=torch.float32)
     if masking == "window":
@@ -352,11 +354,13 @@ def test_flash_v1_skips_blocks_it_cannot_see(masking):
     else:
         # Documents of 16 tokens aligned with the blocks: only diagonal block pairs are visited.
         kwargs, skipped = dict(doc_ids=packed_doc_ids(1, N, [16, 16, 16, 16])), slice(16, N)
-    clean = flash_v1_attention(q, k, v, sram_bytes=SMALL_SRAM, **kwargs)
+    tiles = dict(sram_bytes=SMALL_SRAM) if name == "flash_v1" else dict(block_m=16, block_n=16)
+    attn = functools.partial(get_backend(name), **tiles, **kwargs)
+    clean = attn(q, k, v)
     k_bad, v_bad = k.detach().clone(), v.detach().clone()
     k_bad[:, :16], v_bad[:, :16] = float("nan"), float("nan")
     q2 = q.detach().clone().requires_grad_()
-    out = flash_v1_attention(q2, k_bad, v_bad, sram_bytes=SMALL_SRAM, **kwargs)
+    out = attn(q2, k_bad, v_bad)
     assert torch.isnan(out[:, :16]).any()  # the visited pairs do see the poison
     assert torch.equal(out[:, skipped], clean[:, skipped])
     out[:, skipped].sum().backward()
@@ -497,28 +501,6 @@ def test_flash_v2_fully_masked_rows_give_zeros_and_finite_lse(dropout_p):
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert torch.equal(q.grad[:, :20], torch.zeros_like(q.grad[:, :20]))
-
-
-@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned rows
-@pytest.mark.parametrize("masking", ["window", "documents"])
-def test_flash_v2_skips_blocks_it_cannot_see(masking):
-    # As the flash_v1 test above, with 16 x 16 tiles in all three passes.
-    N = 64
-    q, k, v = make_qkv(1, N, N, 2, 2, 16, dtype=torch.float32)
-    if masking == "window":
-        kwargs, skipped = dict(causal=True, window_size=(16, 0)), slice(32, N)
-    else:
-        kwargs, skipped = dict(doc_ids=packed_doc_ids(1, N, [16, 16, 16, 16])), slice(16, N)
-    attn = functools.partial(get_backend("flash_v2"), block_m=16, block_n=16, **kwargs)
-    clean = attn(q, k, v)
-    k_bad, v_bad = k.detach().clone(), v.detach().clone()
-    k_bad[:, :16], v_bad[:, :16] = float("nan"), float("nan")
-    q2 = q.detach().clone().requires_grad_()
-    out = attn(q2, k_bad, v_bad)
-    assert torch.isnan(out[:, :16]).any()
-    assert torch.equal(out[:, skipped], clean[:, skipped])
-    out[:, skipped].sum().backward()
-    assert torch.isfinite(q2.grad[:, skipped]).all()
 
 
 @pytest.mark.gpu
