@@ -32,16 +32,16 @@ without dropout and 1.51x forward+backward, and Philox4x32-7 per 8 columns (flas
 scheme) 1.95x / 1.81x, because in Triton its grouped draws must move between threads
 (join, reshape, layout conversion through shared memory) to reach P's layout. The product
 needs no data movement: each element is computed in whatever register layout the kernel
-holds P in, in either orientation (``dropout_keep_t`` for the P^T tiles of the dK/dV pass),
+holds P in, in either orientation (``dropout_apply_t`` for the P^T tiles of the dK/dV pass),
 and the mask does not depend on the tile shapes: every kernel and the host ``dropout_mask``
 draw the same mask. Measured the same way (autotuned, N = 8192 and 16384): the product costs
 1.17x forward+backward and 1.22-1.25x forward alone (experiments/README.md, session 3).
 
 Pieces:
     dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
-    dropout_keep_t      the same mask for a (columns x rows) tile
-    dropout_apply       a float32 tile with the dropped entries zeroed (what the forward and
-                        dQ loops call; one inline-PTX block per element on the GPU)
+    dropout_apply       a float32 tile with the dropped entries zeroed (what flash_v2's loops
+                        call; one inline-PTX block per element on the GPU)
+    dropout_apply_t     the same for a (columns x rows) tile
     dropout_mask        host function: the full bool (B, H, Nq, Nk) keep-mask for the same
                         seed, made by a tiny kernel that calls the same helper; used by
                         ``naive``, by the debug path ``return_dropout_mask`` and by tests
@@ -111,62 +111,54 @@ def _head_keys(seed, off_bh):
 
 
 @triton.jit
-def keep_from_factors(r_factor, c_factor, dropout_p):
-    """Keep-mask from row and column factors (uint32) that broadcast against each other: one
-    multiply and one compare per element."""
+def _factors(seed, off_bh, rows, cols):
+    """R_row and C_col of head ``off_bh = b * H + h``; rows and cols broadcast against each other
+    (any tile orientation), so each costs one hash per row or column of the tile."""
+    key, key_c = _head_keys(seed, off_bh)
+    return _mix(rows.to(tl.uint32), key), _mix(cols.to(tl.uint32), key_c)
+
+
+@triton.jit
+def _threshold(dropout_p):
+    """round(dropout_p * 2**16), at most 2**16 - 1, in the product's top 16 bits."""
     level = tl.minimum((tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32), _LEVELS - 1)
-    return r_factor.to(tl.uint32, bitcast=True) * c_factor.to(tl.uint32, bitcast=True) >= (level << 16)
+    return level << 16
 
 
 @triton.jit
 def _drop(x, r_factor, c_factor, dropout_p):
-    """x where keep_from_factors(r_factor, c_factor, dropout_p), else 0 (x float32)."""
+    """x where R * C >= threshold, else 0 (x float32): one multiply, compare and select."""
     if _PTX:
-        level = tl.minimum((tl.cast(dropout_p, tl.float32) * _LEVELS + 0.5).to(tl.uint32), _LEVELS - 1)
         return tl.inline_asm_elementwise(
             "{ .reg .pred %p0; .reg .b32 %t0; mul.lo.u32 %t0, $2, $3; setp.hs.u32 %p0, %t0, $4; "
             "selp.f32 $0, $1, 0f00000000, %p0; }",
-            "=f,f,r,r,r", [x, r_factor.to(tl.uint32, bitcast=True), c_factor.to(tl.uint32, bitcast=True),
-                           level << 16], dtype=tl.float32, is_pure=True, pack=1)
+            "=f,f,r,r,r", [x, r_factor, c_factor, _threshold(dropout_p)], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return tl.where(keep_from_factors(r_factor, c_factor, dropout_p), x, 0.0)
-
-
-@triton.jit
-def _keep(seed, off_bh, cols, rows, dropout_p):
-    """(R_row * C_col mod 2**32) >= threshold, R and C the odd row and column factors of the
-    head's key; ``cols`` and ``rows`` broadcast against each other (any tile orientation)."""
-    key, key_c = _head_keys(seed, off_bh)
-    return keep_from_factors(_mix(rows.to(tl.uint32), key), _mix(cols.to(tl.uint32), key_c), dropout_p)
+        return tl.where(r_factor * c_factor >= _threshold(dropout_p), x, 0.0)
 
 
 @triton.jit
 def dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
     """Keep-mask (True = keep) of the tile rows ``offs_m`` x columns ``offs_n`` of head
     ``off_bh = b * H + h`` (any positions: the stream is elementwise)."""
-    return _keep(seed, off_bh, offs_n[None, :], offs_m[:, None], dropout_p)
+    r_factor, c_factor = _factors(seed, off_bh, offs_m[:, None], offs_n[None, :])
+    return r_factor * c_factor >= _threshold(dropout_p)
 
 
 @triton.jit
 def dropout_apply(x, seed, off_bh, offs_m, offs_n, dropout_p):
     """The float32 tile x (rows ``offs_m`` x columns ``offs_n`` of head ``off_bh``) with the
-    entries ``dropout_keep`` drops set to 0, in one multiply, compare and select per element."""
-    key, key_c = _head_keys(seed, off_bh)
-    return _drop(x, _mix(offs_m.to(tl.uint32), key)[:, None], _mix(offs_n.to(tl.uint32), key_c)[None, :], dropout_p)
+    entries ``dropout_keep`` drops set to 0."""
+    r_factor, c_factor = _factors(seed, off_bh, offs_m[:, None], offs_n[None, :])
+    return _drop(x, r_factor, c_factor, dropout_p)
 
 
 @triton.jit
 def dropout_apply_t(x, seed, off_bh, offs_n, offs_m, dropout_p):
-    """``dropout_apply`` on a transposed float32 tile, (columns ``offs_n``) x (rows ``offs_m``)."""
-    key, key_c = _head_keys(seed, off_bh)
-    return _drop(x, _mix(offs_m.to(tl.uint32), key)[None, :], _mix(offs_n.to(tl.uint32), key_c)[:, None], dropout_p)
-
-
-@triton.jit
-def dropout_keep_t(seed, off_bh, offs_n, offs_m, dropout_p):
-    """``dropout_keep``'s tile transposed, (columns ``offs_n``) x (rows ``offs_m``), drawn in
-    that orientation (the stream is elementwise): for kernels that hold P^T (the dK/dV pass)."""
-    return _keep(seed, off_bh, offs_n[:, None], offs_m[None, :], dropout_p)
+    """``dropout_apply`` on a transposed tile, (columns ``offs_n``) x (rows ``offs_m``), drawn in
+    that orientation (the stream is elementwise): for the P^T tiles of the dK/dV pass."""
+    r_factor, c_factor = _factors(seed, off_bh, offs_m[None, :], offs_n[:, None])
+    return _drop(x, r_factor, c_factor, dropout_p)
 
 
 @triton.jit
