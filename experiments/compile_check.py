@@ -119,8 +119,10 @@ def v1_cases():
                 for w in sorted({flash_v1._num_warps(d), 8, 16}):
                     yield (f"v1 fwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
                            {"O": "*fp32"})
-                    yield (f"v1 bwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_bwd_kernel, meta, w, 1,
-                           {"O": "*bf16", "DQ": "*fp32"})
+                    for atomic in (False, True):
+                        yield (f"v1 bwd d={d} {bm}x{bn} drop={drop} w{w}{' atomic' if atomic else ''}",
+                               flash_v1._flash_v1_bwd_kernel, dict(meta, ATOMIC_DQ=atomic), w, 1,
+                               {"O": "*bf16", "DQ": "*fp32"})
 
 
 def main():

@@ -60,8 +60,9 @@ MODES = ("fwd", "bwd", "fwdbwd")
 #: FLOPs of a mode relative to the forward: the backward recomputes S and P (2.5x).
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: Bench-only names: FlexAttention, and flash_v2 with its dQ added by atomics (deterministic=False).
-EXTRA_IMPLS = ("flex", "flash_v2_atomic")
+#: Bench-only names: FlexAttention; flash_v2 with its dQ added by atomics (deterministic=False);
+#: flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1).
+EXTRA_IMPLS = ("flex", "flash_v2_atomic", "flash_v1_bh")
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
            "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "gpu", "torch",
            "triton", "git_sha", "date", "note"]
@@ -295,6 +296,8 @@ def resolve_impl(name: str):
     try:
         if name == "flash_v2_atomic":
             return functools.partial(get_backend("flash_v2"), deterministic=False)
+        if name == "flash_v1_bh":
+            return functools.partial(get_backend("flash_v1"), num_splits=1)
         return get_backend(name)
     except ImportError as exc:
         return exc
@@ -306,11 +309,12 @@ def make_call(impl, q, k, v, case: Case, doc_ids) -> Callable:
     return _registry_call(impl, q, k, v, case, doc_ids)
 
 
-def modelled_hbm_gb(case: Case, mode: str, device: torch.device) -> Optional[float]:
+def modelled_hbm_gb(case: Case, mode: str, device: torch.device, num_splits: int = 0) -> Optional[float]:
     """flash_v1's modelled HBM traffic of one call in GB (1e9 bytes), or None where there is no model.
 
     Calls ``kernels.flash_v1.flash_v1_hbm_traffic`` (forward and backward bytes, with the
-    on-chip budget of ``device_sram_bytes``), matching its arguments by name so that a
+    on-chip budget of ``device_sram_bytes`` and the ``num_splits`` the impl runs with: 0 the
+    heuristic for ``device``, 1 the paper's grid), matching its arguments by name so that a
     change of signature leaves the column empty rather than stopping the sweep.
     """
     try:
@@ -323,7 +327,8 @@ def modelled_hbm_gb(case: Case, mode: str, device: torch.device) -> Optional[flo
     dtype = DTYPES[case.dtype]
     values = {"batch": case.batch, "nheads": case.nheads, "seqlen_q": case.seqlen, "seqlen_k": case.seqlen,
               "seqlen": case.seqlen, "head_dim": case.headdim, "headdim": case.headdim, "causal": case.causal,
-              "dtype": dtype, "dtype_bytes": dtype.itemsize, "element_size": dtype.itemsize}
+              "dtype": dtype, "dtype_bytes": dtype.itemsize, "element_size": dtype.itemsize,
+              "num_splits": num_splits, "device": device}
     try:
         if hasattr(flash_v1, "device_sram_bytes"):
             values["sram_bytes"] = flash_v1.device_sram_bytes(device)
@@ -514,8 +519,8 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
     block mask and compiles once per case rather than once per mode.
     """
     row = case_row(name, mode, case)
-    if name == "flash_v1":
-        row["modelled_hbm_gb"] = modelled_hbm_gb(case, mode, device)
+    if name in ("flash_v1", "flash_v1_bh"):
+        row["modelled_hbm_gb"] = modelled_hbm_gb(case, mode, device, num_splits=1 if name == "flash_v1_bh" else 0)
     series = (name, mode, case.dtype, case.headdim, case.causal, case.window, case.doc_len, case.dropout_p)
     if isinstance(impl, Exception):
         return {**row, "status": classify(impl), "note": short(impl)}

@@ -43,7 +43,8 @@ class AttentionConfig:
     block_m: Optional[int] = None  # flash_v2: fixed block sizes instead of autotuning (None: autotune)
     block_n: Optional[int] = None
     sram_bytes: Optional[int] = None  # flash_v1: the on-chip budget M in bytes (None: read from the GPU)
-    deterministic: Optional[bool] = None  # flash_v2: False adds dQ with atomics (faster, not bit-reproducible)
+    num_splits: Optional[int] = None  # flash_v1: programs per (batch, head); 1 = the paper's grid (None: fill the GPU)
+    deterministic: Optional[bool] = None  # flash_v1/flash_v2: False adds dQ with atomics (not bit-reproducible)
 
 
 @dataclass

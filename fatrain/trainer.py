@@ -66,7 +66,7 @@ def check_precision(precision: str, device: torch.device, backend: str) -> None:
 
 # Attention settings that tune one backend, passed to its function only when set.
 BACKEND_OPTIONS = {"block_m": ("flash_v2",), "block_n": ("flash_v2",), "sram_bytes": ("flash_v1",),
-                   "deterministic": ("flash_v2",)}
+                   "num_splits": ("flash_v1",), "deterministic": ("flash_v1", "flash_v2")}
 
 
 def backend_options(attention_cfg) -> dict:

@@ -6,12 +6,27 @@ blocks, the inner loop over Q blocks, and the running output O and the softmax s
 l and m make a round trip through HBM on every inner step.
 
 Grid and ownership
-    Forward: one program per (batch, query head), ``grid = (B * H,)``: parallel over
-    batch x heads only, as FlashAttention-1 was. Backward: one program per (batch,
-    key/value head), ``grid = (B * Hkv,)``; the program loops over the H / Hkv query heads
-    that share its K/V head, so dK and dV sum over the group in registers (no atomics)
-    and every dQ row is read-modify-written by exactly one program. For MHA this is one
-    program per (batch, head), as in the paper.
+    The paper's grid (``num_splits=1``) is parallel over batch x heads only: forward
+    ``grid = (B * H, 1)``, one program per (batch, query head); backward ``grid = (B * Hkv, 1)``,
+    one program per (batch, key/value head) that loops over the H / Hkv query heads sharing
+    its K/V head, so dK and dV sum over the group in registers and every dQ row is
+    read-modify-written by exactly one program (bit-reproducible gradients).
+
+    Splits (``num_splits``; the default 0 chooses them, :func:`flash_v1_num_splits`). With
+    B * H programs an H100's 132 SMs sit mostly idle for small batches (B * H = 32 at 8k
+    tokens: a quarter of the GPU). flash-attn 1.x (the CUDA release of this algorithm) added
+    ``num_splits`` for that case, over seqlen_q in the forward and over seqlen_k in the
+    backward; fatrain does the same without changing the loops:
+      * forward ``grid = (B * H, S_f)``: program s runs Algorithm 1 for the Q blocks
+        i = s (mod S_f) only. Rows are independent in Algorithm 1, so each O_i, l_i, m_i still
+        has one owner and the output is bit-identical to the paper grid's; each program
+        loads every K_j, V_j (S_f times the K/V traffic, a linear term).
+      * backward ``grid = (B * Hkv, S_b)``: program s runs Algorithm 4's outer loop for the
+        K/V blocks j = s (mod S_b) only. dK_j, dV_j still have one owner (same sums, same
+        order), but several programs add into each dQ_i, so line 22 becomes a float32
+        ``atomic_add`` in HBM (ATOMIC_DQ): dQ is exact up to summation order, not
+        bit-reproducible. ``deterministic=True`` keeps S_b = 1.
+    Strided (mod S) ownership balances the causal triangle across the splits.
 
 Block sizes (Algorithm 1 line 2, Algorithm 4 line 3)
     B_c = ceil(M / 4d), B_r = min(B_c, d) with M the on-chip budget in float32 words:
@@ -97,10 +112,10 @@ Masking (window, causal, documents; constexprs HAS_LEFT, HAS_RIGHT, HAS_DOCS)
     out = 0, lse = MASKED_ROW_LSE and zero gradients, never NaN.
 
 Caution / known limits
-    * Slow by design next to FlashAttention-2: B * H programs only (an H100 has 132 SMs,
-      so B * H < 132 leaves SMs idle), O_i (float32), l_i and m_i read and written on
-      every inner step, O rescaled by 1 / l_new on every step, and D_i recomputed for
-      every (i, j). :func:`flash_v1_hbm_traffic` gives the modelled bytes.
+    * Slow by design next to FlashAttention-2: O_i (float32), l_i and m_i read and written on
+      every inner step, O rescaled by 1 / l_new on every step, D_i recomputed for every
+      (i, j), and with ``num_splits=1`` B * H programs only (an H100 has 132 SMs).
+      :func:`flash_v1_hbm_traffic` gives the modelled bytes.
     * O and dQ live in HBM as float32 buffers the size of q (B, Nq, H, d) each, on top of
       the output: more extra memory than flash_v2, still linear in the sequence length.
     * A program reads back what it wrote for an earlier K/V block (O_i, l_i, m_i; dQ_i),
@@ -185,6 +200,12 @@ def _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT, WIN
 
 
 @triton.jit
+def _first_owned(lo, BLOCK: tl.constexpr, split, NUM_SPLITS):
+    """The first block start >= lo (lo a multiple of BLOCK) whose block index is split mod NUM_SPLITS."""
+    return lo + ((split + NUM_SPLITS - (lo // BLOCK) % NUM_SPLITS) % NUM_SPLITS) * BLOCK
+
+
+@triton.jit
 def _doc_block(doc_base, stride_docn, offs, N_CTX_K):
     """Document ids at key positions ``offs`` and their min and max.
 
@@ -204,13 +225,18 @@ def _flash_v1_fwd_kernel(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_docb, stride_docn,
     softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, GROUP, D,
-    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed,
+    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed, NUM_SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Algorithm 1 for one (batch, query head). O is float32 in HBM; L and M are (B, H, Nq)."""
+    """Algorithm 1 for one (batch, query head) and the Q blocks i = split (mod NUM_SPLITS).
+
+    O is float32 in HBM; L and M are (B, H, Nq). With NUM_SPLITS = 1 this is the paper's
+    program; more splits give each (batch, head) NUM_SPLITS programs that own disjoint Q rows.
+    """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     off_b = pid // NHEADS
     off_h = pid % NHEADS
     off_hk = off_h // GROUP
@@ -243,8 +269,8 @@ def _flash_v1_fwd_kernel(
             m_hi = tl.minimum(start_n + BLOCK_N - diag_offset + WINDOW_LEFT, N_CTX_Q)
         if HAS_DOCS:
             doc_k, k_lo, k_hi = _doc_block(doc_base, stride_docn, offs_n, N_CTX_K)
-        # -- line 8: for 1 <= i <= T_r --
-        for start_m in range(m_lo, m_hi, BLOCK_M):
+        # -- line 8: for 1 <= i <= T_r (this program's i: i = split mod NUM_SPLITS) --
+        for start_m in range(_first_owned(m_lo, BLOCK_M, split, NUM_SPLITS), m_hi, BLOCK_M * NUM_SPLITS):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N_CTX_Q
             qo_mask = m_valid[:, None] & d_valid[None, :]
@@ -314,13 +340,20 @@ def _flash_v1_bwd_kernel(
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_docb, stride_docn,
     softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, NHEADS_K, GROUP, D,
-    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed,
+    WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed, NUM_SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Algorithm 4 for one (batch, key/value head) and the GROUP query heads that share it."""
+    """Algorithm 4 for one (batch, key/value head), the GROUP query heads that share it, and the
+    K/V blocks j = split (mod NUM_SPLITS).
+
+    With NUM_SPLITS = 1 this is the paper's program and dQ_i is read-modify-written (ATOMIC_DQ
+    off: bit-reproducible). With more splits several programs add into the same dQ_i, so
+    line 22 becomes a float32 atomic add in HBM (ATOMIC_DQ on), as flash-attn 1.x did.
+    """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     off_b = pid // NHEADS_K
     off_hk = pid % NHEADS_K
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk * stride_kh
@@ -332,8 +365,8 @@ def _flash_v1_bwd_kernel(
     d_valid = offs_d < D
     diag_offset = N_CTX_K - N_CTX_Q
 
-    # -- line 7: for 1 <= j <= T_c --
-    for start_n in range(0, N_CTX_K, BLOCK_N):
+    # -- line 7: for 1 <= j <= T_c (this program's j: j = split mod NUM_SPLITS) --
+    for start_n in range(split * BLOCK_N, N_CTX_K, BLOCK_N * NUM_SPLITS):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_CTX_K
         kv_mask = n_valid[:, None] & d_valid[None, :]
@@ -370,7 +403,7 @@ def _flash_v1_bwd_kernel(
                     doc_q, q_lo, q_hi = _doc_block(doc_base, stride_docn, offs_m + diag_offset, N_CTX_K)
                     visit = (q_lo <= k_hi) & (k_lo <= q_hi)
                 if visit:
-                    # -- line 11: load Q_i, O_i, dO_i, dQ_i, l_i, m_i --
+                    # -- line 11: load Q_i, O_i, dO_i, dQ_i (not with atomics), l_i, m_i --
                     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                                 mask=qo_mask, other=0.0)
                     o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -378,7 +411,8 @@ def _flash_v1_bwd_kernel(
                     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                                  mask=qo_mask, other=0.0)
                     dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-                    dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
+                    if not ATOMIC_DQ:
+                        dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
                     l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
                     m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
                     # -- lines 12-13: S_ij = tau Q_i K_j^T, MASK --
@@ -409,14 +443,18 @@ def _flash_v1_bwd_kernel(
                     d_i = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
                     # -- line 21: dS_ij = P_ij o (dP_ij - D_i) --
                     ds = p * (dp - d_i[:, None])
-                    # -- line 22: dQ_i += tau dS_ij K_j, read-modify-write in HBM (float32) --
-                    dq += softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-                    tl.store(dq_ptrs, dq, mask=qo_mask)
+                    # -- line 22: dQ_i += tau dS_ij K_j in HBM (float32) --
+                    dq_ij = softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+                    if ATOMIC_DQ:
+                        tl.atomic_add(dq_ptrs, dq_ij, mask=qo_mask, sem="relaxed")
+                    else:
+                        tl.store(dq_ptrs, dq + dq_ij, mask=qo_mask)
                     # -- line 23: dK~_j += dS_ij^T Q_i (tau applied at line 25) --
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
         # NOTE: dQ_i is read again for the next j, maybe by other threads of this CTA (inside
-        # the loops over g and i every step touches other rows).
-        tl.debug_barrier()
+        # the loops over g and i every step touches other rows). Atomic adds need no order.
+        if not ATOMIC_DQ:
+            tl.debug_barrier()
         # -- line 25: write dK_j = tau dK~_j, dV_j = dV~_j --
         tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -491,6 +529,58 @@ def _launch_blocks(seqlen_q: int, seqlen_k: int, head_dim: int, sram_bytes: int)
     return block_m, block_n
 
 
+#: Programs per SM the split heuristic counts as one full wave (see :func:`flash_v1_num_splits`).
+CTAS_PER_SM = 1
+#: A split count is taken once its wave efficiency is this close to the best one (flash-attn 1.x's 0.95).
+_SPLIT_EFFICIENCY = 0.95
+
+
+def flash_v1_num_splits(programs: int, blocks: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM) -> int:
+    """How many programs to give each (batch, head) so that ``programs`` of them fill ``num_sms`` SMs.
+
+    flash-attn 1.x's heuristic (its ``num_splits`` for the forward over seqlen_q and for the
+    backward over seqlen_k): for s = 1 .. ``blocks`` (the Q blocks of the forward, the K/V
+    blocks of the backward; a split owns at least one), the wave efficiency is
+    w / ceil(w) with w = programs * s / (num_sms * ctas_per_sm) waves; the smallest s within
+    0.95 of the best is taken. B x H that fills the GPU already gets 1, the paper's grid.
+    """
+    slots = max(1, num_sms * ctas_per_sm)
+    efficiency = []
+    for splits in range(1, max(1, blocks) + 1):
+        waves = programs * splits / slots
+        efficiency.append(waves / math.ceil(waves))
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, start=1) if e >= _SPLIT_EFFICIENCY * best)
+
+
+def _check_num_splits(num_splits) -> int:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the GPU's SM count, 1: the paper's "
+                         f"batch x heads grid, n > 1: n programs per (batch, head)), got {num_splits!r}")
+    return num_splits
+
+
+def resolve_num_splits(num_splits: int, deterministic: bool, batch: int, nheads: int, nheads_k: int,
+                       seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, device) -> tuple[int, int]:
+    """(forward splits over Q blocks, backward splits over K/V blocks) for one call.
+
+    ``num_splits`` 0 applies :func:`flash_v1_num_splits` on a GPU (1 on the CPU interpreter,
+    which runs programs one at a time); n >= 1 is used as given, capped at the block counts.
+    ``deterministic`` keeps the backward at one split (no atomic adds into dQ).
+    """
+    _check_num_splits(num_splits)
+    q_blocks, kv_blocks = math.ceil(seqlen_q / block_m), math.ceil(seqlen_k / block_n)
+    device = torch.device(device)
+    if num_splits == 0 and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        fwd = flash_v1_num_splits(batch * nheads, q_blocks, sms)
+        bwd = flash_v1_num_splits(batch * nheads_k, kv_blocks, sms)
+    else:
+        fwd = bwd = max(num_splits, 1)
+    fwd, bwd = max(1, min(fwd, q_blocks)), max(1, min(bwd, kv_blocks))
+    return fwd, 1 if deterministic else bwd
+
+
 @dataclasses.dataclass(frozen=True)
 class Flash1Traffic:
     """Modelled HBM bytes of one flash_v1 call; ``*_inner`` is the part moved inside the inner loop."""
@@ -500,6 +590,8 @@ class Flash1Traffic:
     backward_inner: int
     block_m: int
     block_n: int
+    fwd_splits: int = 1
+    bwd_splits: int = 1
 
 
 def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, left: int, right: int) -> int:
@@ -523,14 +615,15 @@ def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, left
 
 def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
                          dtype_bytes: int, sram_bytes: int, causal: bool,
-                         window_size: tuple[int, int] = (-1, -1)) -> Flash1Traffic:
+                         window_size: tuple[int, int] = (-1, -1), num_splits: int = 1,
+                         device=None) -> Flash1Traffic:
     """Bytes of HBM the forward and backward move, counting each load and store of Algorithms 1 and 4.
 
     Per (batch, head), with R = sum over K/V blocks j of the Q rows the inner loop visits
     (T_c * Nq without causal; T_c = ceil(Nk / B_c) with B_c about M / 4d, so R is
     Theta(Nq Nk d / M) and the inner terms are the paper's Theta(N^2 d^2 / M)), b = dtype_bytes:
 
-      forward  = b * 2 Nk d                 K_j, V_j once (line 7)
+      forward  = b * 2 Nk d * S_f           K_j, V_j once per program (line 7)
                + R * (b d + 4 d + 4 d + 4 * 4)   Q_i, O_i load + store (float32), l_i, m_i load + store
                + 4 Nq d + 8 Nq              O = 0, l = 0, m = -inf (line 3)
                + 4 Nq d + b Nq d            the final cast of O to the input dtype
@@ -543,18 +636,25 @@ def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, 
     kernels visit, so R grows as Nq * (left + right + B_r + B_c) instead of Nq * Nk. Document
     masking is not modelled (its skipped blocks depend on the document lengths): the model
     is an upper bound there. Dropout moves no extra bytes (the mask is regenerated on chip).
+
+    ``num_splits`` is flash_v1_attention's (0: the heuristic for ``device``'s SM count): S_f
+    forward programs per head each load every K_j, V_j; the backward's splits move the same
+    bytes (a split's dQ_i update is an atomic read-modify-write, counted as the load + store).
     """
     block_m, block_n = _launch_blocks(seqlen_q, seqlen_k, head_dim, _check_sram_bytes(sram_bytes))
+    fwd_splits, bwd_splits = resolve_num_splits(num_splits, False, batch, nheads, nheads, seqlen_q, seqlen_k,
+                                                block_m, block_n, device if device is not None else "cpu")
     left, right = normalize_window(window_size, causal)
     rows = _visited_rows(seqlen_q, seqlen_k, block_m, block_n, left, right)
     b, d = dtype_bytes, head_dim
     fwd_inner = rows * (b * d + 8 * d + 16)
-    fwd = 2 * b * seqlen_k * d + fwd_inner + (4 * seqlen_q * d + 8 * seqlen_q) + (4 + b) * seqlen_q * d
+    fwd = 2 * b * seqlen_k * d * fwd_splits + fwd_inner + (4 * seqlen_q * d + 8 * seqlen_q) + (4 + b) * seqlen_q * d
     bwd_inner = rows * (3 * b * d + 8 * d + 8)
     bwd = 4 * b * seqlen_k * d + bwd_inner + (8 + b) * seqlen_q * d
     heads = batch * nheads
     return Flash1Traffic(forward=heads * fwd, backward=heads * bwd, forward_inner=heads * fwd_inner,
-                         backward_inner=heads * bwd_inner, block_m=block_m, block_n=block_n)
+                         backward_inner=heads * bwd_inner, block_m=block_m, block_n=block_n,
+                         fwd_splits=fwd_splits, bwd_splits=bwd_splits)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -602,8 +702,12 @@ def _mask_args(q: torch.Tensor, window_left: int, window_right: int, doc_ids, dr
 @triton_op("fatrain::flash_v1_forward", mutates_args={})
 def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       window_left: int, window_right: int, doc_ids: Optional[torch.Tensor], dropout_p: float,
-                      seed: int, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run Algorithm 1 with Algorithm 2's mask and dropout; return out (input dtype), l and m (float32, (B, H, Nq))."""
+                      seed: int, block_m: int, block_n: int, fwd_splits: int,
+                      bwd_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Algorithm 1 with Algorithm 2's mask and dropout; return out (input dtype), l and m (float32, (B, H, Nq)).
+
+    ``fwd_splits`` programs per (batch, head) share its Q blocks; ``bwd_splits`` is for the backward.
+    """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     # -- Algorithm 1 line 3: O = 0, l = 0, m = -inf in HBM (O in float32) --
@@ -612,10 +716,10 @@ def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     m = torch.full((B, H, Nq), float("-inf"), device=q.device, dtype=torch.float32)
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
     (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
-    _launch(_flash_v1_fwd_kernel, (B * H,), (
+    _launch(_flash_v1_fwd_kernel, (B * H, fwd_splits), (
         q, k, v, o, l, m, doc,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *doc_strides,
-        softmax_scale, Nq, Nk, H, H // Hkv, D, *mask_args,
+        softmax_scale, Nq, Nk, H, H // Hkv, D, *mask_args, fwd_splits,
     ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
         **_mask_meta(window_left, window_right, doc_ids, dropout_p),
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
@@ -626,8 +730,8 @@ def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        l: torch.Tensor, m: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
                        doc_ids: Optional[torch.Tensor], dropout_p: float, seed: int,
-                       block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run Algorithm 4; return dq, dk, dv in the input dtype."""
+                       block_m: int, block_n: int, bwd_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Algorithm 4 with ``bwd_splits`` programs per (batch, K/V head); return dq, dk, dv in the input dtype."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     # -- Algorithm 4 line 6: dQ = 0 in HBM (float32, read-modify-written); dK, dV written once --
@@ -636,14 +740,15 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dv = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=v.dtype)
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
     (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
-    _launch(_flash_v1_bwd_kernel, (B * Hkv,), (
+    _launch(_flash_v1_bwd_kernel, (B * Hkv, bwd_splits), (
         q, k, v, out, do, l, m, dq, dk, dv, doc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), *doc_strides,
-        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D, *mask_args,
+        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D, *mask_args, bwd_splits,
     ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
         **_mask_meta(window_left, window_right, doc_ids, dropout_p),
-        INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
+        INPUT_PRECISION=_input_precision(q.dtype), ATOMIC_DQ=bwd_splits > 1,
+        num_warps=_num_warps(head_dim_padded))
     return dq.to(q.dtype), dk, dv
 
 
@@ -652,14 +757,14 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 # ----------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, window_left, window_right, doc_ids, dropout_p, seed, block_m, block_n = inputs
+    q, k, v, softmax_scale, window_left, window_right, doc_ids, dropout_p, seed, block_m, block_n, _, bwd_splits = inputs
     out, l, m = output
     # The seed, not the mask, is saved: the backward regenerates Z_ij (Algorithm 4 line 15).
     ctx.save_for_backward(q, k, v, out, l, m, doc_ids)
     ctx.softmax_scale = softmax_scale
     ctx.window = (window_left, window_right)
     ctx.dropout = (dropout_p, seed)
-    ctx.blocks = (block_m, block_n)
+    ctx.blocks = (block_m, block_n, bwd_splits)
 
 
 def _backward(ctx, dout, dl, dm):
@@ -667,7 +772,7 @@ def _backward(ctx, dout, dl, dm):
     q, k, v, out, l, m, doc_ids = ctx.saved_tensors
     dq, dk, dv = _flash_v1_backward(dout, q, k, v, out, l, m, ctx.softmax_scale, *ctx.window, doc_ids,
                                     *ctx.dropout, *ctx.blocks)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -679,7 +784,8 @@ _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
-                       dropout_seed: int | None = None, return_dropout_mask: bool = False, sram_bytes=None):
+                       dropout_seed: int | None = None, return_dropout_mask: bool = False, sram_bytes=None,
+                       num_splits: int = 0, deterministic: bool = False):
     """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
     Arguments:
@@ -711,6 +817,15 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             the kernels used (all True when dropout_p = 0); materialised: small shapes only
         sram_bytes: the on-chip budget M in bytes that sets the block sizes
             (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
+        num_splits: programs per (batch, head). 1 is the paper's grid (parallel over
+            batch x heads only). n > 1 gives each (batch, head) n programs: in the forward
+            they own the Q blocks i = split (mod n), in the backward the K/V blocks
+            j = split (mod n), adding into dQ with float32 atomics. 0 (default) chooses n
+            from the GPU's SM count (:func:`flash_v1_num_splits`, flash-attn 1.x's
+            heuristic), so a small batch x heads still fills the GPU; 1 on the CPU.
+        deterministic: keep the backward at one split, so dQ is read-modify-written by
+            one program and two runs give bit-identical gradients (slower when batch x
+            heads is small). The forward is deterministic at any split.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse] [, dropout_mask]
     """
@@ -727,7 +842,10 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if sram_bytes is None:
         sram_bytes = device_sram_bytes(q.device)
     block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
-    out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    splits = resolve_num_splits(num_splits, deterministic, B, H, Hkv, Nq, Nk, block_m, block_n, q.device)
+    out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n, *splits)
     results = [out]
     if return_lse:
         l, m = l.detach(), m.detach()

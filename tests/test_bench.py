@@ -188,6 +188,13 @@ def test_git_sha_override(monkeypatch):
     assert git_sha() != "abc1234"
 
 
+def test_flash_v1_bh_is_a_bench_impl(tmp_path):
+    # flash_v1 on the paper's grid (num_splits=1), with its modelled traffic like flash_v1's.
+    _, rows = run_main(tmp_path, ["impls=[flash_v1,flash_v1_bh]", "seqlens=[32]", "modes=[fwdbwd]"])
+    assert {r["impl"] for r in rows} == {"flash_v1", "flash_v1_bh"}
+    assert all(r["status"] == "ok" and float(r["modelled_hbm_gb"]) > 0 for r in rows), rows
+
+
 def test_flash_v2_atomic_is_a_bench_impl(tmp_path):
     # flash_v2 with deterministic=False, timed beside the default on the same cases.
     _, rows = run_main(tmp_path, ["impls=[flash_v2,flash_v2_atomic]", "seqlens=[32]", "modes=[fwdbwd]"])

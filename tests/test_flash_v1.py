@@ -135,6 +135,69 @@ def test_traffic_model_counts_one_pair_by_hand():
     assert (t.forward, t.backward) == (fwd, bwd)
 
 
+SPLIT_SHAPES = [  # (B, Nq, Nk, H, Hkv, D): 7 Q blocks and 7 K/V blocks of 16, or fewer than splits
+    (1, 97, 97, 4, 1, 64),
+    (1, 97, 33, 4, 2, 80),
+    (2, 33, 97, 2, 2, 16),
+]
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_splits_match_reference(shape, causal, num_splits):
+    # Programs per (batch, head): the forward's own Q blocks i = split mod n, the backward's
+    # K/V blocks j = split mod n with dQ added by atomics; 64 is more splits than blocks.
+    q, k, v = make_qkv(*shape, dtype=torch.float32)
+    attn = functools.partial(flash_v1_attention, sram_bytes=SMALL_SRAM, num_splits=num_splits)
+    check_backend(attn, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(causal=True, window_size=(20, 0)),
+    dict(causal=False, window_size=(9, 13)),
+    dict(causal=True, dropout_p=0.2, dropout_seed=3),
+    dict(causal=True, doc_ids=torch.tensor([[0] * 30 + [1] * 41 + [2] * 26])),
+], ids=["window", "two-sided", "dropout", "documents"])
+def test_splits_give_the_paper_grids_results(kwargs):
+    # Rows are independent in Algorithm 1 and a K/V block's dK, dV sums in the same order at any
+    # split, so out, dK and dV are bit-identical to num_splits=1; dQ sums in another order.
+    q, k, v = make_qkv(1, 97, 97, 4, 2, 16, dtype=torch.float32)
+    dout = torch.randn_like(q)
+    results = []
+    for n in (1, 3):
+        out = flash_v1_attention(q, k, v, sram_bytes=SMALL_SRAM, num_splits=n, **kwargs)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    (out1, dq1, dk1, dv1), (out3, dq3, dk3, dv3) = results
+    assert torch.equal(out1, out3) and torch.equal(dk1, dk3) and torch.equal(dv1, dv3)
+    torch.testing.assert_close(dq3, dq1, atol=1e-5, rtol=1e-5)
+
+
+def test_split_heuristic():
+    # flash-attn 1.x's wave-efficiency rule on an H100 (132 SMs).
+    assert flash_v1.flash_v1_num_splits(32, 128, 132) == 4  # 128 programs: 0.97 of a wave
+    assert flash_v1.flash_v1_num_splits(512, 16, 132) == 1  # 3.88 waves: B x H fills the GPU
+    assert flash_v1.flash_v1_num_splits(16, 2, 132) == 2  # capped at the block count
+    assert flash_v1.flash_v1_num_splits(1, 1, 132) == 1
+    assert flash_v1.flash_v1_num_splits(66, 8, 132) == 2
+    # The resolved pair: capped at the blocks, 1 on the CPU by default, backward 1 when deterministic.
+    args = (2, 16, 16, 8192, 8192, 64, 64)
+    assert flash_v1.resolve_num_splits(0, False, *args, "cpu") == (1, 1)
+    assert flash_v1.resolve_num_splits(4, False, *args, "cpu") == (4, 4)
+    assert flash_v1.resolve_num_splits(4, True, *args, "cpu") == (4, 1)
+    assert flash_v1.resolve_num_splits(500, False, 1, 2, 2, 100, 40, 16, 16, "cpu") == (7, 3)
+
+
+def test_deterministic_backward_is_bit_identical():
+    q, k, v = make_qkv(1, 70, 70, 2, 1, 16, dtype=torch.float32)
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        out = flash_v1_attention(q, k, v, causal=True, sram_bytes=SMALL_SRAM, num_splits=4, deterministic=True)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_unsupported_features_and_bad_input():
     # dropout, window_size and doc_ids are supported since issue 5 (tests/test_features.py).
     q = torch.randn(1, 8, 2, 16)
@@ -161,6 +224,11 @@ def test_unsupported_features_and_bad_input():
         flash_v1_attention(q, q, q, dropout_p=1.5)
     with pytest.raises(ValueError, match="softmax_scale"):
         flash_v1_attention(q, q, q, softmax_scale=0.0)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
+            flash_v1_attention(q, q, q, num_splits=bad)
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        flash_v1_attention(q, q, q, deterministic=1)
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -199,6 +267,23 @@ def test_flash_v1_gpu_lse_long_causal():
     ref, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_v1_gpu_splits(causal):
+    # B x H = 4 leaves an H100 idle, so the default splits both passes; deterministic=True keeps
+    # the backward at one program per (batch, head), bit-identical across runs.
+    q, k, v = make_qkv(1, 3001, 3001, 4, 2, 128, dtype=torch.bfloat16, device="cuda")
+    args = (1, 4, 2, 3001, 3001, *flash_v1._launch_blocks(3001, 3001, 128, flash_v1.device_sram_bytes(q.device)))
+    fwd, bwd = flash_v1.resolve_num_splits(0, False, *args, q.device)
+    assert fwd > 1 and bwd > 1
+    check_backend(flash_v1_attention, q, k, v, causal=causal)
+    check_backend(functools.partial(flash_v1_attention, deterministic=True), q, k, v, causal=causal)
+    dout = torch.randn_like(q)
+    grads = [torch.autograd.grad(flash_v1_attention(q, k, v, causal=causal, deterministic=True), (q, k, v), dout)
+             for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.gpu
