@@ -174,12 +174,13 @@ def test_splits_give_the_paper_grids_results(kwargs):
 
 
 def test_split_heuristic():
-    # flash-attn 1.x's wave-efficiency rule on an H100 (132 SMs).
-    assert flash_v1.flash_v1_num_splits(32, 128, 132) == 4  # 128 programs: 0.97 of a wave
-    assert flash_v1.flash_v1_num_splits(512, 16, 132) == 1  # 3.88 waves: B x H fills the GPU
+    # About 16 programs per SM (132 on an H100), at most 16 per (batch, head) and per block count.
+    assert flash_v1.flash_v1_num_splits(32, 128, 132) == 16  # B x H = 32 (8k tokens at d=128)
+    assert flash_v1.flash_v1_num_splits(128, 32, 132) == 16  # 2112 / 128 = 16.5, capped
+    assert flash_v1.flash_v1_num_splits(384, 16, 132) == 6  # GPT-2 small at N=1024, 32k tokens
+    assert flash_v1.flash_v1_num_splits(4096, 16, 132) == 1  # B x H alone fills the GPU
     assert flash_v1.flash_v1_num_splits(16, 2, 132) == 2  # capped at the block count
     assert flash_v1.flash_v1_num_splits(1, 1, 132) == 1
-    assert flash_v1.flash_v1_num_splits(66, 8, 132) == 2
     # The resolved pair: capped at the blocks, 1 on the CPU by default, backward 1 when deterministic.
     args = (2, 16, 16, 8192, 8192, 64, 64)
     assert flash_v1.resolve_num_splits(0, False, *args, "cpu") == (1, 1)
