@@ -46,7 +46,8 @@ Forward: Algorithm 1 (with Algorithm 2's scale tau, MASK and dropout), in ``_fla
     line 3   O = 0 (float32), l = 0, m = -inf in HBM     ``_flash_v1_forward`` (host)
     line 6   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
     line 7     load K_j, V_j to SRAM                      ``k = tl.load(...)``, ``v = tl.load(...)``
-    line 8     for 1 <= i <= T_r                          ``for start_m in range(m_lo, N_CTX_Q, BLOCK_M)``
+    line 8     for 1 <= i <= T_r                          ``for start_m in range(_first_owned(m_lo, ...),
+                                                          m_hi, BLOCK_M * NUM_SPLITS)`` (this split's i)
     line 9       load Q_i, O_i, l_i, m_i                  ``q``, ``o``, ``l_i``, ``m_i``
     line 10      S_ij = tau Q_i K_j^T, then MASK          ``s = tl.dot(q, tl.trans(k)) * softmax_scale``
     line 11      m~_ij = rowmax(S_ij)                     ``m_ij``
@@ -65,12 +66,14 @@ Forward: Algorithm 1 (with Algorithm 2's scale tau, MASK and dropout), in ``_fla
 
 Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
     line 6   dQ = 0 in HBM (float32 buffer); dK, dV written once per block   host
-    line 7   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
+    line 7   for 1 <= j <= T_c                            ``for start_n in range(split * BLOCK_N, N_CTX_K,
+                                                          BLOCK_N * NUM_SPLITS)`` (this split's j)
     line 8     load K_j, V_j                              ``k``, ``v``
     line 9     dK~_j = 0, dV~_j = 0 on chip               ``dk``, ``dv`` (float32)
                (GQA: ``for g in range(0, GROUP)`` over the query heads of this K/V head)
-    line 10    for 1 <= i <= T_r                          ``for start_m in range(m_lo, N_CTX_Q, BLOCK_M)``
-    line 11      load Q_i, O_i, dO_i, dQ_i, l_i, m_i      ``q``, ``o``, ``do``, ``dq``, ``l_i``, ``m_i``
+    line 10    for 1 <= i <= T_r                          ``for start_m in range(m_lo, m_hi, BLOCK_M)``
+    line 11      load Q_i, O_i, dO_i, dQ_i, l_i, m_i      ``q``, ``o``, ``do``, ``dq`` (not when split),
+                                                          ``l_i``, ``m_i``
     line 12-13   S_ij = tau Q_i K_j^T, MASK               ``s``
     line 14      P_ij = diag(l_i)^-1 exp(S_ij - m_i)      ``p``
     line 15-16   regenerate Z_ij; P^dropped = P_ij o Z_ij ``keep``, ``p_dropped``
@@ -78,7 +81,8 @@ Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
     line 18-19   dP_ij = (dO_i V_j^T) o Z_ij              ``dp``
     line 20      D_i = rowsum(dO_i o O_i)                 ``d_i``
     line 21      dS_ij = P_ij o (dP_ij - D_i)             ``ds``
-    line 22      dQ_i += tau dS_ij K_j -> HBM             ``dq = dq + ...; tl.store(DQ ...)``
+    line 22      dQ_i += tau dS_ij K_j -> HBM             ``tl.store(dq_ptrs, dq + dq_ij)``, or
+                                                          ``tl.atomic_add(dq_ptrs, dq_ij)`` when split
     line 23      dK~_j += tau dS_ij^T Q_i                 ``dk += tl.dot(tl.trans(ds), q)``
                  (tau is applied once when dK_j is written: the same sum)
     line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
@@ -120,7 +124,8 @@ Caution / known limits
       the output: more extra memory than flash_v2, still linear in the sequence length.
     * A program reads back what it wrote for an earlier K/V block (O_i, l_i, m_i; dQ_i),
       possibly through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync,
-      which also orders the CTA's global memory accesses) ends each outer step. The steps of
+      which also orders the CTA's global memory accesses) ends each outer step (not in a split
+      backward, whose dQ updates are atomic adds that nothing reads back). The steps of
       one inner loop touch disjoint rows, so no barrier is needed inside it (``NUM_STAGES``
       says why its loads are still not software-pipelined).
     * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match

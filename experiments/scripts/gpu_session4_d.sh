@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Session 4, GPU calls D1/D2 (about 8 minutes each on an H100): the full issue-7 training grid,
+# flash_v1 included now that it splits (issue 4), in two calls.
+#   GPT-2 small, bf16 eager, 32k tokens/step, 30 steps; BACKENDS x seq_len 1k/2k/4k/8k/16k
+# Usage: OUT=<folder> BACKENDS=flash_v1,naive,flash_v2 bash experiments/scripts/gpu_session4_d.sh
+set -u
+OUT=${OUT:-/tmp/fatrain_out}; mkdir -p "$OUT"
+export FATRAIN_CACHE=/tmp/fatrain_cache WANDB_MODE=offline PYTHONUNBUFFERED=1
+WORK=/tmp/fatrain_s4; SWEEP=$WORK/ablate; mkdir -p $WORK
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  date -u; } > $OUT/env.txt 2>&1
+cat $OUT/env.txt
+timeout 520 python3 -m fatrain.train -m experiment=ablate_backends hydra.sweep.dir=$SWEEP \
+  attention=$BACKENDS data.seq_len=1024,2048,4096,8192,16384 > $WORK/sweep.log 2>&1
+echo "sweep exit $?"
+tail -5 $WORK/sweep.log > $OUT/sweep_tail.log
+for d in $SWEEP/*/; do mkdir -p $OUT/jobs/$(basename $d)
+  (cd $d && tar --exclude=checkpoints --exclude=wandb -cf - .) | (cd $OUT/jobs/$(basename $d) && tar -xf -); done
+for d in $OUT/jobs/*/; do echo "$(basename $d): $(cat $d/result.json 2>/dev/null | head -c 300)"; done
