@@ -31,7 +31,7 @@ from fatrain.checkpoint import CheckpointError, list_checkpoints
 from fatrain.config import register_configs, validate_train_config
 from fatrain.distributed import DistEnv
 from fatrain.metrics import ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger
-from fatrain.trainer import Trainer, resolve_resume, rewind_metrics
+from fatrain.trainer import Trainer, resolve_resume, rewind_metrics, set_aside_metrics
 
 register_configs()
 
@@ -90,6 +90,8 @@ def _train(cfg: DictConfig, run_dir: str, dist_env: DistEnv) -> dict:
         trainer.resume_from(resume_path)
         if dist_env.is_main:
             rewind_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
+    elif dist_env.is_main:
+        set_aside_metrics(os.path.join(run_dir, "metrics.jsonl"))
     t = cfg.trainer
     show = t.progress_bar and dist_env.is_main
     progress = tqdm(total=t.max_steps, initial=trainer.step, desc="train", dynamic_ncols=True) if show else None

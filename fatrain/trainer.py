@@ -475,6 +475,18 @@ def resolve_resume(resume: str | None, checkpoints: CheckpointManager) -> str | 
     return resume
 
 
+def set_aside_metrics(path: str) -> str | None:
+    """A fresh run in a folder that holds another run's metrics (one saved no checkpoint):
+    move them to ``<path>.previous-<k>`` so the new series is one curve and nothing is lost."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    k = 1
+    while os.path.exists(f"{path}.previous-{k}"):
+        k += 1
+    os.replace(path, f"{path}.previous-{k}")
+    return f"{path}.previous-{k}"
+
+
 def rewind_metrics(path: str, step: int) -> None:
     """On resume, move metrics rows past the checkpoint's step aside, so the series stays one curve."""
     if not os.path.exists(path):

@@ -123,6 +123,19 @@ def test_bad_settings_name_the_setting(override, match, tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_fresh_run_without_checkpoints_sets_old_metrics_aside(tmp_path):
+    # A sweep rerun into the same folders (no checkpoints saved) must not append a second
+    # series to metrics.jsonl: the report would take medians over both runs.
+    cfg = compose_train([*FAST, "trainer.ckpt_every=0", "trainer.save_final=false"])
+    for _ in range(2):
+        run(cfg, str(tmp_path))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps.count(0) == 1 and steps == sorted(steps)
+    old = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl.previous-1")]
+    assert old == steps
+    assert not os.path.exists(tmp_path / "metrics.jsonl.previous-2")
+
+
 def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
     run(compose_train(FAST), str(tmp_path))
     before = {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))}
