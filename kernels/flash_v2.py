@@ -735,10 +735,7 @@ def _configs(*rows):
 # too (the autotuner skips configs that do not fit; a pinned one would fail). Heads wider than 128 get smaller tiles so
 # Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
 _FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                        (128, 64, 8, 4), (128, 64, 8, 2),
-                        # pinned on an H100 at d=128 non-causal (experiments/flash_v2_fwd_configs.py,
-                        # session 4): 488 and 484 TFLOP/s at N=8192 where the others gave <= 469
-                        (128, 64, 8, 5), (256, 64, 16, 3))
+                        (128, 64, 8, 4), (128, 64, 8, 2))
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
 _DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                          (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4),
@@ -748,22 +745,13 @@ _DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 6
                        (128, 64, 16, 3), (128, 128, 8, 3))
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
-#: Milliseconds of repetitions per config when autotuning (triton's default is 100). Configs
-#: within a few percent of each other were mis-ranked at 100 ms on an H100: at d=128 causal
-#: N=16384 the autotuner kept (128, 64, 8, 4) at 463-469 TFLOP/s where (128, 128, 8, 3) ran
-#: at 501 pinned (experiments/README.md, session 4).
-AUTOTUNE_REP_MS = 300
-
-
-def _bench_config(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=50, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
                              "DOT_PRECISION", "ATOMIC_DQ") if name in kernel.arg_names]
-    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_bench_config)(kernel)
+    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
 # One launcher per (kernel, head-dim class): HEAD_DIM > 128 picks the "wide" launcher on
