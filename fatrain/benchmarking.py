@@ -520,7 +520,8 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
     """
     row = case_row(name, mode, case)
     if name in ("flash_v1", "flash_v1_bh"):
-        row["modelled_hbm_gb"] = modelled_hbm_gb(case, mode, device, num_splits=1 if name == "flash_v1_bh" else 0)
+        splits = getattr(impl, "keywords", {}).get("num_splits", 0)  # flash_v1_bh is a partial with num_splits=1
+        row["modelled_hbm_gb"] = modelled_hbm_gb(case, mode, device, num_splits=splits)
     series = (name, mode, case.dtype, case.headdim, case.causal, case.window, case.doc_len, case.dropout_p)
     if isinstance(impl, Exception):
         return {**row, "status": classify(impl), "note": short(impl)}

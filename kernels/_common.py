@@ -96,6 +96,12 @@ def default_scale(softmax_scale, head_dim: int) -> float:
     return scale
 
 
+def check_deterministic(deterministic) -> bool:
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    return deterministic
+
+
 def check_dropout(dropout_p) -> float:
     p = float(dropout_p)
     if not (0.0 <= p < 1.0):

@@ -14,9 +14,10 @@ Grid and ownership
 
     Splits (``num_splits``; the default 0 chooses them, :func:`flash_v1_num_splits`). With
     B * H programs an H100's 132 SMs sit mostly idle for small batches (B * H = 32 at 8k
-    tokens: a quarter of the GPU), and each program's O/l/m rows overflow L2. flash-attn 1.x (the CUDA release of this algorithm) added
-    ``num_splits`` for that case, over seqlen_q in the forward and over seqlen_k in the
-    backward; fatrain does the same without changing the loops:
+    tokens: a quarter of the GPU), and each program's O/l/m rows overflow L2. flash-attn 1.x
+    (the CUDA release of this algorithm) added ``num_splits`` for that case, over seqlen_q in
+    the forward and over seqlen_k in the backward; fatrain does the same without changing
+    the loops:
       * forward ``grid = (B * H, S_f)``: program s runs Algorithm 1 for the Q blocks
         i = s (mod S_f) only. Rows are independent in Algorithm 1, so each O_i, l_i, m_i still
         has one owner and the output is bit-identical to the paper grid's; each program
@@ -164,7 +165,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dropout
-from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
+from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
+                      default_scale, normalize_window)
 from ._dropout import dropout_keep
 
 BACKEND = "flash_v1"
@@ -846,8 +848,7 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if sram_bytes is None:
         sram_bytes = device_sram_bytes(q.device)
     block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    check_deterministic(deterministic)
     splits = resolve_num_splits(num_splits, deterministic, B, H, Hkv, Nq, Nk, block_m, block_n, q.device)
     out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n, *splits)
     results = [out]

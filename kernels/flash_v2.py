@@ -99,7 +99,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dropout
-from ._common import MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window
+from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
+                      default_scale, normalize_window)
 from ._dropout import dropout_apply, dropout_apply_t
 
 BACKEND = "flash_v2"
@@ -1078,8 +1079,7 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
     blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    check_deterministic(deterministic)
     if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
         raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
                          f"got {q.device}")
