@@ -91,23 +91,24 @@ def v2_cases():
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False),
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=True),
              dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True)]
-    for d in (64, 128):
-        for f in flags:
-            tag = "+".join(k for k, v in f.items() if v) or "plain"
-            for bm, bn, w, s in [tuple(c.kwargs.values()) + (c.num_warps, c.num_stages)
-                                 for c in flash_v2._FWD_CONFIGS[:3]]:
-                yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
-                       dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
-            for name, kernel, configs, extra in (
-                    ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=False)),
-                    ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=True)),
-                    ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
-                for c in configs:
-                    yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
-                           f"s{c.num_stages}", kernel,
-                           dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c.kwargs["BLOCK_M"],
-                                BLOCK_N=c.kwargs["BLOCK_N"], **f, **extra), c.num_warps, c.num_stages,
-                           {"DQ": "*fp32"} if extra.get("ATOMIC_DQ") else {})
+    for d, f, tma in ((d, f, tma) for d in (64, 128) for f in flags for tma in (False, True)):
+        # tma: tiles through tensor descriptors (the H100 default), else pointer tiles
+        tag = ("+".join(k for k, v in f.items() if v) or "plain") + (" tma" if tma else "")
+        f = dict(f, USE_TMA=tma)
+        for bm, bn, w, s in [tuple(c.kwargs.values()) + (c.num_warps, c.num_stages)
+                             for c in flash_v2._FWD_CONFIGS[:3]]:
+            yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
+                   dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
+        for name, kernel, configs, extra in (
+                ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=False)),
+                ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=True)),
+                ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
+            for c in configs:
+                yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
+                       f"s{c.num_stages}", kernel,
+                       dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c.kwargs["BLOCK_M"],
+                            BLOCK_N=c.kwargs["BLOCK_N"], **f, **extra), c.num_warps, c.num_stages,
+                       {"DQ": "*fp32"} if extra.get("ATOMIC_DQ") else {})
 
 
 def v1_cases():

@@ -174,16 +174,20 @@ def _narrow_to_documents(RANGE_row, Nk, first, last, offset, lo, full_lo, full_h
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs,
+def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
                offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
     """One key block of Algorithm 1's inner loop. MASKED: a window edge, the diagonal or the Nk
-    tail crosses it; with documents the id mask applies only where the pair spans several (mixed_docs)."""
+    tail crosses it; with documents the id mask applies only where the pair spans several (mixed_docs).
+    USE_TMA: K_j and V_j come through tensor descriptors (zero fill past Nk and past D), else
+    through the pointer tiles kT_ptrs, v_ptrs."""
     d_ok = offs_d < D
     # -- S_ij = Q_i K_j^T (base 2, scaled) --
-    if MASKED:
+    if USE_TMA:
+        kT = tl.trans(K_desc.load([start_n, 0]))
+    elif MASKED:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
     elif D == HEAD_DIM:
         kT = tl.load(kT_ptrs)
@@ -210,7 +214,9 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs
         # factor 1 / (1 - p) is applied to O once, after the loop --
         p = dropout_apply(p, seed, off_bh, offs_m, cols, dropout_p)
     # -- acc += P_ij V_j --
-    if MASKED:
+    if USE_TMA:
+        v = V_desc.load([start_n, 0])
+    elif MASKED:
         v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
     elif D == HEAD_DIM:
         v = tl.load(v_ptrs)
@@ -221,13 +227,13 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k, mixed_docs
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
     """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row's window sees whole."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V_blk + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -238,15 +244,15 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, 
             doc_k, k_doc_lo, k_doc_hi = _doc_range(DOC_row, stride_docn, cols, Nk)
             if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
-                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, doc_k[None, :],
-                                           mixed_docs, offs_m, offs_d, Nk, seq_shift, win_left, win_right,
-                                           qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
-                                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q,
+                                           doc_k[None, :], mixed_docs, offs_m, offs_d, Nk, seq_shift, win_left,
+                                           win_right, qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
+                                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
         else:
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, cols, doc_q, 0, False,
-                                       offs_m, offs_d, Nk, seq_shift, win_left, win_right,
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, 0,
+                                       False, offs_m, offs_d, Nk, seq_shift, win_left, win_right,
                                        qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
-                                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
         kT_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -263,7 +269,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -290,6 +296,14 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     Q_blk = Q + off_b * stride_qb + off_h * stride_qh
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    if USE_TMA:  # the host checked stride_kd = stride_vd = 1 and 16-byte aligned rows
+        K_desc = tl.make_tensor_descriptor(K_blk, shape=[Nk, D], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        V_desc = tl.make_tensor_descriptor(V_blk, shape=[Nk, D], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        K_desc = K_blk
+        V_desc = V_blk
     DOC_row = DOC + off_b * stride_docb
     q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -327,21 +341,21 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
                                                         tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
                                                         lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                                    DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                    offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
                                    qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
-                                   MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                                DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT,
-                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                                DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
-                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
 
     # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
     empty = l_i == 0.0
@@ -379,26 +393,34 @@ def _bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
+def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
                 DQ_blk, stride_dqm,
                 D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """One query block against the program's K/V block; masks as in _fwd_block. ATOMIC_DQ: also
+                DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
+    dO rows through tensor descriptors, as K and V in _fwd_block). ATOMIC_DQ: also
     add this block's dS K to the float32 dQ accumulator DQ_blk (unscaled; atomics, so the order
     of the additions, and the last bits of dQ, vary from run to run)."""
     d_ok = offs_d < D
     row_ok = rows < Nq
     # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
-    qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+    if USE_TMA:
+        qT = tl.trans(Q_desc.load([start_m, 0]))
+    else:
+        qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
     lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
     # -- P^T = exp2(S^T - LSE), recomputed --
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
                     win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
-    do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_TMA:
+        do = DO_desc.load([start_m, 0])
+    else:
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
         # NOTE: the mask is drawn twice (here and for dP^T) rather than held across the two dots:
@@ -425,13 +447,14 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, stride_docn, doc_k, k_doc_lo,
+def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row, DOC_row, stride_docn, doc_k, k_doc_lo,
                     k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
                     seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -443,15 +466,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE_row, Delta_row, DOC_row, st
             doc_q, q_doc_lo, q_doc_hi = _doc_range(DOC_row, stride_docn, rows + seq_shift, Nk)
             if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
-                dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
-                                     doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
-                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
+                dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
+                                     rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
+                                     win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
+                                     stride_dqm, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
+                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
         else:
-            dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, LSE_row, Delta_row, rows, offs_n, offs_d,
-                                 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
+            dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
+                                 rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -469,7 +493,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -527,26 +552,37 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
+        if USE_TMA:  # the host checked stride_qd = stride_dod = 1 and 16-byte aligned rows
+            Q_desc = tl.make_tensor_descriptor(Q_blk, shape=[Nq, D], strides=[stride_qm, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+            DO_desc = tl.make_tensor_descriptor(DO_blk, shape=[Nq, D], strides=[stride_dom, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
+        else:
+            Q_desc = Q_blk
+            DO_desc = DO_blk
         if MASK_RIGHT:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
-                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
+                                     USE_TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
+                                 USE_TMA)
         if MASK_LEFT:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, LSE + bh * Nq, Delta + bh * Nq,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
-                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ)
+                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
+                                     USE_TMA)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -559,19 +595,23 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q, doc_k, mixed_docs,
+def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d, doc_q, doc_k, mixed_docs,
               Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
               D: tl.constexpr, MASKED: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """One key block of the dQ loop; masks as in _fwd_block."""
-    d_ok = offs_d < D
-    if MASKED:
-        kv_ok = d_ok[:, None] & (cols[None, :] < Nk)
+              DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key block of the dQ loop; masks (and USE_TMA) as in _fwd_block."""
+    if USE_TMA:
+        kT = tl.trans(K_desc.load([start_n, 0]))
+        vT = tl.trans(V_desc.load([start_n, 0]))
     else:
-        kv_ok = d_ok[:, None]
-    kT = tl.load(kT_ptrs, mask=kv_ok, other=0.0)
-    vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
+        d_ok = offs_d < D
+        if MASKED:
+            kv_ok = d_ok[:, None] & (cols[None, :] < Nk)
+        else:
+            kv_ok = d_ok[:, None]
+        kT = tl.load(kT_ptrs, mask=kv_ok, other=0.0)
+        vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
     # -- P = exp2(S - LSE), recomputed --
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -587,13 +627,13 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, do
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                   DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                   offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                   seed, dropout_p, dropout_scale, off_bh, Nq,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
     """Key blocks [lo, hi) against the program's query block."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
@@ -604,15 +644,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, st
             doc_k, k_doc_lo, k_doc_hi = _doc_range(DOC_row, stride_docn, cols, Nk)
             if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
-                dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q,
-                               doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right, qk_scale, seed,
-                               dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                               DOT_PRECISION, HAS_DROPOUT)
+                dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m,
+                               offs_d, doc_q, doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right,
+                               qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT,
+                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
         else:
-            dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, cols, offs_m, offs_d, doc_q,
-                           0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
+            dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d,
+                           doc_q, 0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
                            dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                           DOT_PRECISION, HAS_DROPOUT)
+                           DOT_PRECISION, HAS_DROPOUT, USE_TMA)
         kT_ptrs += BLOCK_N * stride_kn
         vT_ptrs += BLOCK_N * stride_vn
     return dq
@@ -629,7 +669,7 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
             H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -670,6 +710,14 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
 
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    if USE_TMA:  # as in _fwd_kernel
+        K_desc = tl.make_tensor_descriptor(K_blk, shape=[Nk, D], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        V_desc = tl.make_tensor_descriptor(V_blk, shape=[Nk, D], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        K_desc = K_blk
+        V_desc = V_blk
     # Key range: masked [lo, full_lo), seen whole by every row [full_lo, full_hi), masked
     # [full_hi, hi) (causal diagonal, window edges, Nk tail, documents); keys outside [lo, hi)
     # are invisible to every row and never loaded. Computed inline so the default case keeps
@@ -693,21 +741,21 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
                                                         tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
                                                         lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                            DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                            offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
                            win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
-                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                        offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, False,
-                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, stride_kn, stride_kd, stride_vn, stride_vd,
+                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                        offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
-                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT)
+                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
     if HAS_DROPOUT:
         dq *= sm_scale * dropout_scale
     else:
@@ -751,7 +799,7 @@ _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
@@ -838,6 +886,49 @@ def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tup
             fixed["num_stages"] -= 1
 
 
+#: FATRAIN_TMA: "auto" (default) loads tiles through Hopper's tensor memory accelerator on
+#: CUDA GPUs of compute capability 9 and up; "0" never (pointer tiles everywhere); "1" also
+#: under the CPU interpreter (what the CPU tests use to check the descriptor path).
+_TMA = os.environ.get("FATRAIN_TMA", "auto")
+if _TMA not in ("auto", "0", "1"):
+    raise ValueError(f"FATRAIN_TMA must be auto, 0 or 1, got {_TMA!r}")
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global memory for the kernels' on-device tensor descriptors (128 bytes per descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """True when the tiles of ``tensors`` can come through tensor descriptors: a TMA-capable
+    device (or FATRAIN_TMA=1 in the interpreter), unit stride along d and every other stride
+    and the start 16-byte aligned (the copy engine's rule). Else the kernels use pointer tiles.
+
+    NOTE: a descriptor is made per program in global scratch from triton's allocator; one is
+    set here when the caller has none (the allocator is a context variable, and autograd runs
+    the backward in another thread, so this runs before every launch that needs it).
+    """
+    if _TMA == "0":
+        return False
+    device = tensors[0].device
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            return False
+    elif not (_INTERPRET and _TMA == "1"):
+        return False
+    for t in tensors:  # (B, N, H, D): a descriptor per (b, h) over its (N, D) rows
+        size = t.element_size()
+        (nb, _, nh, _), (sb, sn, sh, sd) = t.shape, t.stride()
+        if sd != 1 or sn <= 0 or (sn * size) % 16 or (t.storage_offset() * size) % 16:
+            return False
+        if (nb > 1 and (sb * size) % 16) or (nh > 1 and (sh * size) % 16):
+            return False
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # NOTE: Triton's default for a float32 dot is TF32 (about 1e-3 relative error);
     # float32 callers get IEEE float32. For fp16/bf16 the setting has no effect.
@@ -896,7 +987,7 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     args = (q, k, v, out, lse, *doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE)
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=_use_tma(k, v))
     _launch("fwd", grid, args, meta, D, (block_m, block_n), _INTERPRETER_FWD)
     return out, lse
 
@@ -915,6 +1006,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
     meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype))
     blocks = (block_m, block_n)
+    tma_dkdv = _use_tma(q, do)
+    tma_dq = _use_tma(k, v)
 
     wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, Nq,
@@ -932,8 +1025,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
-    _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args, dict(meta, ATOMIC_DQ=not deterministic), D,
-            blocks, _INTERPRETER_BWD)
+    _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv), D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
         return (dq_acc * scale).to(q.dtype), dk, dv
@@ -944,7 +1037,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     args = (q, k, v, do, lse, delta, dq, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
-    _launch("dq", grid_q, args, meta, D, blocks, _INTERPRETER_DQ)
+    _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks, _INTERPRETER_DQ)
     return dq, dk, dv
 
 

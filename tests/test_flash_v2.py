@@ -122,6 +122,62 @@ def test_atomic_dq_matches_reference(shape, causal, window, docs, p, dtype):
     assert max_err(grads[True][0], grads[False][0]) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+TMA_CASES = [  # (shape, causal, window, documents, dropout_p, dtype, strided)
+    ((1, 97, 97, 4, 1, 64), True, (-1, -1), False, 0.0, torch.float32, False),   # MQA, tails of 97
+    ((2, 33, 70, 4, 2, 80), False, (-1, -1), False, 0.0, torch.float16, False),  # head dim 80: zero fill past d
+    ((1, 70, 33, 2, 2, 16), True, (-1, -1), False, 0.0, torch.float32, True),    # strided k, v (descriptors), q (not)
+    ((2, 40, 40, 4, 2, 16), True, (9, 0), True, 0.3, torch.float32, False),      # window x documents x dropout x GQA
+]
+
+
+@pytest.fixture
+def tensor_descriptors(monkeypatch):
+    """The kernels load tiles through tensor descriptors (the H100 path) in the interpreter too."""
+    from fatrain.kernels import flash_v2
+    monkeypatch.setattr(flash_v2, "_TMA", "1")
+    return flash_v2
+
+
+@pytest.mark.parametrize("shape, causal, window, docs, p, dtype, strided", TMA_CASES)
+def test_tensor_descriptor_loads_match_reference_and_pointer_loads(tensor_descriptors, monkeypatch, shape, causal,
+                                                                    window, docs, p, dtype, strided):
+    q, k, v = make_qkv(*shape, dtype=dtype, strided=strided)
+    assert tensor_descriptors._use_tma(k, v)
+    B, Nq, Nk, H = shape[0], shape[1], shape[2], shape[3]
+    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
+    kwargs = dict(causal=causal, window_size=window, doc_ids=doc_ids, dropout_p=p)
+    mask = dropout_mask(SEED, B, H, Nq, Nk, p, q.device) if p > 0 else None
+    check_backend(with_seed(attn(), SEED), q, k, v, dropout_mask=mask, **kwargs)
+    # The same arithmetic on the same tiles as the pointer loads; the interpreter's matmuls
+    # (numpy) may sum a transposed tile in another order, so equal up to rounding.
+    dout = torch.randn(q.shape, dtype=dtype)
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setattr(tensor_descriptors, "_TMA", mode)
+        out, lse = attn()(q, k, v, dropout_seed=SEED, return_lse=True, **kwargs)
+        results[mode] = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(results["1"], results["0"]):
+        assert max_err(a, b) <= (1e-5 if dtype == torch.float32 else 4e-3) * max(1.0, b.abs().max().item())
+
+
+def test_tensor_descriptors_only_where_the_copy_engine_can_read(tensor_descriptors):
+    use = tensor_descriptors._use_tma
+    x = torch.randn(2, 17, 4, 64)
+    assert use(x) and use(x.transpose(1, 2).contiguous().transpose(1, 2))  # (B, H, N, D) storage
+    assert not use(x[..., ::2])                           # d not contiguous
+    assert not use(torch.randn(2, 17, 4, 65)[..., 1:])    # start 4 bytes past an aligned address
+    assert not use(torch.randn(1, 17, 1, 20, dtype=torch.float16))  # rows 40 bytes apart
+    assert not use(torch.randn(1, 1, 4, 64).expand(1, 17, 4, 64))  # rows 0 bytes apart (an expanded grad)
+    assert use(torch.randn(1, 17, 1, 24, dtype=torch.float16))      # rows 48 bytes apart
+
+
+def test_tensor_descriptors_are_off_on_the_cpu_by_default():
+    from fatrain.kernels import flash_v2
+    assert flash_v2._TMA in ("auto", "0", "1")
+    if flash_v2._TMA == "auto":
+        assert not flash_v2._use_tma(torch.randn(1, 16, 1, 16))
+
+
 def test_deterministic_is_validated():
     q, k, v = make_qkv(1, 8, 8, 2, 2, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="deterministic must be True or False"):
