@@ -34,7 +34,9 @@ are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs o
 tail of d is masked on load and store.
 
 Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o, lse.
-    1. _bwd_preprocess: Delta_i = rowsum(dO_i * O_i)                  (float32, (B, H, Nq))
+    1. _bwd_dq, grid (cdiv(Nq, BLOCK_M), batch * nheads): one program owns one query block,
+           Delta = rowsum(dO * O)             (float32, (B, H, Nq), stored for pass 2)
+           dQ  += (P * (dO V^T - Delta)) K    (times scale at the end)
     2. _bwd_dkdv, grid (cdiv(Nk, BLOCK_N), batch * nheads_k): one program owns one K/V
        block and loops over the query heads of its GQA group and their query blocks,
            P^T  = exp2(K Q^T * scale * log2(e) - LSE * log2(e))
@@ -42,9 +44,8 @@ Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o
            dS^T = P^T * (V dO^T - Delta)
            dK  += dS^T Q                      (times scale at the end)
        so dK and dV of a shared K/V head are summed inside one program, without atomics.
-    3. _bwd_dq, grid (cdiv(Nq, BLOCK_M), batch * nheads): one program owns one query block,
-           dQ  += (P * (dO V^T - Delta)) K    (times scale at the end)
-No atomics anywhere: two runs on the same inputs give bit-identical gradients (for one
+(FA2's separate preprocess pass for Delta, _bwd_preprocess, runs only for deterministic=False,
+whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give bit-identical gradients (for one
 autotuned configuration, which the autotuner caches per shape).
 
 Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2's loops).
@@ -56,6 +57,15 @@ for its (query block x key block) tile and transposes it, for dV += (P o Z)^T dO
 dP^T = (V dO^T) o Z^T / (1 - p); the dQ pass regenerates Z for dP. Delta = rowsum(dO o O)
 is unchanged (sum_j P_ij dP_ij = dO_i . O_i with the dropped O). dropout_p = 0 compiles
 every draw out (constexpr HAS_DROPOUT).
+
+Loads on Hopper (sm_90+): the tiles a pass loops over (K and V in the forward and the dQ pass,
+Q and dO in the dK/dV pass) come through tensor descriptors (``tl.make_tensor_descriptor``,
+one per program over the (N, D) rows of its head; the copy engine zero-fills rows past N and
+columns past D, so no masks on those loads) instead of pointer tiles: fewer registers (the
+forward at d=128: 138 instead of 216) and larger tiles that fit (128 x 128 at d=128). Measured
+on an H100 (experiments/README.md, session 5): a minimal forward at d=128 N=8192 ran 538 vs
+489 TFLOP/s with pointer tiles. Inputs whose d stride is not 1, or whose rows or heads are not
+16-byte aligned, use the pointer tiles (``_use_tma``); FATRAIN_TMA=0 forces them everywhere.
 
 Registration: on CUDA the launchers are `torch.library.triton_op`s that launch through
 `wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
@@ -659,11 +669,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_k
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
+def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
             stride_dob, stride_dom, stride_doh, stride_dod,
+            stride_ob, stride_om, stride_oh, stride_od,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
             stride_docb, stride_docn,
             H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
@@ -696,7 +707,11 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ, DOC, DOC_RANGE,
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     bh = pid_bh.to(tl.int64)
     lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
-    delta = tl.load(Delta + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    # -- Delta_i = rowsum(dO_i * O_i), stored for the dK/dV pass, which runs after this one --
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + bh * Nq + offs_m, delta, mask=row_ok)
     if HAS_DROPOUT:  # dS = (P * (dP o Z - Delta (1 - p))) / (1 - p), see _dkdv_block
         delta = delta * (1.0 - dropout_p)
     DOC_row = DOC + off_b * stride_docb
@@ -789,10 +804,12 @@ _FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128
 _FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
 _DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                          (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4),
-                         (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4))  # the last three: no spills at d=128
+                         (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4),  # these three: no spills at d=128
+                         (32, 64, 4, 3))  # NOTE: fastest at d=64 causal with TMA (session 5)
 _DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
 _DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                       (128, 64, 16, 3), (128, 128, 8, 3))
+                       (128, 64, 16, 3), (128, 128, 8, 3),
+                       (64, 32, 4, 3))  # NOTE: fastest at d=128 causal N=2048 with TMA (session 5)
 _DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
 _AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
 
@@ -1022,15 +1039,26 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     tma_dkdv = _use_tma(q, do)
     tma_dq = _use_tma(k, v)
 
-    wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, Nq,
-        D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
+    def grid_q(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     def grid_kv(meta):
         return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
+    if deterministic:
+        # The dQ pass first: it also computes Delta = rowsum(dO * O) for its rows (no preprocess
+        # launch, one read of dO fewer), which the dK/dV pass then reads.
+        args = (q, k, v, do, out, lse, delta, dq, *doc,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *doc_strides,
+                H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
+        _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks, _INTERPRETER_DQ)
+    else:
+        wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+            out, do, delta, *out.stride(), *do.stride(), H, Nq,
+            D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
+
     # deterministic=False: the dK/dV pass also adds dS K into a float32 dQ with atomics (5
-    # matmuls instead of 7, as flash-attn's default backward); else dQ has its own pass.
+    # matmuls instead of 7, as flash-attn's default backward); else dQ came from its own pass.
     dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
         torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
     dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
@@ -1043,14 +1071,6 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
         return (dq_acc * scale).to(q.dtype), dk, dv
-
-    def grid_q(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-
-    args = (q, k, v, do, lse, delta, dq, *doc,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
-            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
-    _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks, _INTERPRETER_DQ)
     return dq, dk, dv
 
 
