@@ -184,6 +184,21 @@ def _narrow_to_documents(RANGE_row, Nk, first, last, offset, lo, full_lo, full_h
 
 
 @triton.jit
+def _row_sources(A_blk, B_blk, N, stride_an, stride_bn, D: tl.constexpr, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where a pass reads the two (N, D) row tiles it loops over (K, V or Q, dO of one head):
+    USE_TMA, tensor descriptors of BLOCK x HEAD_DIM tiles (the host checked unit d strides and
+    16-byte aligned rows; the copy engine zero-fills past N and past D); else the base pointers."""
+    if USE_TMA:
+        a = tl.make_tensor_descriptor(A_blk, shape=[N, D], strides=[stride_an, 1], block_shape=[BLOCK, HEAD_DIM])
+        b = tl.make_tensor_descriptor(B_blk, shape=[N, D], strides=[stride_bn, 1], block_shape=[BLOCK, HEAD_DIM])
+    else:
+        a = A_blk
+        b = B_blk
+    return a, b
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
                offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -306,14 +321,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     Q_blk = Q + off_b * stride_qb + off_h * stride_qh
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
-    if USE_TMA:  # the host checked stride_kd = stride_vd = 1 and 16-byte aligned rows
-        K_desc = tl.make_tensor_descriptor(K_blk, shape=[Nk, D], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        V_desc = tl.make_tensor_descriptor(V_blk, shape=[Nk, D], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        K_desc = K_blk
-        V_desc = V_blk
+    K_desc, V_desc = _row_sources(K_blk, V_blk, Nk, stride_kn, stride_vn, D, BLOCK_N, HEAD_DIM, USE_TMA)
     DOC_row = DOC + off_b * stride_docb
     q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -562,14 +570,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
-        if USE_TMA:  # the host checked stride_qd = stride_dod = 1 and 16-byte aligned rows
-            Q_desc = tl.make_tensor_descriptor(Q_blk, shape=[Nq, D], strides=[stride_qm, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-            DO_desc = tl.make_tensor_descriptor(DO_blk, shape=[Nq, D], strides=[stride_dom, 1],
-                                                block_shape=[BLOCK_M, HEAD_DIM])
-        else:
-            Q_desc = Q_blk
-            DO_desc = DO_blk
+        Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -725,14 +726,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
 
     K_blk = K + off_b * stride_kb + off_hk * stride_kh
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
-    if USE_TMA:  # as in _fwd_kernel
-        K_desc = tl.make_tensor_descriptor(K_blk, shape=[Nk, D], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        V_desc = tl.make_tensor_descriptor(V_blk, shape=[Nk, D], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        K_desc = K_blk
-        V_desc = V_blk
+    K_desc, V_desc = _row_sources(K_blk, V_blk, Nk, stride_kn, stride_vn, D, BLOCK_N, HEAD_DIM, USE_TMA)
     # Key range: masked [lo, full_lo), seen whole by every row [full_lo, full_hi), masked
     # [full_hi, hi) (causal diagonal, window edges, Nk tail, documents); keys outside [lo, hi)
     # are invisible to every row and never loaded. Computed inline so the default case keeps
