@@ -16,7 +16,11 @@ Timing is the median of ``triton.testing.do_bench`` on CUDA (which flushes L2 be
 calls) and a wall-clock median of ``cpu_reps`` calls on the CPU (for tests only: the
 Triton kernels run in the interpreter there). Peak extra memory is
 max_memory_allocated during one call minus memory_allocated before it, measured after
-timing so that compilation and autotuning are not counted.
+timing so that compilation and autotuning are not counted. With ``rounds`` > 1 every
+(impl, mode) of a case is timed that many times, round-robin after the first pass, and
+its row holds the median (``ms``), ``rounds`` and ``ms_spread`` = (max - min) / median:
+all backends then see the same stretch of the GPU's clock and power history (session 5
+saw one kernel time 5-7% apart alone and inside a long sweep, experiments/README.md).
 
 FLOPs, as in STYLE.md: forward 4 * B * H * Nq * Nk * D, halved when causal; backward 2.5x
 forward (the recompute of S and P); forward+backward 3.5x. With a window or documents the
@@ -64,8 +68,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1).
 EXTRA_IMPLS = ("flex", "flash_v2_atomic", "flash_v1_bh")
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
-           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "gpu", "torch",
-           "triton", "git_sha", "date", "note"]
+           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "rounds", "ms_spread",
+           "gpu", "torch", "triton", "git_sha", "date", "note"]
 
 
 @dataclass
@@ -85,6 +89,10 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     warmup_ms: int = 25  # do_bench on CUDA
     rep_ms: int = 100
+    # Timings per measurement, taken round-robin over every (impl, mode) of a case; the row gets
+    # their median (``ms``), their number (``rounds``) and (max - min) / median (``ms_spread``).
+    # With 1 each measurement is one do_bench right after its own compilation/autotuning.
+    rounds: int = 1
     cpu_reps: int = 3  # wall-clock repetitions on the CPU
     seed: int = 0
     skip_after_oom: bool = True  # an OOM at seqlen N marks larger N of the same series as oom
@@ -141,6 +149,8 @@ def validate_bench_config(cfg) -> None:
         raise ValueError(f"windows must be >= -1 and doc_lens >= 0, got {list(cfg.windows)}, {list(cfg.doc_lens)}")
     if not all(0.0 <= p < 1.0 for p in cfg.dropout_ps):
         raise ValueError(f"dropout_ps={list(cfg.dropout_ps)} must be in [0, 1)")
+    if isinstance(cfg.rounds, bool) or not isinstance(cfg.rounds, int) or cfg.rounds < 1:
+        raise ValueError(f"rounds={cfg.rounds!r} must be an integer >= 1")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ValueError(f"device={cfg.device!r} is not allowed (choose from: auto, cpu, cuda, cuda:N)")
 
@@ -465,8 +475,11 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
     oom_at: dict[tuple, int] = {}  # series -> smallest seqlen that ran out of memory
     new_file = not (cfg.append and os.path.exists(csv_path))
     done = set() if new_file else {row_key(r) for r in read_rows(csv_path)}
+    # NOTE: appending keeps the file's own header (a CSV from before a column was added gets
+    # rows without it, not rows shifted under the wrong names).
+    columns = COLUMNS if new_file else csv_header(csv_path)
     with open(csv_path, "w" if new_file else "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         for case in make_cases(cfg):
@@ -487,13 +500,22 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
             except torch.cuda.OutOfMemoryError:
                 pass  # every row of this case records the OOM below
             calls: dict[str, Callable] = {}  # impl -> its call on these inputs, shared by the modes
+            rows = []
             for name, mode in todo:
                 start = time.perf_counter()
                 row = measure(name, impls[name], mode, case, q, k, v, doc_ids, cfg, device, oom_at, calls)
                 row.update(info, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-                writer.writerow(row)
-                f.flush()  # a sweep cut short still leaves every finished row on disk
-                log(f"{format_row(row)} [{time.perf_counter() - start:.1f} s]")
+                rows.append(row)
+                if cfg.rounds == 1:
+                    writer.writerow(row)
+                    f.flush()  # a sweep cut short still leaves every finished row on disk
+                    log(f"{format_row(row)} [{time.perf_counter() - start:.1f} s]")
+            if cfg.rounds > 1:
+                retime(rows, calls, case, q, k, v, doc_ids, cfg, device)
+                for row in rows:
+                    writer.writerow(row)
+                    log(format_row(row))
+                f.flush()
             del q, k, v, doc_ids, calls
             free_memory(device)
     return csv_path
@@ -503,6 +525,36 @@ def case_row(name: str, mode: str, case: Case) -> dict:
     return {"impl": name, "mode": mode, "causal": case.causal, "seqlen": case.seqlen, "headdim": case.headdim,
             "batch": case.batch, "nheads": case.nheads, "dtype": case.dtype, "window": case.window,
             "doc_len": case.doc_len, "dropout_p": case.dropout_p, "status": "ok", "note": ""}
+
+
+def retime(rows: list[dict], calls: dict, case: Case, q, k, v, doc_ids, cfg, device) -> None:
+    """Rounds 2..cfg.rounds of one case: every measured (impl, mode) timed again, round-robin, so
+    all see the same stretch of the GPU's clock, power and thermal history; each row then holds
+    the median of its rounds. (Round 1, in ``measure``, also compiled, autotuned and took the
+    peak memory.) A retiming that fails keeps the rounds that ran and says so in the note."""
+    times = {id(row): [row["ms"]] for row in rows if row["status"] == "ok"}
+    stopped = set()
+    for _ in range(cfg.rounds - 1):
+        for row in rows:
+            if id(row) not in times or id(row) in stopped:
+                continue
+            try:
+                fn = mode_fn(calls[row["impl"]], row["mode"], q)
+                times[id(row)].append(time_ms(fn, device, cfg, grad_to_none=[q, k, v]))
+                del fn
+            except Exception as exc:  # noqa: BLE001  (keep the rounds that ran)
+                row["note"] = f"retiming stopped: {short(exc)}"
+                stopped.add(id(row))
+                free_memory(device)
+            for t in (q, k, v):
+                t.grad = None
+    for row in rows:
+        if id(row) not in times:
+            continue
+        ms = times[id(row)]
+        median = statistics.median(ms)
+        row.update(ms=median, rounds=len(ms), ms_spread=(max(ms) - min(ms)) / median,
+                   tflops=case_flops(case, row["mode"], doc_ids) / (median * 1e-3) / 1e12)
 
 
 def row_key(row: dict) -> tuple:
@@ -538,7 +590,7 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
         for t in (q, k, v):
             t.grad = None
         row["peak_mem_mib"] = peak_extra_mib(fn, device)
-        row["ms"] = ms
+        row.update(ms=ms, rounds=1, ms_spread=0.0)
         row["tflops"] = case_flops(case, mode, doc_ids) / (ms * 1e-3) / 1e12
     except Exception as exc:  # noqa: BLE001  (any failure is a row; the sweep goes on)
         row.update(status=classify(exc), note=short(exc))
@@ -553,6 +605,11 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
 
 
 # --- reading and reporting ---------------------------------------------------------------
+
+def csv_header(csv_path: str) -> list[str]:
+    with open(csv_path, newline="") as f:
+        return next(csv.reader(f), None) or COLUMNS
+
 
 def read_rows(csv_path: str) -> list[dict]:
     with open(csv_path, newline="") as f:

@@ -148,6 +148,47 @@ def test_append_resumes_without_repeating_rows(tmp_path):
     assert {r["seqlen"] for r in both[len(first):]} == {"32"}
 
 
+def test_rounds_time_round_robin_and_report_the_median(tmp_path, monkeypatch):
+    """rounds=3: the first pass measures each (impl, mode); two more passes time them again in
+    the same order; each row holds the median of its three timings and their spread."""
+    calls = []
+    real = benchmarking.time_ms
+
+    def fake_time_ms(fn, device, cfg, grad_to_none):
+        real(fn, device, cfg, grad_to_none)  # the call still runs (and must work again)
+        calls.append(len(calls))
+        return [3.0, 1.0, 2.0][(len(calls) - 1) // 6]  # pass 1: 3 ms, pass 2: 1 ms, pass 3: 2 ms
+    monkeypatch.setattr(benchmarking, "time_ms", fake_time_ms)
+    _, rows = run_main(tmp_path, ["seqlens=[16]", "causal=[false]", "rounds=3"])
+    assert len(rows) == 2 * 3 and len(calls) == 3 * 6  # 2 impls x 3 modes, three passes
+    for r in rows:
+        assert r["status"] == "ok" and r["rounds"] == "3"
+        assert float(r["ms"]) == 2.0 and float(r["ms_spread"]) == pytest.approx(1.0)
+        flops = attention_flops(int(r["batch"]), int(r["nheads"]), 16, 16, int(r["headdim"]), causal=False,
+                                mode=r["mode"])
+        assert float(r["tflops"]) == pytest.approx(flops / 2e-3 / 1e12)
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, True])
+def test_rounds_are_validated(tmp_path, rounds):
+    with pytest.raises(Exception, match="rounds"):
+        run_main(tmp_path, [f"rounds={rounds}"])
+
+
+def test_append_to_a_csv_with_an_older_header_keeps_its_columns(tmp_path):
+    csv_path, first = run_main(tmp_path, ["seqlens=[16]"])
+    old = [c for c in benchmarking.COLUMNS if c not in ("rounds", "ms_spread")]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    _, both = run_main(tmp_path, ["seqlens=[16,32]", "append=true"])
+    assert list(both[0]) == old and len(both) == 2 * len(first)
+    assert all(r["status"] == "ok" and r["impl"] in ("naive", "sdpa") for r in both)
+
+
 @pytest.mark.gpu
 def test_gpu_sweep_times_every_backend(tmp_path):
     # The CUDA path: do_bench, peak memory, FlexAttention compiled, bf16; small enough for seconds.
