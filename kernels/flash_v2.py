@@ -45,8 +45,8 @@ Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o
            dK  += dS^T Q                      (times scale at the end)
        so dK and dV of a shared K/V head are summed inside one program, without atomics.
 (FA2's separate preprocess pass for Delta, _bwd_preprocess, runs only for deterministic=False,
-whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give bit-identical gradients (for one
-autotuned configuration, which the autotuner caches per shape).
+whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give
+bit-identical gradients (for one autotuned configuration, which the autotuner caches per shape).
 
 Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2's loops).
 Z_ij = dropout_keep(seed, b * H + h, row, col) from ``_dropout.py``, the counter-based mask
@@ -359,18 +359,18 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
                                                         tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
                                                         lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                    offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
                                    qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
                                    MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
-                               DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
+                               stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT,
                                MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
-                               DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
+                               stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
                                MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
@@ -393,8 +393,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
 def _bwd_preprocess(Out, DO, Delta,
                     stride_ob, stride_om, stride_oh, stride_od,
                     stride_dob, stride_dom, stride_doh, stride_dod,
-                    H, Nq,
-                    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                    H, Nq, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -411,10 +410,10 @@ def _bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d, doc_q, doc_k, mixed_docs,
+def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d,
+                doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
-                DQ_blk, stride_dqm,
-                D: tl.constexpr, MASKED: tl.constexpr,
+                DQ_blk, stride_dqm, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 USE_TMA: tl.constexpr):
@@ -465,8 +464,8 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row, DOC_row, stride_docn, doc_k, k_doc_lo,
-                    k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
+def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
+                    k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
                     seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -606,8 +605,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d, doc_q, doc_k, mixed_docs,
-              Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
+def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d, doc_q, doc_k,
+              mixed_docs, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
               D: tl.constexpr, MASKED: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
@@ -750,8 +749,8 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
                                                         tl.minimum(start_m + BLOCK_M, Nq) - 1 + seq_shift, 0,
                                                         lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_LEFT:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
-                           DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
+                           stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                            offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
                            win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
                            MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
