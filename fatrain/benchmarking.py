@@ -193,6 +193,11 @@ def case_flops(case: Case, mode: str, doc_ids: Optional[torch.Tensor]) -> float:
     return 4.0 * case.nheads * pairs * case.headdim * MODE_FLOP_FACTOR[mode]
 
 
+def tflops(case: Case, mode: str, doc_ids: Optional[torch.Tensor], ms: float) -> float:
+    """TFLOP/s of one (case, mode) call that took ``ms`` milliseconds."""
+    return case_flops(case, mode, doc_ids) / (ms * 1e-3) / 1e12
+
+
 # --- cases and inputs --------------------------------------------------------------------
 
 def make_cases(cfg) -> list[Case]:
@@ -553,8 +558,8 @@ def retime(rows: list[dict], calls: dict, case: Case, q, k, v, doc_ids, cfg, dev
             continue
         ms = times[id(row)]
         median = statistics.median(ms)
-        row.update(ms=median, rounds=len(ms), ms_spread=(max(ms) - min(ms)) / median,
-                   tflops=case_flops(case, row["mode"], doc_ids) / (median * 1e-3) / 1e12)
+        row.update(ms=median, rounds=len(ms), ms_spread=(max(ms) - min(ms)) / median)
+        row["tflops"] = tflops(case, row["mode"], doc_ids, median)
 
 
 def row_key(row: dict) -> tuple:
@@ -590,8 +595,7 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
         for t in (q, k, v):
             t.grad = None
         row["peak_mem_mib"] = peak_extra_mib(fn, device)
-        row.update(ms=ms, rounds=1, ms_spread=0.0)
-        row["tflops"] = case_flops(case, mode, doc_ids) / (ms * 1e-3) / 1e12
+        row.update(ms=ms, rounds=1, ms_spread=0.0, tflops=tflops(case, mode, doc_ids, ms))
     except Exception as exc:  # noqa: BLE001  (any failure is a row; the sweep goes on)
         row.update(status=classify(exc), note=short(exc))
         if row["status"] == "oom":

@@ -107,6 +107,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.runtime import _allocation  # NOTE: private; _allocator and NullAllocator exist in triton 3.6-3.9
 
 from . import _dropout
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
@@ -946,7 +947,6 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
             return False
         if (nb > 1 and (sb * size) % 16) or (nh > 1 and (sh * size) % 16):
             return False
-    from triton.runtime import _allocation
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
     return True
