@@ -430,15 +430,19 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
     lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
-    # -- P^T = exp2(S^T - LSE), recomputed --
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-    pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
-                    win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     if USE_TMA:
         do = DO_desc.load([start_m, 0])
     else:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # NOTE: dP^T is issued before the exp2s of P^T, which do not need it, so ptxas runs them while
+    # that wgmma is in flight (sm_90a SASS); issued after the dV dot they ran alone. Measured on an
+    # H100 (experiments/README.md, session 6): backward +1-2% at d=64 and d=128.
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    # -- P^T = exp2(S^T - LSE), recomputed --
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
+                    win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
     if HAS_DROPOUT:
         # NOTE: the mask is drawn twice (here and for dP^T) rather than held across the two dots:
@@ -451,7 +455,6 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     # With dropout, dS^T = (P^T * ((V dO^T) o Z - Delta (1 - p))) / (1 - p): the 1 / (1 - p)
     # moves to dK's epilogue, so each element costs one select and no multiply.
     delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         dpT = dropout_apply_t(dpT, seed, bh, offs_n, rows, dropout_p)
         delta = delta * (1.0 - dropout_p)
