@@ -212,7 +212,13 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     d_ok = offs_d < D
     # -- S_ij = Q_i K_j^T (base 2, scaled) --
     if USE_TMA:
+        # NOTE: V_j is asked for with K_j: the pipeliner then gives both copies one barrier and
+        # one wait at the top of the step. Asked for after the softmax (where the pointer path
+        # loads it), V got a wait of its own there, a branch in the middle of the step that
+        # kept ptxas from interleaving the exp2s with the bf16 packing and the row sums
+        # (sm_90a SASS); that cost the forward 5-10% against a minimal kernel (session 6).
         kT = tl.trans(K_desc.load([start_n, 0]))
+        v = V_desc.load([start_n, 0])
     elif MASKED:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
     elif D == HEAD_DIM:
@@ -239,15 +245,14 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
         # -- P_ij <- P_ij o Z_ij after the row sum: l_i is the softmax's normaliser; the
         # factor 1 / (1 - p) is applied to O once, after the loop --
         p = dropout_apply(p, seed, off_bh, offs_m, cols, dropout_p)
-    # -- acc += P_ij V_j --
-    if USE_TMA:
-        v = V_desc.load([start_n, 0])
-    elif MASKED:
-        v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
-    elif D == HEAD_DIM:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    # -- acc += P_ij V_j (with TMA, V_j came with K_j) --
+    if not USE_TMA:
+        if MASKED:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < Nk), other=0.0)
+        elif D == HEAD_DIM:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -425,15 +430,14 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     d_ok = offs_d < D
     row_ok = rows < Nq
     # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
-    if USE_TMA:
+    if USE_TMA:  # NOTE: Q_i and dO_i asked for together: one barrier, one wait (see _fwd_block)
         qT = tl.trans(Q_desc.load([start_m, 0]))
+        do = DO_desc.load([start_m, 0])
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
     lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
-    if USE_TMA:
-        do = DO_desc.load([start_m, 0])
-    else:
+    if not USE_TMA:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: dP^T is issued before the exp2s of P^T, which do not need it, so ptxas runs them while
     # that wgmma is in flight (sm_90a SASS); issued after the dV dot they ran alone. Measured on an
