@@ -422,7 +422,7 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
                 DQ_blk, stride_dqm, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                USE_TMA: tl.constexpr, TMA_REDUCE: tl.constexpr):
+                USE_TMA: tl.constexpr):
     """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
     dO rows through tensor descriptors, as K and V in _fwd_block). ATOMIC_DQ: also
     add this block's dS K to the float32 dQ accumulator DQ_blk (unscaled; atomics, so the order
@@ -466,11 +466,8 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
-        if TMA_REDUCE:  # one bulk reduce-add of the tile by the copy engine (clipped past Nq and D)
-            DQ_blk.atomic_add([start_m, 0], dq)
-        else:
-            tl.atomic_add(DQ_blk + rows[:, None] * stride_dqm + offs_d[None, :], dq,
-                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(DQ_blk + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -482,7 +479,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr, TMA_REDUCE: tl.constexpr):
+                    USE_TMA: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -498,13 +495,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
                                      stride_dqm, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
-                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, TMA_REDUCE)
+                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-                                 TMA_REDUCE)
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -523,7 +519,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              TMA_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -581,9 +577,6 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
-        if TMA_REDUCE:  # the float32 dQ accumulator's rows of this head, for bulk reduce-adds
-            DQ_blk = tl.make_tensor_descriptor(DQ_blk, shape=[Nq, D], strides=[stride_dqm, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
@@ -592,14 +585,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, TMA_REDUCE)
+                                     USE_TMA)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA, TMA_REDUCE)
+                                 USE_TMA)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -607,7 +600,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, TMA_REDUCE)
+                                     USE_TMA)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -837,7 +830,7 @@ def _autotune_bench(kernel_call, quantiles):
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "TMA_REDUCE") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_autotune_bench)(kernel)
 
 
@@ -1069,15 +1062,12 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
         torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
     dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
-    # NOTE: the interpreter has no descriptor reduce (Triton 3.9); there the atomics stay per element.
-    tma_reduce = not deterministic and tma_dkdv and not _INTERPRET and _use_tma(dq_acc)
     args = (q, k, v, do, lse, delta, dk, dv, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, TMA_REDUCE=tma_reduce), D, blocks,
-            _INTERPRETER_BWD)
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv), D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
         return (dq_acc * scale).to(q.dtype), dk, dv
