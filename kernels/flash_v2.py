@@ -212,13 +212,15 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     d_ok = offs_d < D
     # -- S_ij = Q_i K_j^T (base 2, scaled) --
     if USE_TMA:
-        # NOTE: V_j is asked for with K_j: the pipeliner then gives both copies one barrier and
-        # one wait at the top of the step. Asked for after the softmax (where the pointer path
-        # loads it), V got a wait of its own there, a branch in the middle of the step that
-        # kept ptxas from interleaving the exp2s with the bf16 packing and the row sums
-        # (sm_90a SASS); that cost the forward 5-10% against a minimal kernel (session 6).
-        kT = tl.trans(K_desc.load([start_n, 0]))
+        # NOTE: V_j is asked for with K_j, the two loads adjacent: the pipeliner then gives both
+        # copies one barrier and one wait at the top of the step (a transpose between them made
+        # two). Asked for after the softmax (where the pointer path loads it), V got a wait of
+        # its own there, a branch in the middle of the step that kept ptxas from interleaving
+        # the exp2s with the bf16 packing and the row sums (sm_90a SASS); that cost the forward
+        # 5-10% against a minimal kernel with the same loop (session 6).
+        k = K_desc.load([start_n, 0])
         v = V_desc.load([start_n, 0])
+        kT = tl.trans(k)
     elif MASKED:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (cols[None, :] < Nk), other=0.0)
     elif D == HEAD_DIM:
@@ -431,8 +433,9 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     row_ok = rows < Nq
     # NOTE: rows past Nq load q = dO = LSE = Delta = 0, so they add exactly 0 to dK, dV.
     if USE_TMA:  # NOTE: Q_i and dO_i asked for together: one barrier, one wait (see _fwd_block)
-        qT = tl.trans(Q_desc.load([start_m, 0]))
+        q = Q_desc.load([start_m, 0])
         do = DO_desc.load([start_m, 0])
+        qT = tl.trans(q)
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
     lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
@@ -619,9 +622,11 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
     """One key block of the dQ loop; masks (and USE_TMA) as in _fwd_block."""
-    if USE_TMA:
-        kT = tl.trans(K_desc.load([start_n, 0]))
-        vT = tl.trans(V_desc.load([start_n, 0]))
+    if USE_TMA:  # NOTE: the two loads adjacent share one barrier (see _fwd_block)
+        k = K_desc.load([start_n, 0])
+        v = V_desc.load([start_n, 0])
+        kT = tl.trans(k)
+        vT = tl.trans(v)
     else:
         d_ok = offs_d < D
         if MASKED:

@@ -3,7 +3,8 @@
 # dim per call (HD=64, then HD=128; both in one call exceed the 10-minute limit with 3 rounds):
 # flash_v2, SDPA flash and cuDNN at 2k-32k (bench=targets: fwd and fwd+bwd, 3 rounds
 # round-robin, median), then FlexAttention at 8192 appended.
-# Usage: OUT=<folder> HD=64|128 bash experiments/scripts/gpu_session6_e.sh
+#   then (TESTS_K=<pytest -k expression>) flash_v2 GPU tests, autotuning off.
+# Usage: OUT=<folder> HD=64|128 [TESTS_K=...] bash experiments/scripts/gpu_session6_e.sh
 set -u
 OUT=${OUT:-/tmp/fatrain_out}; mkdir -p "$OUT"; HD=${HD:-64}
 export FATRAIN_CACHE=/tmp/fatrain_cache WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -18,3 +19,7 @@ timeout 100 $B impls=[flex] seqlens=[8192] append=true plot=false > $OUT/flex_d$
 nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader; date -u
 python3 -c "from fatrain.bench import summarize; summarize('$OUT/attention_targets_h100_s6_d$HD.csv')" > $OUT/summary_d$HD.md 2>&1
 tail -25 $OUT/summary_d$HD.md
+if [ -n "${TESTS_K:-}" ]; then
+  FATRAIN_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/test_flash_v2.py -k "$TESTS_K" > $OUT/gpu_tests_d$HD.log 2>&1
+  echo "tests exit $?"; tail -1 $OUT/gpu_tests_d$HD.log; grep -E "^(FAILED|ERROR)" $OUT/gpu_tests_d$HD.log | head
+fi
