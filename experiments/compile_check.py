@@ -82,7 +82,12 @@ def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None
     except Exception as err:  # noqa: BLE001
         print(f"FAIL {label}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
         return False
-    print(f"ok   {label}: shared={k.metadata.shared} {ptxas_report(k.asm['ptx'])}", flush=True)
+    ttgir = k.asm["ttgir"]
+    # NOTE: waits on TMA barriers per key/query loop: one per step (K and V, or Q and dO, behind
+    # one barrier) keeps the step one basic block, which ptxas schedules as a whole (session 6).
+    waits = f" tma_waits={ttgir.count('ttng.wait_barrier')} loops={ttgir.count('scf.for ')}" \
+        if "async_tma_copy" in ttgir else ""
+    print(f"ok   {label}: shared={k.metadata.shared} {ptxas_report(k.asm['ptx'])}{waits}", flush=True)
     return True
 
 
