@@ -97,8 +97,7 @@ fit, eager mode retries with fewer stages and then raises a ValueError naming bl
 block_n; under torch.compile the compiler's own error comes instead. Host time per eager call is
 about 0.2 ms forward and 1 ms forward+backward on an H100 machine (SDPA: 0.03 / 0.2 ms; most of it
 torch.library's custom-op dispatch, experiments/README.md session 6): below about 2k tokens per
-sequence at 16k tokens per batch the forward+backward is bound by it (CUDA graphs or
-torch.compile remove it).
+sequence at 16k tokens per batch the forward+backward is bound by it (CUDA graphs remove it).
 """
 
 from __future__ import annotations
