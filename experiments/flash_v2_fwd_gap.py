@@ -16,14 +16,12 @@ and causal, bf16, 16k tokens, hidden 2048:
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,20 +34,11 @@ from fatrain.kernels.flash_v2 import _fwd_inner, _row_sources  # noqa: E402
 def _core_fwd(Q, K, V, Out, LSE, stride_b, stride_n, stride_h, H, N, qk_scale,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               TAIL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    base, start_m, offs_m, offs_n, offs_d, q = load_probe._query_block(Q, stride_b, stride_n, stride_h, H, N, D,
+                                                                       BLOCK_M, BLOCK_N, CAUSAL)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    base = off_b * stride_b + off_h * stride_h
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
     row_ok = offs_m < N
     K_desc, V_desc = _row_sources(K + base, V + base, N, stride_n, stride_n, D, BLOCK_N, D, True)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -76,14 +65,9 @@ def _core_fwd(Q, K, V, Out, LSE, stride_b, stride_n, stride_h, H, N, qk_scale,
 
 
 def core(q, k, v, causal, cfg, tail):
-    B, N, H, D = q.shape
-    bm, bn, w, s = cfg
-    out = torch.empty_like(q)
+    B, N, H, _ = q.shape
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _core_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), H, N,
-                                          D ** -0.5 * 1.4426950408889634, D=D, BLOCK_M=bm, BLOCK_N=bn,
-                                          CAUSAL=causal, TAIL=tail, num_warps=w, num_stages=s)
-    return out
+    return load_probe.launch(_core_fwd, q, k, v, causal, cfg, lse, TAIL=tail)
 
 
 def main():
@@ -97,11 +81,7 @@ def main():
         cfgs = [(128, 64, 8, 3)] if d == 64 else [(128, 64, 8, 3), (128, 128, 8, 3)]
         for n in args.seqlens:
             for causal in (False, True):
-                b, h = 16384 // n, 2048 // d
-                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                ref = torch.nn.functional.scaled_dot_product_attention(
-                    *(t.transpose(1, 2).float() for t in (q, k, v)), is_causal=causal).transpose(1, 2)
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                q, k, v, ref, flops = load_probe.inputs(d, n, causal)
                 cases = []
                 for c in cfgs:
                     cases += [(f"probe {c}", lambda c=c: load_probe.probe(q, k, v, causal, "tma", c)),
@@ -112,23 +92,11 @@ def main():
                 cases.append(("flash_v2", lambda: flash_v2.flash_v2_attention(q, k, v, causal=causal)))
                 for rnd in range(2):  # two rounds, interleaved: the median of each, both kept
                     for name, fn in cases:
-                        row = dict(impl=name, d=d, n=n, causal=causal, round=rnd)
-                        try:
-                            err = ((fn().float() - ref).norm() / ref.norm()).item()
-                            if not err < 1e-2:
-                                raise RuntimeError(f"wrong output: relative error {err}")
-                            ms = do_bench(fn, warmup=100, rep=300, return_mode="median")
-                            row.update(ms=round(ms, 4), tflops=round(flops / ms * 1e-9, 1))
-                            table.setdefault((name, d, n, causal), []).append(row["tflops"])
-                        except Exception as exc:  # noqa: BLE001 - a probe: record and go on
-                            row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                        print(json.dumps(row), flush=True)
-    shapes = sorted({key[1:] for key in table})
-    names = list(dict.fromkeys(key[0] for key in table))
-    print("| impl | " + " | ".join(f"d{d} N{n} {'c' if c else 'nc'}" for d, n, c in shapes) + " |")
-    print("|---|" + "---|" * len(shapes))
-    for name in names:
-        print(f"| {name} | " + " | ".join("/".join(str(x) for x in table.get((name, *s), [])) for s in shapes) + " |")
+                        tflops = load_probe.time_case(lambda fn=fn: fn, ref, flops,
+                                                      dict(impl=name, d=d, n=n, causal=causal, round=rnd), rep=300)
+                        if tflops is not None:
+                            table.setdefault((name, d, n, causal), []).append(tflops)
+    load_probe.print_table(table)
 
 
 if __name__ == "__main__":

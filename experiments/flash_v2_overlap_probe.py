@@ -25,7 +25,6 @@ flash_v2 (autotuned) and FlexAttention.
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -35,6 +34,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flash_v2_load_probe as load_probe  # noqa: E402
+from fatrain.kernels.flash_v2 import _row_sources  # noqa: E402
 
 CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
 # split: BLOCK_N is half the key block a step covers (two dots of BLOCK_N keys each)
@@ -75,20 +77,9 @@ def _pipe_loop(acc, l_i, m_i, p, q, k_desc, v_desc, lo, hi, offs_m, offs_n, qk_s
 @triton.jit
 def _pipe_fwd(Q, K, V, Out, stride_b, stride_n, stride_h, H, N, qk_scale,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    base = off_b * stride_b + off_h * stride_h
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
-    k_desc = tl.make_tensor_descriptor(K + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
-    v_desc = tl.make_tensor_descriptor(V + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
+    base, start_m, offs_m, offs_n, offs_d, q = load_probe._query_block(Q, stride_b, stride_n, stride_h, H, N, D,
+                                                                       BLOCK_M, BLOCK_N, CAUSAL)
+    k_desc, v_desc = _row_sources(K + base, V + base, N, stride_n, stride_n, D, BLOCK_N, D, True)
     hi = N
     if CAUSAL:
         hi = start_m
@@ -137,20 +128,9 @@ def _split_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, offs_m, offs_n, qk_sca
 @triton.jit
 def _split_fwd(Q, K, V, Out, stride_b, stride_n, stride_h, H, N, qk_scale,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    base = off_b * stride_b + off_h * stride_h
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
-    k_desc = tl.make_tensor_descriptor(K + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
-    v_desc = tl.make_tensor_descriptor(V + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
+    base, start_m, offs_m, offs_n, offs_d, q = load_probe._query_block(Q, stride_b, stride_n, stride_h, H, N, D,
+                                                                       BLOCK_M, BLOCK_N, CAUSAL)
+    k_desc, v_desc = _row_sources(K + base, V + base, N, stride_n, stride_n, D, BLOCK_N, D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -167,34 +147,19 @@ def _split_fwd(Q, K, V, Out, stride_b, stride_n, stride_h, H, N, qk_scale,
 
 
 def split(q, k, v, causal, cfg):
-    import torch
-    B, N, H, D = q.shape
-    bm, bn, w, s = cfg
-    assert N % bm == 0 and bm % (2 * bn) == 0, "the probe handles whole block pairs only"
-    out = torch.empty_like(q)
-    _split_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, out, q.stride(0), q.stride(1), q.stride(2), H, N,
-                                           D ** -0.5 * 1.4426950408889634, D=D, BLOCK_M=bm, BLOCK_N=bn,
-                                           CAUSAL=causal, num_warps=w, num_stages=s)
-    return out
+    assert q.shape[1] % cfg[0] == 0 and cfg[0] % (2 * cfg[1]) == 0, "the probe handles whole block pairs only"
+    return load_probe.launch(_split_fwd, q, k, v, causal, cfg)
 
 
 def pipe(q, k, v, causal, cfg):
-    import torch
-    B, N, H, D = q.shape
-    bm, bn, w, s = cfg
-    assert N % bm == 0 and bm % bn == 0, "the probe handles whole blocks only"
-    out = torch.empty_like(q)
-    _pipe_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, out, q.stride(0), q.stride(1), q.stride(2), H, N,
-                                          D ** -0.5 * 1.4426950408889634, D=D, BLOCK_M=bm, BLOCK_N=bn,
-                                          CAUSAL=causal, num_warps=w, num_stages=s)
-    return out
+    assert q.shape[1] % cfg[0] == 0 and cfg[0] % cfg[1] == 0, "the probe handles whole blocks only"
+    return load_probe.launch(_pipe_fwd, q, k, v, causal, cfg)
 
 
 def sass(d: int, cfg, causal: bool) -> None:
     """Compile both variants for sm_90a and print the order of wgmma issues, waits and exp2s."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import flash_v2_load_probe as load_probe
     bm, bn, w, s = cfg
     sig = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", stride_b="i32", stride_n="i32", stride_h="i32",
                H="i32", N="i32", qk_scale="fp32")
@@ -242,8 +207,6 @@ def main():
                 sass(d, cfg, causal=False)
         return
     import torch
-    from triton.testing import do_bench
-    import flash_v2_load_probe as load_probe
     from fatrain.kernels import flash_v2
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -252,46 +215,24 @@ def main():
     for d in args.headdims:
         for n in args.seqlens:
             for causal in (False, True):
-                b, h = 16384 // n, 2048 // d
-                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                ref = torch.nn.functional.scaled_dot_product_attention(
-                    *(t.transpose(1, 2).float() for t in (q, k, v)), is_causal=causal).transpose(1, 2)
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                q, k, v, ref, flops = load_probe.inputs(d, n, causal)
                 mask = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device="cuda") \
                     if causal else None
                 qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                runs = {"tma": lambda cfg: load_probe.probe(q, k, v, causal, "tma", cfg),
+                        "pipe": lambda cfg: pipe(q, k, v, causal, cfg),
+                        "split": lambda cfg: split(q, k, v, causal, cfg),
+                        "flash_v2": lambda cfg: flash_v2.flash_v2_attention(q, k, v, causal=causal),
+                        "flex": lambda cfg: flex(qt, kt, vt, block_mask=mask).transpose(1, 2)}
                 cases = [(f"{mode} {c}", mode, c) for c in CONFIGS for mode in ("tma", "pipe")]
                 cases += [(f"split {c}", "split", c) for c in SPLIT_CONFIGS]
                 cases += [("flash_v2", "flash_v2", None), ("flex", "flex", None)]
                 for name, kind, cfg in cases:
-                    row = dict(impl=name, d=d, n=n, causal=causal)
-                    try:
-                        if kind == "flex":
-                            fn = lambda: flex(qt, kt, vt, block_mask=mask).transpose(1, 2)  # noqa: E731
-                        elif kind == "flash_v2":
-                            fn = lambda: flash_v2.flash_v2_attention(q, k, v, causal=causal)  # noqa: E731
-                        elif kind == "tma":
-                            fn = lambda: load_probe.probe(q, k, v, causal, "tma", cfg)  # noqa: E731
-                        elif kind == "split":
-                            fn = lambda: split(q, k, v, causal, cfg)  # noqa: E731
-                        else:
-                            fn = lambda: pipe(q, k, v, causal, cfg)  # noqa: E731
-                        err = ((fn().float() - ref).norm() / ref.norm()).item()
-                        row["rel_err"] = round(err, 5)
-                        if not err < 1e-2:
-                            raise RuntimeError(f"wrong output: relative error {err}")
-                        ms = do_bench(fn, warmup=100, rep=300, return_mode="median")
-                        row.update(ms=round(ms, 4), tflops=round(flops / ms * 1e-9, 1))
-                        table[(name, d, n, causal)] = row["tflops"]
-                    except Exception as exc:  # noqa: BLE001 - a probe: record and go on
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                    print(json.dumps(row), flush=True)
-    shapes = sorted({key[1:] for key in table})
-    names = list(dict.fromkeys(key[0] for key in table))
-    print("| impl | " + " | ".join(f"d{d} N{n} {'c' if c else 'nc'}" for d, n, c in shapes) + " |")
-    print("|---|" + "---|" * len(shapes))
-    for name in names:
-        print(f"| {name} | " + " | ".join(str(table.get((name, *s), "")) for s in shapes) + " |")
+                    tflops = load_probe.time_case(lambda kind=kind, cfg=cfg: lambda: runs[kind](cfg), ref, flops,
+                                                  dict(impl=name, d=d, n=n, causal=causal), rep=300)
+                    if tflops is not None:
+                        table[(name, d, n, causal)] = tflops
+    load_probe.print_table(table)
 
 
 if __name__ == "__main__":
