@@ -7,7 +7,8 @@
    median of rounds). Session 6 call A ran it with ``_DP_FIRST`` (the dK/dV pass issuing
    dP^T = V dO^T before the exp2s of P^T, or after the dV matmul); issuing it first won, and
    the switch was removed (commit message "flash_v2: the dK/dV pass issues dP^T before ...").
-   Skipped when the module has no such attribute.
+   Session 7 ran it with ``_STATS_TMA`` (the dK/dV pass reading the rows' LSE and Delta through
+   1-D descriptors, or through pointer loads). Skipped when the module has no such attribute.
 2. Host overhead: one call on a (1, 128, 1, 64) input, where the GPU work is a few
    microseconds, timed per call with a synchronize every 200 calls, beside SDPA; and a
    cProfile of flash_v2 forward+backward calls (top functions by own time).
@@ -38,7 +39,7 @@ def ab(args):
         return
     for d in args.headdims:
         for n in args.seqlens:
-            for causal in (False, True):
+            for causal in map(bool, args.causal):
                 b, h = 16384 // n, 2048 // d
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                            for _ in range(3))
@@ -100,10 +101,13 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--switch", default="_DP_FIRST", help="module-level boolean of flash_v2 to A/B")
     parser.add_argument("--skip-ab", action="store_true")
+    parser.add_argument("--skip-host", action="store_true", help="skip the host-overhead measurement")
     args = parser.parse_args()
-    host_overhead()
+    if not args.skip_host:
+        host_overhead()
     if not args.skip_ab:
         ab(args)
 

@@ -203,6 +203,20 @@ def _row_sources(A_blk, B_blk, N, stride_an, stride_bn, D: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _stat_sources(LSE_row, Delta_row, N, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where the dK/dV pass reads the float32 LSE and Delta of the query rows it loops over:
+    USE_TMA, 1-D descriptors of BLOCK rows (the host checked that N * 4 bytes keeps every row
+    16-byte aligned; zero fill past N); else the row pointers."""
+    if USE_TMA:
+        a = tl.make_tensor_descriptor(LSE_row, shape=[N], strides=[1], block_shape=[BLOCK])
+        b = tl.make_tensor_descriptor(Delta_row, shape=[N], strides=[1], block_shape=[BLOCK])
+    else:
+        a = LSE_row
+        b = Delta_row
+    return a, b
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
                offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -427,9 +441,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
                 DQ_blk, stride_dqm, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
     """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
-    dO rows through tensor descriptors, as K and V in _fwd_block). ATOMIC_DQ: also
+    dO rows through tensor descriptors, as K and V in _fwd_block; STATS_TMA: the rows' LSE and
+    Delta too, LSE_row and Delta_row being 1-D descriptors). ATOMIC_DQ: also
     add this block's dS K to the float32 dQ accumulator DQ_blk (unscaled; atomics, so the order
     of the additions, and the last bits of dQ, vary from run to run)."""
     d_ok = offs_d < D
@@ -441,7 +456,15 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
         qT = tl.trans(q)
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+    if STATS_TMA:
+        # NOTE: as pointer loads, the pipeliner issued LSE and Delta as 4-byte cp.asyncs with a
+        # bounds check each, 16 per thread per step at d=64: with the address arithmetic, a
+        # third of the hot loop's instructions, and the loop issue-bound (sm_90a SASS, session 7).
+        lse = LSE_row.load([start_m])
+        delta = Delta_row.load([start_m])
+    else:
+        lse = tl.load(LSE_row + rows, mask=row_ok, other=0.0)
+    lse2 = lse * 1.4426950408889634  # NOTE: log2(e)
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
     if not USE_TMA:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -464,7 +487,8 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     # -- dS^T = P^T * (dP^T - Delta), dP^T = (V dO^T) o Z / (1 - p); dK += dS^T Q --
     # With dropout, dS^T = (P^T * ((V dO^T) o Z - Delta (1 - p))) / (1 - p): the 1 / (1 - p)
     # moves to dK's epilogue, so each element costs one select and no multiply.
-    delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
+    if not STATS_TMA:
+        delta = tl.load(Delta_row + rows, mask=row_ok, other=0.0)
     if HAS_DROPOUT:
         dpT = dropout_apply_t(dpT, seed, bh, offs_n, rows, dropout_p)
         delta = delta * (1.0 - dropout_p)
@@ -485,7 +509,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -501,12 +525,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
                                      stride_dqm, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
-                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
+                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA)
+                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
+                                 STATS_TMA)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -525,7 +550,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STATS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -584,29 +609,30 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
+        LSE_row, Delta_row = _stat_sources(LSE + bh * Nq, Delta + bh * Nq, Nq, BLOCK_M, STATS_TMA)
         if MASK_RIGHT:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
+                                     USE_TMA, STATS_TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA)
+                                 USE_TMA, STATS_TMA)
         if MASK_LEFT:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE + bh * Nq, Delta + bh * Nq,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA)
+                                     USE_TMA, STATS_TMA)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -838,7 +864,7 @@ def _autotune_bench(kernel_call, quantiles):
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_autotune_bench)(kernel)
 
 
@@ -967,6 +993,18 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     return True
 
 
+#: The dK/dV pass reads the rows' LSE and Delta through 1-D descriptors where it can (session 7);
+#: False keeps pointer loads (the A/B switch of experiments/flash_v2_bwd_ab.py).
+_STATS_TMA = True
+
+
+def _use_tma_stats(lse: torch.Tensor) -> bool:
+    """True when the dK/dV pass, reading Q and dO through descriptors, can read the float32
+    (B, H, Nq) LSE and Delta rows through 1-D descriptors too: a row starts 16-byte aligned
+    only when Nq is a multiple of 4 (else they stay pointer loads)."""
+    return _STATS_TMA and lse.is_contiguous() and lse.shape[-1] % 4 == 0 and lse.storage_offset() % 4 == 0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # NOTE: Triton's default for a float32 dot is TF32 (about 1e-3 relative error);
     # float32 callers get IEEE float32. For fp16/bf16 the setting has no effect.
@@ -1075,7 +1113,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv), D, blocks, _INTERPRETER_BWD)
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(lse)),
+            D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
         return (dq_acc * scale).to(q.dtype), dk, dv

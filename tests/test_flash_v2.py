@@ -127,6 +127,7 @@ TMA_CASES = [  # (shape, causal, window, documents, dropout_p, dtype, strided)
     ((2, 33, 70, 4, 2, 80), False, (-1, -1), False, 0.0, torch.float16, False),  # head dim 80: zero fill past d
     ((1, 70, 33, 2, 2, 16), True, (-1, -1), False, 0.0, torch.float32, True),    # strided k, v (descriptors), q (not)
     ((2, 40, 40, 4, 2, 16), True, (9, 0), True, 0.3, torch.float32, False),      # window x documents x dropout x GQA
+    ((1, 52, 60, 2, 2, 32), True, (-1, -1), False, 0.0, torch.float16, False),   # Nq % 4 == 0: LSE, Delta rows too
 ]
 
 
@@ -169,6 +170,14 @@ def test_tensor_descriptors_only_where_the_copy_engine_can_read(tensor_descripto
     assert not use(torch.randn(1, 17, 1, 20, dtype=torch.float16))  # rows 40 bytes apart
     assert not use(torch.randn(1, 1, 4, 64).expand(1, 17, 4, 64))  # rows 0 bytes apart (an expanded grad)
     assert use(torch.randn(1, 17, 1, 24, dtype=torch.float16))      # rows 48 bytes apart
+
+
+def test_dkdv_pass_reads_lse_and_delta_rows_by_descriptor_only_when_aligned(tensor_descriptors):
+    use = tensor_descriptors._use_tma_stats
+    assert use(torch.randn(2, 4, 40))
+    assert not use(torch.randn(2, 4, 37))             # rows 148 bytes apart
+    assert not use(torch.randn(2, 4, 41)[..., 1:])    # a view: rows 164 bytes apart
+    assert not use(torch.randn(2, 4, 44)[..., :40])   # not contiguous
 
 
 def test_tensor_descriptors_are_off_on_the_cpu_by_default():
