@@ -556,6 +556,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
         dropout_p = tl.cast(dropout_p, tl.float32)
         dropout_scale = tl.cast(dropout_scale, tl.float32)
+    # NOTE: a TMA copy's shared-memory destination must be 128-byte aligned, and triton 3.6 packs
+    # the pipeline's 1-D buffers back to back: a 16-row LSE or Delta tile (64 bytes) put every
+    # other stage off the boundary (CUDA "misaligned address" on an H100), so from 32 rows only.
+    STATS_DESC: tl.constexpr = STATS_TMA and BLOCK_M >= 32
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hkv).to(tl.int64)
@@ -609,7 +613,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
-        LSE_row, Delta_row = _stat_sources(LSE + bh * Nq, Delta + bh * Nq, Nq, BLOCK_M, STATS_TMA)
+        LSE_row, Delta_row = _stat_sources(LSE + bh * Nq, Delta + bh * Nq, Nq, BLOCK_M, STATS_DESC)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -617,14 +621,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_TMA)
+                                     USE_TMA, STATS_DESC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA, STATS_TMA)
+                                 USE_TMA, STATS_DESC)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -632,7 +636,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_TMA)
+                                     USE_TMA, STATS_DESC)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -819,9 +823,10 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
 # ----------------------------------------------------------------------------------------
 
 # NOTE: the interpreter runs one program at a time in numpy: 32 x 16 blocks keep its
-# per-program overhead low and still give the CPU tests several blocks and a diagonal.
+# per-program overhead low and still give the CPU tests several blocks and a diagonal (the dK/dV pass
+# 32 query rows a step: the fewest for which it reads LSE and Delta through descriptors).
 _INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_INTERPRETER_BWD = dict(BLOCK_M=16, BLOCK_N=32)
+_INTERPRETER_BWD = dict(BLOCK_M=32, BLOCK_N=32)
 _INTERPRETER_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 _PREPROCESS_BLOCK_M = 64
 
