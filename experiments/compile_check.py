@@ -27,7 +27,7 @@ import fatrain  # noqa: E402,F401
 from fatrain.kernels import _dropout, flash_v1, flash_v2  # noqa: E402
 
 FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale"}
-FP32_POINTERS = {"LSE", "Delta", "L", "M", "O_acc", "DQ_acc"}
+FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc"}
 INT_POINTERS = {"DOC", "DOC_RANGE", "Mask"}
 BF16_POINTERS = {"Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"}
 
@@ -105,9 +105,10 @@ def v2_cases():
             yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
                    dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
         for name, kernel, configs, extra in (
-                ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2], dict(ATOMIC_DQ=False, STATS_TMA=tma)),
+                ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
+                 dict(ATOMIC_DQ=False, STATS_TMA=tma, LSE_BASE2=True)),
                 ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
-                 dict(ATOMIC_DQ=True, STATS_TMA=tma)),
+                 dict(ATOMIC_DQ=True, STATS_TMA=tma, LSE_BASE2=True)),
                 ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
             for c in configs:
                 yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "

@@ -415,7 +415,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
 
 
 @triton.jit
-def _bwd_preprocess(Out, DO, Delta,
+def _bwd_preprocess(Out, DO, Delta, LSE, LSE2,
                     stride_ob, stride_om, stride_oh, stride_od,
                     stride_dob, stride_dom, stride_doh, stride_dod,
                     H, Nq, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -430,8 +430,11 @@ def _bwd_preprocess(Out, DO, Delta,
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    # -- Delta_i = rowsum(dO_i * O_i) --
-    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Nq)
+    # -- Delta_i = rowsum(dO_i * O_i); LSE_i in base 2 for the dK/dV pass --
+    rows = pid_bh.to(tl.int64) * Nq + offs_m
+    tl.store(Delta + rows, tl.sum(o * do, axis=1), mask=offs_m < Nq)
+    lse = tl.load(LSE + rows, mask=offs_m < Nq, other=0.0)
+    tl.store(LSE2 + rows, lse * 1.4426950408889634, mask=offs_m < Nq)  # NOTE: log2(e)
 
 
 @triton.jit
@@ -441,7 +444,7 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
                 DQ_blk, stride_dqm, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, LSE_BASE2: tl.constexpr):
     """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
     dO rows through tensor descriptors, as K and V in _fwd_block; STATS_TMA: the rows' LSE and
     Delta too, LSE_row and Delta_row being 1-D descriptors). ATOMIC_DQ: also
@@ -464,7 +467,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
         delta = Delta_row.load([start_m])
     else:
         lse = tl.load(LSE_row + rows, mask=row_ok, other=0.0)
-    lse2 = lse * 1.4426950408889634  # NOTE: log2(e)
+    if LSE_BASE2:
+        lse2 = lse
+    else:
+        lse2 = lse * 1.4426950408889634  # NOTE: log2(e)
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
     if not USE_TMA:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -509,7 +515,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, LSE_BASE2: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -525,13 +531,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
                                      stride_dqm, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
-                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA)
+                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, LSE_BASE2)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-                                 STATS_TMA)
+                                 STATS_TMA, LSE_BASE2)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -550,7 +556,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              STATS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STATS_TMA: tl.constexpr, LSE_BASE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -621,14 +627,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC)
+                                     USE_TMA, STATS_DESC, LSE_BASE2)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA, STATS_DESC)
+                                 USE_TMA, STATS_DESC, LSE_BASE2)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -636,7 +642,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC)
+                                     USE_TMA, STATS_DESC, LSE_BASE2)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -715,7 +721,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_k
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
+def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
@@ -753,6 +759,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, Delta, DQ, DOC, DOC_RANGE,
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     bh = pid_bh.to(tl.int64)
     lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=row_ok)  # for the dK/dV pass, which runs after this one
     # -- Delta_i = rowsum(dO_i * O_i), stored for the dK/dV pass, which runs after this one --
     o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0)
@@ -869,7 +876,8 @@ def _autotune_bench(kernel_call, quantiles):
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA",
+                             "LSE_BASE2") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_autotune_bench)(kernel)
 
 
@@ -1001,6 +1009,8 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
 #: The dK/dV pass reads the rows' LSE and Delta through 1-D descriptors where it can (session 7);
 #: False keeps pointer loads (the A/B switch of experiments/flash_v2_bwd_ab.py).
 _STATS_TMA = True
+#: The dK/dV pass reads LSE in base 2, written by the pass before it (session 7 A/B switch).
+_LSE2 = True
 
 
 def _use_tma_stats(lse: torch.Tensor) -> bool:
@@ -1082,6 +1092,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     HEAD_DIM = triton.next_power_of_2(D)
     doc, doc_strides, scalars, flags = _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)  # LSE in base 2, written by the first pass for the dK/dV pass
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
@@ -1099,13 +1110,13 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if deterministic:
         # The dQ pass first: it also computes Delta = rowsum(dO * O) for its rows (no preprocess
         # launch, one read of dO fewer), which the dK/dV pass then reads.
-        args = (q, k, v, do, out, lse, delta, dq, *doc,
+        args = (q, k, v, do, out, lse, lse2, delta, dq, *doc,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *doc_strides,
                 H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
         _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks, _INTERPRETER_DQ)
     else:
         wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
-            out, do, delta, *out.stride(), *do.stride(), H, Nq,
+            out, do, delta, lse, lse2, *out.stride(), *do.stride(), H, Nq,
             D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
 
     # deterministic=False: the dK/dV pass also adds dS K into a float32 dQ with atomics (5
@@ -1113,12 +1124,13 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
         torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
     dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
-    args = (q, k, v, do, lse, delta, dk, dv, *doc,
+    args = (q, k, v, do, lse2 if _LSE2 else lse, delta, dk, dv, *doc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(lse)),
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(lse),
+                 LSE_BASE2=_LSE2),
             D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale

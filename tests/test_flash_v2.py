@@ -497,6 +497,25 @@ def test_gpu_matches_reference(shape, dtype, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
+    """Each configuration the autotuner may pick, pinned in turn (the other passes autotuned),
+    at d=64 and d=128, causal, rows a multiple of 4 (the dK/dV pass reads LSE and Delta through
+    descriptors from 32-row steps) and not."""
+    import triton
+
+    from fatrain.kernels import flash_v2
+    configs = getattr(flash_v2, {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS"}[name])
+    kernel = flash_v2._KERNELS[name]
+    for shape in [(2, 1000, 1000, 4, 2, 64), (1, 257, 257, 2, 2, 128)]:
+        q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+        for config in configs:
+            pinned = triton.autotune([config], key=["Nq"])(kernel)
+            monkeypatch.setitem(flash_v2._LAUNCHERS, name, (pinned, pinned))
+            check_backend(attn(), q, k, v, causal=True)
+
+
+@pytest.mark.gpu
 def test_gpu_long_sequence_and_strides():
     q, k, v = make_qkv(1, 8192, 8192, 2, 1, 64, dtype=torch.bfloat16, device="cuda", strided=True)
     check_backend(attn(), q, k, v, causal=True)
