@@ -8,7 +8,9 @@
    dP^T = V dO^T before the exp2s of P^T, or after the dV matmul); issuing it first won, and
    the switch was removed (commit message "flash_v2: the dK/dV pass issues dP^T before ...").
    Session 7 ran it with ``_STATS_TMA`` (the dK/dV pass reading the rows' LSE and Delta through
-   1-D descriptors, or through pointer loads). Skipped when the module has no such attribute.
+   1-D descriptors, or through pointer loads; call A) and ``_LSE2`` (that pass reading LSE in
+   base 2, or multiplying by log2(e) each step; call B); both won and both switches were removed
+   (commits after d8adee2). Skipped when the module has no such attribute.
 2. Host overhead: one call on a (1, 128, 1, 64) input, where the GPU work is a few
    microseconds, timed per call with a synchronize every 200 calls, beside SDPA; and a
    cProfile of flash_v2 forward+backward calls (top functions by own time).

@@ -507,12 +507,21 @@ def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
     from fatrain.kernels import flash_v2
     configs = getattr(flash_v2, {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS"}[name])
     kernel = flash_v2._KERNELS[name]
+    tested = 0
     for shape in [(2, 1000, 1000, 4, 2, 64), (1, 257, 257, 2, 2, 128)]:
         q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
         for config in configs:
             pinned = triton.autotune([config], key=["Nq"])(kernel)
             monkeypatch.setitem(flash_v2._LAUNCHERS, name, (pinned, pinned))
-            check_backend(attn(), q, k, v, causal=True)
+            try:
+                check_backend(attn(), q, k, v, causal=True)
+            except triton.runtime.errors.OutOfResources:
+                # the autotuner skips a config that needs more shared memory than the GPU has
+                # (dQ's 128 x 128 with 3 stages at d=128); one that fits must be exact
+                assert shape[-1] == 128, config
+                continue
+            tested += 1
+    assert tested >= len(configs)
 
 
 @pytest.mark.gpu
