@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 7, GPU call C (about 6 minutes on an H100): issue 7's training grid on the session-6
-# kernels for the backends the speed targets compare (flash_v2, sdpa_flash, sdpa_cudnn) at
+# Session 7, GPU call C (about 6 minutes on an H100): issue 7's training grid on the session-7
+# kernels (LSE and Delta descriptors, base-2 LSE in the dK/dV pass) for the backends the speed targets compare (flash_v2, sdpa_flash, sdpa_cudnn) at
 # seq_len 1k-16k (naive and flash_v1 unchanged since session 5), then fatrain-report.
 #   GPT-2 small, bf16 eager, 32k tokens/step, 30 steps
 # Usage: OUT=<folder> bash experiments/scripts/gpu_session7_c.sh
