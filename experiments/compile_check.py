@@ -99,7 +99,7 @@ def v2_cases():
     for d, f, tma in ((d, f, tma) for d in (64, 128) for f in flags for tma in (False, True)):
         # tma: tiles through tensor descriptors (the H100 default), else pointer tiles
         tag = ("+".join(k for k, v in f.items() if v) or "plain") + (" tma" if tma else "")
-        f = dict(f, USE_TMA=tma, BH_FIRST=True)
+        f = dict(f, USE_TMA=tma)
         for bm, bn, w, s in [tuple(c.kwargs.values()) + (c.num_warps, c.num_stages)
                              for c in flash_v2._FWD_CONFIGS[:3]]:
             yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,

@@ -188,17 +188,6 @@ def _narrow_to_documents(RANGE_row, Nk, first, last, offset, lo, full_lo, full_h
 
 
 @triton.jit
-def _program_ids(BH_FIRST: tl.constexpr):
-    """(block, batch x head) of this program. BH_FIRST: the grid is (B * H, blocks), so the
-    GPU, which starts programs in launch order with axis 0 fastest, starts block 0 of every head
-    before block 1 of any; else (blocks, B * H), every block of head 0 first."""
-    if BH_FIRST:
-        return tl.program_id(1), tl.program_id(0), tl.num_programs(1)
-    else:
-        return tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-
-
-@triton.jit
 def _row_sources(A_blk, B_blk, N, stride_an, stride_bn, D: tl.constexpr, BLOCK: tl.constexpr,
                  HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
     """Where a pass reads the two (N, D) row tiles it loops over (K, V or Q, dO of one head):
@@ -330,18 +319,18 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
-                USE_TMA: tl.constexpr, BH_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
     qk_scale = tl.cast(qk_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
         dropout_p = tl.cast(dropout_p, tl.float32)
         dropout_scale = tl.cast(dropout_scale, tl.float32)
-    pid_m, pid_bh, n_blocks = _program_ids(BH_FIRST)
+    pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
-        # NOTE: causally the last query blocks see the most keys; launching them first, for every
-        # head (BH_FIRST), shortens the tail.
-        pid_m = n_blocks - 1 - pid_m
+        # NOTE: causally the last query blocks see the most keys; launching them first shortens the tail.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = off_h // GROUP  # GQA: the key/value head this query head reads
@@ -566,7 +555,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              STATS_TMA: tl.constexpr, BH_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STATS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -576,7 +565,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
     # the pipeline's 1-D buffers back to back: a 16-row LSE or Delta tile (64 bytes) put every
     # other stage off the boundary (CUDA "misaligned address" on an H100), so from 32 rows only.
     STATS_DESC: tl.constexpr = STATS_TMA and BLOCK_M >= 32
-    pid_n, pid_bh, n_blocks = _program_ids(BH_FIRST)  # causally the first key blocks are the heaviest
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hkv).to(tl.int64)
     off_hk = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
@@ -741,16 +731,16 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
             H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BH_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
         dropout_p = tl.cast(dropout_p, tl.float32)
         dropout_scale = tl.cast(dropout_scale, tl.float32)
-    pid_m, pid_bh, n_blocks = _program_ids(BH_FIRST)
+    pid_m = tl.program_id(0)
     if MASK_RIGHT and not MASK_LEFT:
-        pid_m = n_blocks - 1 - pid_m  # heaviest query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
+    pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = off_h // GROUP
@@ -885,8 +875,7 @@ def _autotune_bench(kernel_call, quantiles):
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA",
-                             "BH_FIRST") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_autotune_bench)(kernel)
 
 
@@ -1017,15 +1006,6 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
 
 
 
-#: Grids (B * H, blocks): each pass starts block 0 (causally the heaviest) of every head before
-#: block 1 of any (session 7; False: (blocks, B * H), the A/B switch of flash_v2_bwd_ab.py).
-_BH_FIRST = True
-
-
-def _grid(n_blocks: int, n_heads: int) -> tuple[int, int]:
-    return (n_heads, n_blocks) if _BH_FIRST else (n_blocks, n_heads)
-
-
 def _use_tma_stats(lse: torch.Tensor) -> bool:
     """True when the dK/dV pass, reading Q and dO through descriptors, can read the float32
     (B, H, Nq) LSE and Delta rows through 1-D descriptors too: a row starts 16-byte aligned
@@ -1086,12 +1066,12 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     doc, doc_strides, scalars, flags = _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed)
 
     def grid(meta):
-        return _grid(triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     args = (q, k, v, out, lse, *doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=_use_tma(k, v), BH_FIRST=_BH_FIRST)
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=_use_tma(k, v))
     _launch("fwd", grid, args, meta, D, (block_m, block_n), _INTERPRETER_FWD)
     return out, lse
 
@@ -1109,16 +1089,16 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
-    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), BH_FIRST=_BH_FIRST)
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype))
     blocks = (block_m, block_n)
     tma_dkdv = _use_tma(q, do)
     tma_dq = _use_tma(k, v)
 
     def grid_q(meta):
-        return _grid(triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     def grid_kv(meta):
-        return _grid(triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
+        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)
 
     if deterministic:
         # The dQ pass first: it also computes Delta = rowsum(dO * O) for its rows (no preprocess
