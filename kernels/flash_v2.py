@@ -36,16 +36,17 @@ tail of d is masked on load and store.
 Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o, lse.
     1. _bwd_dq, grid (cdiv(Nq, BLOCK_M), batch * nheads): one program owns one query block,
            Delta = rowsum(dO * O)             (float32, (B, H, Nq), stored for pass 2)
+           LSE2  = LSE * log2(e)              (float32, (B, H, Nq), stored for pass 2)
            dQ  += (P * (dO V^T - Delta)) K    (times scale at the end)
     2. _bwd_dkdv, grid (cdiv(Nk, BLOCK_N), batch * nheads_k): one program owns one K/V
        block and loops over the query heads of its GQA group and their query blocks,
-           P^T  = exp2(K Q^T * scale * log2(e) - LSE * log2(e))
+           P^T  = exp2(K Q^T * scale * log2(e) - LSE2)
            dV  += P^T dO
            dS^T = P^T * (V dO^T - Delta)
            dK  += dS^T Q                      (times scale at the end)
        so dK and dV of a shared K/V head are summed inside one program, without atomics.
-(FA2's separate preprocess pass for Delta, _bwd_preprocess, runs only for deterministic=False,
-whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give
+(FA2's separate preprocess pass for Delta and LSE2, _bwd_preprocess, runs only for
+deterministic=False, whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give
 bit-identical gradients (for one autotuned configuration, which the autotuner caches per shape).
 
 Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2's loops).
@@ -66,6 +67,10 @@ forward at d=128: 138 instead of 216) and larger tiles that fit (128 x 128 at d=
 on an H100 (experiments/README.md, session 5): a minimal forward at d=128 N=8192 ran 538 vs
 489 TFLOP/s with pointer tiles. Inputs whose d stride is not 1, or whose rows or heads are not
 16-byte aligned, use the pointer tiles (``_use_tma``); FATRAIN_TMA=0 forces them everywhere.
+The dK/dV pass also reads its query rows' LSE2 and Delta through 1-D descriptors (when Nq % 4
+== 0 and a step has 32 rows or more): as pointer loads they were 16 bounds-checked 4-byte copies
+per thread per step, a third of the loop's instructions at d=64, which left it issue-bound
+(backward +6-9% on an H100, experiments/README.md, session 7).
 
 Registration: on CUDA the launchers are `torch.library.triton_op`s that launch through
 `wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
