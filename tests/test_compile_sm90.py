@@ -42,7 +42,7 @@ def test_each_flash_v2_step_waits_once_for_its_tma_tiles(tmp_path):
     between the loads, or V asked for after the softmax) split the step in two basic blocks that
     ptxas scheduled apart: 5-10% of the forward on an H100 (experiments/README.md, session 6).
     The dK/dV pass also loads the rows' LSE and Delta through 1-D descriptors (session 7); the
-    pipeliner gives each its own barrier (two buffers, not three), waited on at the top too."""
+    pipeliner gives them barriers of their own (two buffers, not three), waited on at the top too."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
     only = ["v2 fwd d=64 plain tma 128x64 w8", "v2 dq d=64 plain tma 128x64 w8", "v2 dkdv d=64 plain tma 32x128 w8"]
     res = subprocess.run([sys.executable, SCRIPT, "--only", *only], capture_output=True, text=True, env=env,
@@ -52,5 +52,7 @@ def test_each_flash_v2_step_waits_once_for_its_tma_tiles(tmp_path):
     waits = {line.split()[2]: int(line.split("tma_waits=")[1].split()[0])
              for line in res.stdout.splitlines() if line.startswith("ok ") and "tma_waits=" in line}
     # pipelined loops with TMA loads: forward and dQ pass the whole-block loop and the masked
-    # tail loop; the dK/dV pass without masks one query loop, with three barriers (Q and dO, LSE, Delta)
-    assert waits == {"fwd": 2, "dq": 2, "dkdv": 3}, out[-4000:]
+    # tail loop; the dK/dV pass without masks one query loop, with a barrier for Q and dO and for
+    # the 1-D LSE and Delta loads one each (triton 3.6, the GPU machine's) or one for both (3.9)
+    assert waits.pop("dkdv", None) in (2, 3), out[-4000:]
+    assert waits == {"fwd": 2, "dq": 2}, out[-4000:]
