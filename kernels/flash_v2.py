@@ -67,8 +67,8 @@ forward at d=128: 138 instead of 216) and larger tiles that fit (128 x 128 at d=
 on an H100 (experiments/README.md, session 5): a minimal forward at d=128 N=8192 ran 538 vs
 489 TFLOP/s with pointer tiles. Inputs whose d stride is not 1, or whose rows or heads are not
 16-byte aligned, use the pointer tiles (``_use_tma``); FATRAIN_TMA=0 forces them everywhere.
-The dK/dV pass also reads its query rows' LSE2 and Delta through 1-D descriptors (when Nq % 4
-== 0 and a step has 32 rows or more): as pointer loads they were 16 bounds-checked 4-byte copies
+The dK/dV pass also reads its query rows' LSE2 and Delta through 1-D descriptors (when Nq is a
+multiple of 4 and a step has 32 rows or more): as pointer loads they were 16 bounds-checked copies
 per thread per step, a third of the loop's instructions at d=64, which left it issue-bound
 (backward +6-9% on an H100, experiments/README.md, session 7).
 
