@@ -464,17 +464,16 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
         qT = tl.trans(q)
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+    # NOTE: LSE_row holds LSE in base 2, written by the pass before this one (no log2(e) multiply
+    # per row per step: backward +1-2% at d=64 causal on an H100, session 7).
     if STATS_TMA:
         # NOTE: as pointer loads, the pipeliner issued LSE and Delta as 4-byte cp.asyncs with a
         # bounds check each, 16 per thread per step at d=64: with the address arithmetic, a
         # third of the hot loop's instructions, and the loop issue-bound (sm_90a SASS, session 7).
-        lse = LSE_row.load([start_m])
+        lse2 = LSE_row.load([start_m])
         delta = Delta_row.load([start_m])
     else:
-        lse = tl.load(LSE_row + rows, mask=row_ok, other=0.0)
-    # NOTE: LSE_row holds LSE in base 2 (written by the pass before this one), which saves a
-    # multiply per row per step: backward +1-2% at d=64 causal on an H100 (session 7).
-    lse2 = lse
+        lse2 = tl.load(LSE_row + rows, mask=row_ok, other=0.0)
     qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
     if not USE_TMA:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -1009,13 +1008,11 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     return True
 
 
-
-
-def _use_tma_stats(lse: torch.Tensor) -> bool:
-    """True when the dK/dV pass, reading Q and dO through descriptors, can read the float32
-    (B, H, Nq) LSE and Delta rows through 1-D descriptors too: a row starts 16-byte aligned
-    only when Nq is a multiple of 4 (else they stay pointer loads)."""
-    return lse.is_contiguous() and lse.shape[-1] % 4 == 0 and lse.storage_offset() % 4 == 0
+def _use_tma_stats(nq: int) -> bool:
+    """True when the dK/dV pass, reading Q and dO through descriptors, can read its float32
+    (B, H, Nq) base-2 LSE and Delta rows (fresh contiguous buffers) through 1-D descriptors too:
+    a row starts 16-byte aligned only when Nq is a multiple of 4 (else they stay pointer loads)."""
+    return nq % 4 == 0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -1127,7 +1124,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(lse)),
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(Nq)),
             D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
