@@ -106,9 +106,9 @@ def v2_cases():
                    dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
         for name, kernel, configs, extra in (
                 ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
-                 dict(ATOMIC_DQ=False, STATS_TMA=tma)),
+                 dict(ATOMIC_DQ=False, STATS_TMA=tma, DQ_TMA=False)),
                 ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
-                 dict(ATOMIC_DQ=True, STATS_TMA=tma)),
+                 dict(ATOMIC_DQ=True, STATS_TMA=tma, DQ_TMA=tma)),
                 ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
             for c in configs:
                 yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "

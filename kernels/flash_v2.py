@@ -446,10 +446,10 @@ def _bwd_preprocess(Out, DO, Delta, LSE, LSE2,
 def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d,
                 doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
-                DQ_blk, stride_dqm, D: tl.constexpr, MASKED: tl.constexpr,
+                DQ_blk, stride_dqm, dq_scale, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
     dO rows through tensor descriptors, as K and V in _fwd_block; STATS_TMA: the rows' LSE and
     Delta too, LSE_row and Delta_row being 1-D descriptors). ATOMIC_DQ: also
@@ -504,9 +504,17 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
     dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(DQ_blk + rows[:, None] * stride_dqm + offs_d[None, :], dq,
-                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        # NOTE: scaled here (softmax scale, and 1 / (1 - p) with dropout), so the host's only
+        # epilogue is the cast of the float32 accumulator.
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * dq_scale
+        if DQ_TMA:
+            # NOTE: one bulk reduce-add of the tile by the copy engine (cp.reduce.async.bulk.tensor,
+            # as FlashAttention-3's dQ), instead of BLOCK_M * D / (32 * num_warps) red.global.f32
+            # per thread per step; rows past Nq and columns past D are clipped by the engine.
+            DQ_blk.atomic_add([start_m, 0], dq)
+        else:
+            tl.atomic_add(DQ_blk + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -514,11 +522,11 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
 def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
                     k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
-                    seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm,
+                    seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -533,14 +541,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                 dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
-                                     stride_dqm, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
-                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA)
+                                     stride_dqm, dq_scale, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
+                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, DQ_TMA)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, MASKED,
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, MASKED,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-                                 STATS_TMA)
+                                 STATS_TMA, DQ_TMA)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -559,7 +567,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              STATS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -614,6 +622,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         lo, full_lo, full_hi, hi = _narrow_to_documents(DOC_RANGE + off_b * 2 * Nk, Nk, start_n,
                                                         tl.minimum(start_n + BLOCK_N, Nk) - 1, seq_shift,
                                                         lo, full_lo, full_hi, hi, BLOCK_M)
+    dq_scale = sm_scale
+    if HAS_DROPOUT:
+        dq_scale = sm_scale * dropout_scale
     # GQA: this program owns dK, dV of one K/V head, so it sums over the group's query heads.
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -621,6 +632,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
+        if DQ_TMA:  # ATOMIC_DQ through the copy engine: a descriptor of (BLOCK_M, HEAD_DIM) tiles
+            DQ_blk = tl.make_tensor_descriptor(DQ_blk, shape=[Nq, D], strides=[stride_dqm, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
         LSE_row, Delta_row = _stat_sources(LSE + bh * Nq, Delta + bh * Nq, Nq, BLOCK_M, STATS_DESC)
         if MASK_RIGHT:
@@ -628,24 +642,24 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC)
+                                     USE_TMA, STATS_DESC, DQ_TMA)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, False,
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, False,
                                  MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA, STATS_DESC)
+                                 USE_TMA, STATS_DESC, DQ_TMA)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, D, BLOCK_M, True,
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, True,
                                      MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC)
+                                     USE_TMA, STATS_DESC, DQ_TMA)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -879,7 +893,7 @@ def _autotune_bench(kernel_call, quantiles):
 def _autotuned(kernel, configs, reset_to_zero=None):
     configs = configs if _AUTOTUNE else configs[:1]
     key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA") if name in kernel.arg_names]
+                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA") if name in kernel.arg_names]
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_autotune_bench)(kernel)
 
 
@@ -1124,11 +1138,11 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(Nq)),
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(Nq),
+                 DQ_TMA=not deterministic and tma_dkdv and not _INTERPRET and _use_tma(dq_acc)),
             D, blocks, _INTERPRETER_BWD)
     if not deterministic:
-        scale = softmax_scale / (1.0 - dropout_p) if dropout_p > 0.0 else softmax_scale
-        return (dq_acc * scale).to(q.dtype), dk, dv
+        return dq_acc.to(q.dtype), dk, dv
     return dq, dk, dv
 
 

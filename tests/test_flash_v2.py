@@ -495,16 +495,19 @@ def test_gpu_matches_reference(shape, dtype, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dkdv_atomic", "dq"])
 def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
     """Each configuration the autotuner may pick, pinned in turn (the other passes autotuned),
     at d=64 and d=128, causal, rows a multiple of 4 (the dK/dV pass reads LSE and Delta through
-    descriptors from 32-row steps) and not."""
+    descriptors from 32-row steps) and not. dkdv_atomic: deterministic=False, whose dK/dV pass
+    also reduces dQ into float32 through the copy engine."""
     import triton
 
     from fatrain.kernels import flash_v2
-    configs = getattr(flash_v2, {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS"}[name])
+    configs = getattr(flash_v2, {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dkdv_atomic": "_DKDV_CONFIGS",
+                                 "dq": "_DQ_CONFIGS"}[name])
     kernel = flash_v2._KERNELS[name]
+    fn = functools.partial(attn(), deterministic=name != "dkdv_atomic")
     tested = 0
     for shape in [(2, 1000, 1000, 4, 2, 64), (1, 257, 257, 2, 2, 128)]:
         q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
@@ -512,7 +515,7 @@ def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
             pinned = triton.autotune([config], key=["Nq"])(kernel)
             monkeypatch.setitem(flash_v2._LAUNCHERS, name, (pinned, pinned))
             try:
-                check_backend(attn(), q, k, v, causal=True)
+                check_backend(fn, q, k, v, causal=True)
             except triton.runtime.errors.OutOfResources:
                 # the autotuner skips a config that needs more shared memory than the GPU has
                 # (dQ's 128 x 128 with 3 stages at d=128); one that fits must be exact
@@ -574,8 +577,9 @@ def test_gpu_window_and_documents(causal, window, docs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape, causal, dropout_p", [((2, 2048, 2048, 8, 2, 128), True, 0.0),
-                                                      ((2, 1000, 1100, 12, 12, 64), False, 0.1)],
-                         ids=["d128-causal-gqa", "d64-tails-dropout"])
+                                                      ((2, 1000, 1100, 12, 12, 64), False, 0.1),
+                                                      ((1, 333, 333, 3, 1, 80), True, 0.0)],
+                         ids=["d128-causal-gqa", "d64-tails-dropout", "d80-mqa-tails"])
 def test_gpu_atomic_dq(shape, causal, dropout_p):
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
     B, Nq, Nk, H = shape[:4]
