@@ -31,6 +31,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities, inside the backend
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA (eager), else PyTorch ops | triton | torch
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -138,6 +139,7 @@ MLPS = ("gelu", "swiglu")
 STRATEGIES = ("single", "ddp", "fsdp")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_SOURCES = ("text", "hf")
+ROPE_KERNELS = ("auto", "triton", "torch")
 
 
 def _choice(value, allowed, key):
@@ -158,6 +160,7 @@ def validate_train_config(cfg) -> None:
     _choice(a.backend, available_backends(), "attention.backend")
     _choice(m.norm, NORMS, "model.norm")
     _choice(m.mlp, MLPS, "model.mlp")
+    _choice(m.rope_kernel, ROPE_KERNELS, "model.rope_kernel")
     for key in ("n_layer", "n_head", "n_embd"):
         _positive(getattr(m, key), f"model.{key}")
     if m.n_embd % m.n_head:

@@ -42,6 +42,7 @@ class GPTSpec:
     attn_dropout: float = 0.0
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_kernel: str = "auto"  # auto | triton | torch: how Q and K are rotated (same numbers, see uses_rope_kernel)
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "naive"
@@ -93,6 +94,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def uses_rope_kernel(rope_kernel: str, qkv: torch.Tensor) -> bool:
+    """Whether Q and K are rotated by the fused Triton kernel (``fatrain.kernels.rope``) or by
+    ``apply_rope``'s PyTorch ops; both give the same numbers.
+
+    "auto": the kernel for CUDA tensors in eager mode. Under torch.compile the PyTorch ops, which
+    Inductor fuses itself; on the CPU the PyTorch ops (Triton runs there only interpreted).
+    "triton": always the kernel (an error off CUDA unless TRITON_INTERPRET=1). "torch": never.
+    """
+    if rope_kernel == "torch":
+        return False
+    if rope_kernel == "triton":
+        return True
+    if rope_kernel != "auto":
+        raise ValueError(f"rope_kernel must be auto, triton or torch, got {rope_kernel!r}")
+    return qkv.is_cuda and not torch.compiler.is_compiling()
+
+
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token inside its own document, for (B, T) document ids."""
     T = doc_ids.shape[1]
@@ -134,9 +152,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         H, Hkv, D = self.spec.n_head, self.spec.kv_heads, self.spec.head_dim
-        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x)
+        if uses_rope_kernel(self.spec.rope_kernel, qkv):
+            from fatrain.kernels.rope import rope_qkv
+            q, k, v = rope_qkv(qkv, cos.squeeze(-2), sin.squeeze(-2), H, Hkv)
+        else:
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         kwargs = dict(self.spec.attention_options)

@@ -101,6 +101,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
         vocab_size=m.vocab_size or vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
         n_embd=m.n_embd, norm=m.norm, mlp=m.mlp, mlp_hidden=m.mlp_hidden, bias=m.bias, dropout=m.dropout,
         attn_dropout=m.attn_dropout, rope_theta=m.rope_theta, rope_reset_per_document=m.rope_reset_per_document,
+        rope_kernel=m.rope_kernel,
         tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=a.backend,
         attention_options=backend_options(a),
         window_size=(a.window_left, a.window_right), document_masking=cfg.data.document_masking,
@@ -109,8 +110,8 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
 
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
-RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing", "dropout",
-                       "attn_dropout")
+RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
+                       "dropout", "attn_dropout", "rope_kernel")
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:

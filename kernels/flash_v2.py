@@ -1095,7 +1095,8 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
                   window_right: int, dropout_p: float, seed: int, block_m: int,
-                  block_n: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_n: int, deterministic: bool = True,
+                  bulk_reduce_dq: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
@@ -1129,7 +1130,9 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
 
     # deterministic=False: the dK/dV pass also adds dS K into a float32 dQ with atomics (5
-    # matmuls instead of 7, as flash-attn's default backward); else dQ came from its own pass.
+    # matmuls instead of 7, as flash-attn's default backward): a bulk reduce-add of each tile by
+    # the copy engine where the pass reads through descriptors (bulk_reduce_dq, eager only), else
+    # one red.global per element; dQ came from its own pass when deterministic.
     dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
         torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
     dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
@@ -1139,7 +1142,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
             dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(Nq),
-                 DQ_TMA=not deterministic and tma_dkdv and not _INTERPRET and _use_tma(dq_acc)),
+                 DQ_TMA=not deterministic and bulk_reduce_dq and tma_dkdv and not _INTERPRET and _use_tma(dq_acc)),
             D, blocks, _INTERPRETER_BWD)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
@@ -1153,7 +1156,7 @@ def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_righ
 
 
 def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
-                       block_m, block_n, deterministic=True):
+                       block_m, block_n, deterministic=True, bulk_reduce_dq=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -1198,8 +1201,12 @@ class FlashV2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        # NOTE (2026-11, torch 2.11): torch.compile's analysis of which arguments a Triton kernel
+        # mutates does not see a tensor descriptor's reduce-add, so under compile dQ's float32
+        # accumulator came back unwritten (zeros); there the atomic pass adds with pointer atomics.
         dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
-                                      *ctx.dropout, *ctx.blocks, ctx.deterministic)
+                                      *ctx.dropout, *ctx.blocks, ctx.deterministic,
+                                      not torch.compiler.is_compiling())
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -1257,9 +1264,11 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
         deterministic: True (default): dQ from its own pass, bit-identical gradients on every
             run. False: the dK/dV pass also adds dS K into a float32 dQ with atomic adds (5
             matmuls in the backward instead of 7, as flash-attn's and PyTorch's flash backward
-            do), so dQ's last bits depend on the order the additions land in. Measured on an
-            H100 it is slower than the default (0.79-1.00x forward+backward; Triton's fp32
-            atomics and the transposed dS tile cost more than the dQ pass's recomputation).
+            do), so dQ's last bits depend on the order the additions land in. On Hopper each
+            dQ tile is added by one bulk reduce-add of the copy engine (FlashAttention-3's way;
+            pointer atomics under torch.compile, whose mutation analysis misses it). Measured on
+            an H100 it is still slower than the default: forward+backward 0.94x at d=64 causal
+            8k, 0.99x at 16k, 0.81x at d=128 (session 8; 0.79-1.00x with pointer atomics).
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
         autocast) [, lse] [, dropout_mask]

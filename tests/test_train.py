@@ -113,6 +113,7 @@ def test_typo_and_wrong_type_fail_before_work():
     ("data.seq_len=100000000", "data.seq_len"),
     ("data.path=/no/such/file.txt", "/no/such/file.txt"),
     ("model.n_kv_head=3", "model.n_kv_head=3"),
+    ("model.rope_kernel=fast", "model.rope_kernel='fast' is not allowed"),
     ("attention.deterministic=false", "attention.deterministic is used only by flash_v1, flash_v2"),
     ("attention.num_splits=2", "attention.num_splits is used only by flash_v1"),
 ])
