@@ -32,6 +32,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
     rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA (eager), else PyTorch ops | triton | torch
+    loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA, eager) | triton | torch
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -139,7 +140,7 @@ MLPS = ("gelu", "swiglu")
 STRATEGIES = ("single", "ddp", "fsdp")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_SOURCES = ("text", "hf")
-ROPE_KERNELS = ("auto", "triton", "torch")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 def _choice(value, allowed, key):
@@ -160,7 +161,8 @@ def validate_train_config(cfg) -> None:
     _choice(a.backend, available_backends(), "attention.backend")
     _choice(m.norm, NORMS, "model.norm")
     _choice(m.mlp, MLPS, "model.mlp")
-    _choice(m.rope_kernel, ROPE_KERNELS, "model.rope_kernel")
+    _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
+    _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
     for key in ("n_layer", "n_head", "n_embd"):
         _positive(getattr(m, key), f"model.{key}")
     if m.n_embd % m.n_head:

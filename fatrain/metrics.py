@@ -53,12 +53,15 @@ def peak_rss_gib() -> float:
 
 def memory_metrics(device: torch.device) -> dict:
     if device.type == "cuda":
+        # allocated: the blocks handed out (rounded up, and a cached block that is not split
+        # counts whole); requested: the bytes the program asked for, whatever the cache held.
         return {
             "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem/peak_requested_gib": torch.cuda.memory_stats(device).get("requested_bytes.all.peak", 0) / 2**30,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
     rss = peak_rss_gib()
-    return {"mem/peak_allocated_gib": rss, "mem/peak_reserved_gib": rss}
+    return {"mem/peak_allocated_gib": rss, "mem/peak_requested_gib": rss, "mem/peak_reserved_gib": rss}
 
 
 def synchronize(device: torch.device) -> None:

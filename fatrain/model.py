@@ -42,7 +42,8 @@ class GPTSpec:
     attn_dropout: float = 0.0
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
-    rope_kernel: str = "auto"  # auto | triton | torch: how Q and K are rotated (same numbers, see uses_rope_kernel)
+    rope_kernel: str = "auto"  # auto | triton | torch: how Q and K are rotated (same numbers, see uses_kernel)
+    loss_kernel: str = "auto"  # auto | triton | torch: how the training loss is computed (the same)
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "naive"
@@ -94,21 +95,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def uses_rope_kernel(rope_kernel: str, qkv: torch.Tensor) -> bool:
-    """Whether Q and K are rotated by the fused Triton kernel (``fatrain.kernels.rope``) or by
-    ``apply_rope``'s PyTorch ops; both give the same numbers.
+def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> bool:
+    """Whether a fused Triton kernel of ``fatrain.kernels`` runs on ``x`` (RoPE's for Q and K,
+    the loss's for the logits) or the model's PyTorch ops; both give the same numbers.
 
-    "auto": the kernel for CUDA tensors in eager mode. Under torch.compile the PyTorch ops, which
-    Inductor fuses itself; on the CPU the PyTorch ops (Triton runs there only interpreted).
+    "auto": the kernel for CUDA tensors in eager mode; under torch.compile the PyTorch ops, which
+    Inductor fuses itself, and on the CPU the PyTorch ops (Triton runs there only interpreted).
     "triton": always the kernel (an error off CUDA unless TRITON_INTERPRET=1). "torch": never.
     """
-    if rope_kernel == "torch":
+    if choice == "torch":
         return False
-    if rope_kernel == "triton":
+    if choice == "triton":
         return True
-    if rope_kernel != "auto":
-        raise ValueError(f"rope_kernel must be auto, triton or torch, got {rope_kernel!r}")
-    return qkv.is_cuda and not torch.compiler.is_compiling()
+    if choice != "auto":
+        raise ValueError(f"{setting} must be auto, triton or torch, got {choice!r}")
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.spec.n_head, self.spec.kv_heads, self.spec.head_dim
         qkv = self.qkv(x)
-        if uses_rope_kernel(self.spec.rope_kernel, qkv):
+        if uses_kernel(self.spec.rope_kernel, qkv):
             from fatrain.kernels.rope import rope_qkv
             q, k, v = rope_qkv(qkv, cos.squeeze(-2), sin.squeeze(-2), H, Hkv)
         else:
@@ -273,9 +274,17 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm_f(x)
-        logits = self.lm_head(x)[..., : self.spec.vocab_size]
+        padded = self.lm_head(x)
+        V = self.spec.vocab_size
+        # NOTE: no slice when nothing is padded: a slice's backward copies the whole gradient.
+        logits = padded if V == padded.shape[-1] else padded[..., :V]
         if targets is None:
             return logits, None
+        if reduction == "mean" and uses_kernel(self.spec.loss_kernel, padded, "loss_kernel"):
+            # One Triton pass each way over the logits in their dtype (no float32 copies of
+            # tokens x vocabulary); the padding columns stay out of the softmax.
+            from fatrain.kernels.cross_entropy import cross_entropy
+            return logits, cross_entropy(padded, targets, V)
         loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(-1), reduction=reduction)
         if reduction == "none":
             loss = loss.view(B, T)

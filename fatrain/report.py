@@ -56,6 +56,7 @@ class Job:
     mfu: Optional[float] = None
     step_time_s: Optional[float] = None
     peak_allocated_gib: Optional[float] = None
+    peak_requested_gib: Optional[float] = None
     peak_reserved_gib: Optional[float] = None
     final_train_loss: Optional[float] = None
     final_val_loss: Optional[float] = None
@@ -171,6 +172,7 @@ def summarize_job(path: str, warmup_steps: int) -> Job:
     job.step_time_s = _median(timed, "perf/step_time_s")
     job.mfu = _median(timed, "perf/mfu")
     job.peak_allocated_gib = _max(train_rows, "mem/peak_allocated_gib")
+    job.peak_requested_gib = _max(train_rows, "mem/peak_requested_gib")
     job.peak_reserved_gib = _max(train_rows, "mem/peak_reserved_gib")
     return job
 
@@ -215,7 +217,7 @@ def load_max_context(path: str) -> list[dict]:
 
 
 CSV_FIELDS = ("backend", "variant", "seq_len", "status", "tokens_per_sec", "mfu", "step_time_s",
-              "peak_allocated_gib", "peak_reserved_gib", "final_train_loss", "final_val_loss", "steps",
+              "peak_allocated_gib", "peak_requested_gib", "peak_reserved_gib", "final_train_loss", "final_val_loss", "steps",
               "timed_steps", "batch_size", "tokens_per_step", "params", "error", "path")
 
 
@@ -274,11 +276,13 @@ def markdown_report(jobs: list[Job], sweep_dir: str, warmup_steps: int, baseline
         f"{len(jobs)} jobs from `{sweep_dir}`: {n_ok} ok, {n_oom} out of memory, "
         f"{len(jobs) - n_ok - n_oom} without a result. tokens/s is the median over the log steps after "
         f"step {warmup_steps} (all but the first, for runs shorter than that); peak memory is the largest "
-        "`mem/peak_allocated_gib` of the run in GiB (the process's peak RSS on the CPU); final loss is the "
-        "last validation loss. OOM: the job ran out of GPU memory.", "",
+        "`mem/peak_allocated_gib` of the run in GiB (the process's peak RSS on the CPU), and the peak of the "
+        "bytes requested (`mem/peak_requested_gib`: the same without the allocator's rounding and unsplit "
+        "cached blocks); final loss is the last validation loss. OOM: the job ran out of GPU memory.", "",
         pivot_table(jobs, "Throughput (tokens/s)", lambda j: _fmt(j.tokens_per_sec, ",.0f")),
         mfu,
         pivot_table(jobs, "Peak memory (GiB allocated)", lambda j: _fmt(j.peak_allocated_gib, ".2f")),
+        pivot_table(jobs, "Peak memory (GiB requested)", lambda j: _fmt(j.peak_requested_gib, ".4f")),
         pivot_table(jobs, "Final validation loss", lambda j: _fmt(j.final_val_loss, ".4f")),
     ]
     base = {j.seq_len: j for j in jobs if j.label == baseline and j.status == "ok" and j.tokens_per_sec}

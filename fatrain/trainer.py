@@ -101,7 +101,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
         vocab_size=m.vocab_size or vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
         n_embd=m.n_embd, norm=m.norm, mlp=m.mlp, mlp_hidden=m.mlp_hidden, bias=m.bias, dropout=m.dropout,
         attn_dropout=m.attn_dropout, rope_theta=m.rope_theta, rope_reset_per_document=m.rope_reset_per_document,
-        rope_kernel=m.rope_kernel,
+        rope_kernel=m.rope_kernel, loss_kernel=m.loss_kernel,
         tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=a.backend,
         attention_options=backend_options(a),
         window_size=(a.window_left, a.window_right), document_masking=cfg.data.document_masking,
@@ -111,7 +111,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
-                       "dropout", "attn_dropout", "rope_kernel")
+                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel")
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:
@@ -214,7 +214,12 @@ class Trainer:
                              f"{self.dist.strategy}: pass the DistEnv from fatrain.distributed.init_distributed")
         self.device = self.dist.device if self.dist.distributed else select_device(t.device)
         if self.device.type == "cuda":
-            # The jobs of a Hydra sweep run one after another in one process: each logs its own peak.
+            # The jobs of a Hydra sweep run one after another in one process: each logs its own
+            # peak, and starts from an empty cache as a fresh process would. NOTE: the allocator
+            # counts a cached block it hands out unsplit whole, so with the blocks earlier jobs
+            # left, the same job's max_memory_allocated moved by up to 13 MB with its place in
+            # the sweep (H100, session 8); its requested-bytes peak did not.
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         check_precision(t.precision, self.device, cfg.attention.backend)
         check_strategy(t, self.dist)

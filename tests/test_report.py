@@ -31,6 +31,7 @@ def make_job(sweep, num, backend, seq_len, *, status="ok", tokens_per_sec=(), lo
         step = (i + 1) * log_every
         row = {"step": step, "train/loss": loss[i] if i < len(loss) else 3.0, "perf/tokens_per_sec": tps,
                "perf/step_time_s": 1.0 / tps, "mem/peak_allocated_gib": peak * (1 + i) / len(tokens_per_sec),
+               "mem/peak_requested_gib": peak * (1 + i) / len(tokens_per_sec) - 0.01,
                "mem/peak_reserved_gib": peak * 1.5}
         if mfu is not None:
             row["perf/mfu"] = mfu
@@ -66,6 +67,7 @@ def test_summary_numbers(sweep):
     naive = jobs[("naive", 1024)]
     assert naive.status == "ok" and naive.tokens_per_sec == 100 and naive.timed_steps == 4
     assert naive.mfu == 0.2 and naive.peak_allocated_gib == 4.0 and naive.final_val_loss == 2.0
+    assert naive.peak_requested_gib == pytest.approx(3.99)
     assert naive.params == 1000 and naive.steps == 7 and len(naive.loss_curve) == 7
     assert jobs[("naive", 2048)].status == "oom" and jobs[("naive", 2048)].tokens_per_sec is None
     assert jobs[("flash_v2", 2048)].tokens_per_sec == 180

@@ -7,7 +7,7 @@ import torch
 
 from attention_checks import max_err
 from fatrain.kernels.rope import rope_qkv
-from fatrain.model import GPT, GPTSpec, apply_rope, positions_from_doc_ids, rope_tables, uses_rope_kernel
+from fatrain.model import GPT, GPTSpec, apply_rope, positions_from_doc_ids, rope_tables, uses_kernel
 
 _FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -105,10 +105,10 @@ def test_model_is_the_same_with_the_kernel_and_with_pytorch_ops(kw):
 
 def test_rope_kernel_choice():
     cpu = torch.zeros(1)
-    assert not uses_rope_kernel("auto", cpu) and not uses_rope_kernel("torch", cpu)
-    assert uses_rope_kernel("triton", cpu)
+    assert not uses_kernel("auto", cpu) and not uses_kernel("torch", cpu)
+    assert uses_kernel("triton", cpu)
     with pytest.raises(ValueError, match="rope_kernel must be auto, triton or torch, got 'fast'"):
-        uses_rope_kernel("fast", cpu)
+        uses_kernel("fast", cpu)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -55,7 +55,7 @@ def test_backends_train_and_log(attention, tmp_path):
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/step_time_s",
-                "mem/peak_allocated_gib", "mem/peak_reserved_gib"):
+                "mem/peak_allocated_gib", "mem/peak_requested_gib", "mem/peak_reserved_gib"):
         assert key in train_rows[-1], key
     assert any("val/loss" in r for r in rows)
     assert os.path.exists(result["checkpoint"])
