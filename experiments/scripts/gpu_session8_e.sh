@@ -10,6 +10,6 @@ export FATRAIN_CACHE=/tmp/fatrain_cache WANDB_MODE=disabled PYTHONUNBUFFERED=1 F
   date -u; } > $OUT/env.txt 2>&1
 cat $OUT/env.txt
 for b in naive sdpa_flash sdpa_cudnn flash_v2 flash_v1; do
-  timeout 150 python3 -m fatrain.max_context --backends $b --out $OUT/maxctx_$b > $OUT/maxctx_$b.log 2>&1
+  timeout 110 python3 -m fatrain.max_context --backends $b --out $OUT/maxctx_$b > $OUT/maxctx_$b.log 2>&1
   echo "max_context $b exit $?"; tail -3 $OUT/maxctx_$b.log; date -u
 done
