@@ -99,9 +99,10 @@ def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> b
     """Whether a fused Triton kernel of ``fatrain.kernels`` runs on ``x`` (RoPE's for Q and K,
     the loss's for the logits) or the model's PyTorch ops; both give the same numbers.
 
-    "auto": the kernel for CUDA tensors in eager mode; under torch.compile the PyTorch ops, which
-    Inductor fuses itself, and on the CPU the PyTorch ops (Triton runs there only interpreted).
-    "triton": always the kernel (an error off CUDA unless TRITON_INTERPRET=1). "torch": never.
+    "auto": the kernel for CUDA tensors, eager or under torch.compile (the kernels are torch.library
+    ops that Inductor keeps: its own fusion of these ops was slower and kept float32 logits, session
+    8); on the CPU the PyTorch ops (Triton runs there only interpreted). "triton": always the
+    kernel (an error off CUDA unless TRITON_INTERPRET=1). "torch": never.
     """
     if choice == "torch":
         return False
@@ -109,7 +110,7 @@ def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> b
         return True
     if choice != "auto":
         raise ValueError(f"{setting} must be auto, triton or torch, got {choice!r}")
-    return x.is_cuda and not torch.compiler.is_compiling()
+    return x.is_cuda
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

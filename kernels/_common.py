@@ -136,3 +136,22 @@ def allowed_mask(Nq: int, Nk: int, *, causal: bool, window_size=(-1, -1), doc_id
 def needs_mask(Nq: int, Nk: int, causal: bool, window_size, doc_ids) -> bool:
     left, right = normalize_window(window_size, causal)
     return causal or left >= 0 or right >= 0 or doc_ids is not None
+
+
+def register_op(name: str, launcher, fake):
+    """``launcher`` as the torch.library op ``fatrain::<name>``, so torch.compile traces it: a
+    triton_op on CUDA (its kernels launched through wrap_triton); an opaque custom_op with the
+    ``fake`` shape function under the Triton interpreter.
+
+    NOTE (2026-11, torch 2.13 / triton 3.9): wrap_triton's fake-tensor tracing runs the
+    interpreted kernel on FakeTensors, which have no data, so torch.compile fails on CPU.
+    The interpreter path therefore registers an opaque op; both trace with fullgraph=True.
+    """
+    import os
+
+    from torch.library import custom_op, triton_op
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        op = custom_op(f"fatrain::{name}", mutates_args=())(launcher)
+        op.register_fake(fake)
+        return op
+    return triton_op(f"fatrain::{name}", mutates_args=())(launcher)

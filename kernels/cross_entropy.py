@@ -13,7 +13,8 @@ Here each row is one program:
               the logits' dtype
 so the logits are read twice and the gradient written once, all in the logits' dtype; nothing
 float32 of the logits' size exists. Everything is computed in float32 from the stored logits,
-as PyTorch's path does after its cast.
+as PyTorch's path does after its cast. The launchers are torch.library ops
+(``_common.register_op``), so torch.compile keeps them.
 
 ``vocab_size`` lets the logits carry padding columns (the model pads its head to a multiple
 of 64): they are left out of the softmax and get zero gradient, so no slice (and no
@@ -30,6 +31,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import register_op
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK_V = 64 if _INTERPRET else 4096  # vocabulary entries per step of a row's loop
@@ -91,16 +95,46 @@ def _rows(t: torch.Tensor) -> tuple[int, int] | None:
     return n_rows, stride
 
 
+def _ce_fwd(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, per-row loss), float32 (rows,); targets flattened."""
+    n_rows, stride = _rows(logits)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    wrap_triton(_ce_fwd_kernel)[(n_rows,)](logits, targets, lse, losses, stride, vocab_size, ignore_index,
+                                           BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
+    return lse, losses
+
+
+def _ce_fwd_fake(logits, targets, vocab_size, ignore_index):
+    n_rows = logits.numel() // logits.shape[-1]
+    return (logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty(n_rows, dtype=torch.float32))
+
+
+def _ce_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
+            n_valid: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    n_rows, stride = _rows(logits)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    wrap_triton(_ce_bwd_kernel)[(n_rows,)](logits, targets, lse, grad, dloss, n_valid, stride, grad.shape[-1],
+                                           vocab_size, logits.shape[-1], ignore_index,
+                                           BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
+    return grad
+
+
+def _ce_bwd_fake(logits, targets, lse, dloss, n_valid, vocab_size, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+_ce_fwd_op = register_op("cross_entropy_fwd", _ce_fwd, _ce_fwd_fake)
+_ce_bwd_op = register_op("cross_entropy_bwd", _ce_bwd, _ce_bwd_fake)
+
+
 class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_size, ignore_index):
-        n_rows, stride = _rows(logits)
         targets = targets.reshape(-1).contiguous()
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        _ce_fwd_kernel[(n_rows,)](logits, targets, lse, losses, stride, vocab_size, ignore_index,
-                                  BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
+        lse, losses = _ce_fwd_op(logits, targets, vocab_size, ignore_index)
         n_valid = ((targets != ignore_index) & (targets >= 0) & (targets < vocab_size)).sum()
         ctx.save_for_backward(logits, targets, lse, n_valid)
         ctx.vocab_size, ctx.ignore_index = vocab_size, ignore_index
@@ -110,11 +144,7 @@ class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse, n_valid = ctx.saved_tensors
-        n_rows, stride = _rows(logits)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _ce_bwd_kernel[(n_rows,)](logits, targets, lse, grad, dloss.reshape(1), n_valid, stride, grad.shape[-1],
-                                  ctx.vocab_size, logits.shape[-1], ctx.ignore_index,
-                                  BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
+        grad = _ce_bwd_op(logits, targets, lse, dloss.reshape(1).float(), n_valid, ctx.vocab_size, ctx.ignore_index)
         return grad, None, None, None
 
 

@@ -114,12 +114,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from triton.runtime import _allocation  # NOTE: private; _allocator and NullAllocator exist in triton 3.6-3.9
 
 from . import _dropout
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      default_scale, normalize_window)
+                      default_scale, normalize_window, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
 
 BACKEND = "flash_v2"
@@ -1160,22 +1160,8 @@ def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_lef
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _register(name, launcher, fake):
-    """A triton_op on CUDA; an opaque custom_op with a fake under the interpreter.
-
-    NOTE (2026-11, torch 2.13 / triton 3.9): wrap_triton's fake-tensor tracing runs the
-    interpreted kernel on FakeTensors, which have no data, so torch.compile fails on CPU.
-    The interpreter path therefore registers an opaque op; both trace with fullgraph=True.
-    """
-    if _INTERPRET:
-        op = torch.library.custom_op(f"fatrain::{name}", mutates_args=())(launcher)
-        op.register_fake(fake)
-        return op
-    return triton_op(f"fatrain::{name}", mutates_args=())(launcher)
-
-
-_flash_v2_fwd_op = _register("flash_v2_fwd", _flash_v2_fwd, _flash_v2_fwd_fake)
-_flash_v2_bwd_op = _register("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
+_flash_v2_fwd_op = register_op("flash_v2_fwd", _flash_v2_fwd, _flash_v2_fwd_fake)
+_flash_v2_bwd_op = register_op("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
 
 
 # ----------------------------------------------------------------------------------------

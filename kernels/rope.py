@@ -4,8 +4,8 @@
 
 ``qkv`` is the attention's projection output, (batch, seqlen, (n_head + 2 * n_kv_head) * head_dim):
 the heads of Q, then K, then V. The forward writes Q and K rotated and V copied into three
-(batch, seqlen, heads, head_dim) tensors in one launch; the backward writes the gradient of
-``qkv`` in one launch from the three gradients (Q's and K's rotated back, V's copied), so
+(batch, seqlen, heads, head_dim) tensors (one launch per tensor); the backward writes the
+gradient of ``qkv`` from the three gradients (Q's and K's rotated back, V's copied), so
 autograd neither concatenates the three gradients nor runs the element-wise graph of the
 rotation. The rotation is GPT-NeoX's (the model's ``apply_rope``): pairs (x[:d/2], x[d/2:])
 turned by the angle of each position, computed in float32, rounded once to the input dtype.
@@ -14,6 +14,7 @@ Why: in eager PyTorch, ``apply_rope`` on Q and K is about ten element-wise kerne
 more backward, each a round trip of the activations through HBM in float32; on GPT-2 small at
 32k tokens per step that is a few GB per layer and step. Here each element is read once and
 written once, in the input dtype (benchmark and numbers: experiments/README.md, session 8).
+The launchers are torch.library ops (``_common.register_op``), so torch.compile keeps them.
 """
 
 from __future__ import annotations
@@ -23,34 +24,29 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import register_op
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK_T = 16 if _INTERPRET else 64  # tokens per program
 
 
 @triton.jit
-def _rope_qkv_kernel(X, COS, SIN, Q, K, V,
-                     stride_xb, stride_xt, stride_cb, stride_ct,
-                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                     stride_vb, stride_vt, stride_vh,
-                     T, H, HKV,
-                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BACKWARD: tl.constexpr):
-    """One head of BLOCK_T tokens. Forward: X (packed rows) -> Q, K rotated, V copied. Backward:
-    the gradients Q, K, V -> X, Q's and K's turned by the opposite angle (the rotation's transpose)."""
+def _rope_kernel(X, COS, SIN, O, stride_xb, stride_xt, stride_cb, stride_ct, stride_ob, stride_ot, stride_oh,
+                 T, col0, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                 ROTATE: tl.constexpr, BACKWARD: tl.constexpr):
+    """One head of BLOCK_T tokens of one of Q, K, V. Forward: the head's columns of the packed rows
+    X (from column col0) -> O, rotated (Q, K) or copied (V). Backward: the gradient O -> X's columns,
+    turned by the opposite angle (the rotation's transpose)."""
     pid_t = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (rows[:, None] < T) & (cols[None, :] < HALF)
-    # the packed row's column of this head's first element (heads of Q, then K, then V)
-    x_ptrs = X + off_b * stride_xb + rows[:, None] * stride_xt + head * (2 * HALF) + cols[None, :]
-    if head < H:
-        o_ptrs = Q + off_b * stride_qb + rows[:, None] * stride_qt + head * stride_qh + cols[None, :]
-    elif head < H + HKV:
-        o_ptrs = K + off_b * stride_kb + rows[:, None] * stride_kt + (head - H) * stride_kh + cols[None, :]
-    else:
-        o_ptrs = V + off_b * stride_vb + rows[:, None] * stride_vt + (head - H - HKV) * stride_vh + cols[None, :]
+    x_ptrs = X + off_b * stride_xb + rows[:, None] * stride_xt + col0 + head * (2 * HALF) + cols[None, :]
+    o_ptrs = O + off_b * stride_ob + rows[:, None] * stride_ot + head * stride_oh + cols[None, :]
     if BACKWARD:
         src = o_ptrs
         dst = x_ptrs
@@ -59,7 +55,7 @@ def _rope_qkv_kernel(X, COS, SIN, Q, K, V,
         dst = o_ptrs
     a = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    if head < H + HKV:
+    if ROTATE:
         c_off = off_b * stride_cb + rows[:, None] * stride_ct + cols[None, :]
         cos = tl.load(COS + c_off, mask=mask, other=1.0)
         sin = tl.load(SIN + c_off, mask=mask, other=0.0)
@@ -70,15 +66,58 @@ def _rope_qkv_kernel(X, COS, SIN, Q, K, V,
     tl.store(dst + HALF, b.to(dst.dtype.element_ty), mask=mask)
 
 
-def _launch(x, cos, sin, q, k, v, n_head, n_kv_head, backward: bool):
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, backward: bool) -> None:
+    """Three launches, one per tensor (Q and K rotated, V copied), each on its own columns of x.
+
+    NOTE: one launch per tensor rather than one picking its output inside the kernel: a
+    branch-selected store pointer is what torch.compile's analysis of which arguments a Triton
+    kernel mutates may not follow, and the launches are about 10 us of a 0.1 ms pass."""
     B, T = x.shape[0], x.shape[1]
     half = cos.shape[-1]
-    grid = (triton.cdiv(T, _BLOCK_T), B, n_head + 2 * n_kv_head)
-    _rope_qkv_kernel[grid](x, cos, sin, q, k, v,
-                           x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
-                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                           T, n_head, n_kv_head,
-                           HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=_BLOCK_T, BACKWARD=backward)
+    col0 = 0
+    for out, rotate in ((q, True), (k, True), (v, False)):
+        grid = (triton.cdiv(T, _BLOCK_T), B, out.shape[2])
+        wrap_triton(_rope_kernel)[grid](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
+                                        out.stride(0), out.stride(1), out.stride(2), T, col0,
+                                        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=_BLOCK_T,
+                                        ROTATE=rotate, BACKWARD=backward)
+        col0 += out.shape[2] * 2 * half
+
+
+def _rope_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+              n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    q = qkv.new_empty((B, T, n_head, D))
+    k = qkv.new_empty((B, T, n_kv_head, D))
+    v = qkv.new_empty((B, T, n_kv_head, D))
+    _launch(qkv, cos, sin, q, k, v, backward=False)
+    return q, k, v
+
+
+def _rope_fwd_fake(qkv, cos, sin, n_head, n_kv_head):
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    return (qkv.new_empty((B, T, n_head, D)), qkv.new_empty((B, T, n_kv_head, D)),
+            qkv.new_empty((B, T, n_kv_head, D)))
+
+
+def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
+    B, T, H, D = dq.shape
+    dqkv = dq.new_empty((B, T, (H + 2 * dk.shape[2]) * D))
+    _launch(dqkv, cos, sin, dq, dk, dv, backward=True)
+    return dqkv
+
+
+def _rope_bwd_fake(dq, dk, dv, cos, sin):
+    B, T, H, D = dq.shape
+    return dq.new_empty((B, T, (H + 2 * dk.shape[2]) * D))
+
+
+_rope_fwd_op = register_op("rope_qkv_fwd", _rope_fwd, _rope_fwd_fake)
+_rope_bwd_op = register_op("rope_qkv_bwd", _rope_bwd, _rope_bwd_fake)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -89,16 +128,10 @@ class RopeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, n_kv_head):
-        B, T, width = qkv.shape
-        D = width // (n_head + 2 * n_kv_head)
-        qkv = _unit_last_stride(qkv)
-        q = qkv.new_empty((B, T, n_head, D))
-        k = qkv.new_empty((B, T, n_kv_head, D))
-        v = qkv.new_empty((B, T, n_kv_head, D))
-        _launch(qkv, cos, sin, q, k, v, n_head, n_kv_head, backward=False)
+        q, k, v = _rope_fwd_op(_unit_last_stride(qkv), cos, sin, n_head, n_kv_head)
         ctx.save_for_backward(cos, sin)
         ctx.heads = (n_head, n_kv_head)
-        ctx.shape = (B, T, width)
+        ctx.shape = qkv.shape
         ctx.dtype = qkv.dtype
         return q, k, v
 
@@ -111,9 +144,7 @@ class RopeQKV(torch.autograd.Function):
         # NOTE: a gradient autograd did not produce (an output the loss does not use) is None.
         grads = [torch.zeros((B, T, n, D), dtype=ctx.dtype, device=cos.device) if g is None else _unit_last_stride(g)
                  for g, n in ((dq, n_head), (dk, n_kv_head), (dv, n_kv_head))]
-        dqkv = torch.empty((B, T, width), dtype=ctx.dtype, device=cos.device)
-        _launch(dqkv, cos, sin, *grads, n_head, n_kv_head, backward=True)
-        return dqkv, None, None, None, None
+        return _rope_bwd_op(*grads, cos, sin), None, None, None, None
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int):
