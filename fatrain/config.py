@@ -31,8 +31,8 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities, inside the backend
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
-    rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA (eager), else PyTorch ops | triton | torch
-    loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA, eager) | triton | torch
+    rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA, PyTorch ops on the CPU | triton | torch
+    loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA) | triton | torch
     tie_embeddings: bool = True
     init_std: float = 0.02
 

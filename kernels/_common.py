@@ -1,4 +1,4 @@
-"""Shared argument checks and mask geometry for every attention backend.
+"""Shared argument checks, mask geometry and torch.library op registration for the kernels.
 
 Every backend validates through the same functions, so a bad argument gets the same
 message whatever backend it reaches. Messages name the argument, what was given, and
@@ -7,7 +7,10 @@ what is allowed.
 
 from __future__ import annotations
 
+import os
+
 import torch
+from torch.library import custom_op, triton_op
 
 #: Value of the logsumexp of a row whose keys are all masked out (its output is zero).
 #: Finite on purpose: the backward recomputes P = exp(S - LSE) with S = -inf on masked
@@ -147,9 +150,6 @@ def register_op(name: str, launcher, fake):
     interpreted kernel on FakeTensors, which have no data, so torch.compile fails on CPU.
     The interpreter path therefore registers an opaque op; both trace with fullgraph=True.
     """
-    import os
-
-    from torch.library import custom_op, triton_op
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         op = custom_op(f"fatrain::{name}", mutates_args=())(launcher)
         op.register_fake(fake)
