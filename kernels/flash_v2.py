@@ -855,7 +855,10 @@ _INTERPRETER_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 _PREPROCESS_BLOCK_M = 64
 
 def _configs(*rows):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) rows; maxnreg caps
+    the registers per thread (ptxas .maxnreg), e.g. so that two 8-warp programs share an SM."""
+    return [triton.Config({"BLOCK_M": row[0], "BLOCK_N": row[1]}, num_warps=row[2], num_stages=row[3],
+                          maxnreg=row[4] if len(row) > 4 else None) for row in rows]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
