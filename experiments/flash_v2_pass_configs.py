@@ -27,8 +27,8 @@ from triton.testing import do_bench
 import fatrain  # noqa: F401
 from fatrain.kernels import flash_v2
 
-LISTS = {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS"}
-KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq"}
+LISTS = {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS", "dkdv_atomic": "_DKDV_CONFIGS"}
+KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv", "dq": "_bwd_dq", "dkdv_atomic": "_bwd_dkdv"}
 EXTRA = {"fwd": [(128, 64, 8, 5), (256, 64, 16, 3), (128, 32, 4, 4), (64, 64, 4, 3),
                  # session 9: register caps for two 8-warp programs per SM, and 16-warp 256-row tiles
                  (128, 128, 8, 2, 128), (128, 128, 8, 3, 128), (256, 64, 16, 2), (256, 128, 16, 2),
@@ -38,7 +38,10 @@ EXTRA = {"fwd": [(128, 64, 8, 5), (256, 64, 16, 3), (128, 32, 4, 4), (64, 64, 4,
                   (32, 64, 4, 4, 128), (16, 128, 8, 3, 128), (64, 128, 16, 3), (32, 128, 16, 3)],
          "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3),
                 (128, 32, 4, 3, 168), (128, 32, 4, 4, 168), (128, 64, 8, 3, 120), (256, 32, 8, 3),
-                (256, 64, 16, 3), (256, 64, 16, 2), (64, 64, 4, 3, 128), (64, 32, 4, 4, 128)]}
+                (256, 64, 16, 3), (256, 64, 16, 2), (64, 64, 4, 3, 128), (64, 32, 4, 4, 128)],
+         # deterministic=False: the dK/dV pass adding dQ (bulk reduce-add on Hopper)
+         "dkdv_atomic": [(64, 128, 8, 4), (32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 2),
+                         (64, 64, 4, 2), (16, 128, 8, 3), (64, 128, 8, 3, 232)]}
 
 
 def configs(name, only_extra=False):
@@ -94,7 +97,7 @@ def main():
                     if name == "fwd":
                         return flash_v2._flash_v2_fwd(q, k, v, None, scale, *window, 0.0, 0, -1, -1)[0]
                     return torch.cat(flash_v2._flash_v2_bwd(do, q, k, v, out, lse, None, scale, *window, 0.0, 0,
-                                                            -1, -1), dim=1)
+                                                            -1, -1, name != "dkdv_atomic"), dim=1)
 
                 flops = 4 * b * h * n * n * d / (2 if causal else 1)
                 if args.cudnn:
