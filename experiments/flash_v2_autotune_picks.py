@@ -6,7 +6,8 @@
         [--heads 12] [--headdim 64] [--repeats 3] [--rounds 3]
 
 For each shape: ``--repeats`` fresh autotuners over the pass's config list (flash_v2's own timing
-function), each printing its pick and every config's time; then every config pinned and timed
+function and, from session 9, its refining rounds of the top three), each printing its pick,
+every config's time in the first pass (as TFLOP/s of the whole pass) and the rounds' times; then every config pinned and timed
 with do_bench in ``--rounds`` interleaved rounds (median of rounds). Causal bf16.
 """
 
@@ -60,6 +61,9 @@ def main():
             timings = sorted(tuner.configs_timings.items(), key=lambda kv: kv[1][0])
             print(f"  autotune {r}: pick {label(tuner.best_config)}; " + ", ".join(
                 f"{label(c)} {flops / t[0] * 1e-9:.0f}" for c, t in timings), flush=True)
+            for key, rounds in getattr(tuner, "refined", {}).items():  # flash_v2's refining rounds (session 9)
+                print("    refined: " + "; ".join(f"{c}: " + ", ".join(f"{t:.4f}" for t in ts)
+                                               for c, ts in rounds.items()), flush=True)
         pinned = {}
         for c in configs:
             flash_v2._LAUNCHERS[args.name] = (flash_v2._autotuned(kernel, [c]), default[1])

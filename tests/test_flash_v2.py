@@ -9,6 +9,8 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
@@ -183,6 +185,48 @@ def test_tensor_descriptors_are_off_on_the_cpu_by_default():
     assert flash_v2._TMA in ("auto", "0", "1")
     if flash_v2._TMA == "auto":
         assert not flash_v2._use_tma(torch.randn(1, 16, 1, 16))
+
+
+@triton.jit
+def _accumulate_twice(X, Y, PICKED, N, BLOCK: tl.constexpr):
+    """Y += 2 X (an accumulating output, as dQ in the atomic pass); PICKED = the BLOCK that ran."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(Y + offs, tl.load(Y + offs, mask=ok) + 2 * tl.load(X + offs, mask=ok), mask=ok)
+    tl.store(PICKED + tl.program_id(0) * 0, BLOCK)
+
+
+def test_autotuner_refines_its_pick_in_interleaved_rounds():
+    """The first pass's fastest config loses the interleaved rounds: the rounds' winner is
+    picked, cached and launched last, so the outputs are its own (an accumulating output,
+    reset before each trial, holds exactly one launch's sum)."""
+    from fatrain.kernels import flash_v2
+    times = {16: [1.0, 1.5, 1.5, 1.5], 32: [1.1, 1.0, 1.2, 0.9], 64: [1.2, 1.4, 1.4, 1.4], 128: [2.0]}
+    seen = []
+
+    def scripted_bench(kernel_call, quantiles):
+        kernel_call()
+        block = int(picked.item())
+        seen.append(block)
+        return [times[block][seen.count(block) - 1]] * 3
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128)]
+    tuner = flash_v2._autotuned(_accumulate_twice, configs, reset_to_zero=["Y"], do_bench=scripted_bench)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.arange(100, dtype=torch.float32, device=dev)
+    y = torch.zeros(100, device=dev)
+    picked = torch.zeros(1, dtype=torch.int32, device=dev)
+    tuner[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, picked, 100)
+    assert seen == [16, 32, 64, 128] + [16, 32, 64] * flash_v2._REFINE_ROUNDS  # top 3, interleaved
+    assert tuner.best_config.kwargs == {"BLOCK": 32}  # rounds' medians 1.5, 1.0, 1.4
+    assert picked.item() == 32
+    torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
+    (rounds,) = tuner.refined.values()
+    assert sorted(rounds) == ["BLOCK=16, num_warps=4, num_ctas=1, num_stages=3",
+                              "BLOCK=32, num_warps=4, num_ctas=1, num_stages=3",
+                              "BLOCK=64, num_warps=4, num_ctas=1, num_stages=3"]
+    tuner[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, picked, 100)  # cached: no timing
+    assert len(seen) == 4 + 3 * flash_v2._REFINE_ROUNDS and picked.item() == 32
 
 
 def test_deterministic_is_validated():
