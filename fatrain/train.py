@@ -118,7 +118,7 @@ def _train(cfg: DictConfig, run_dir: str, dist_env: DistEnv) -> dict:
         from fatrain.kernels import flash_v2
         # The configs flash_v2's autotuners picked for this job's length (the autotuners live in
         # the process, so a multirun's earlier jobs' shapes are left out).
-        picks = [row for row in flash_v2.autotune_picks() if row["key"][0] == str(cfg.data.seq_len)]
+        picks = [row for row in flash_v2.autotune_picks() if row["key"].get("Nq") == str(cfg.data.seq_len)]
         if picks:
             result["flash_v2_autotune"] = picks
     return result

@@ -76,9 +76,10 @@ Registration: on CUDA the launchers are `torch.library.triton_op`s that launch t
 `wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
 kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s with fake
 implementations instead (wrap_triton cannot trace interpreted kernels), which
-`torch.compile(fullgraph=True)` also traces. Block sizes are autotuned on CUDA (key:
-seqlens, head dim, mask kind, precision; FATRAIN_AUTOTUNE=0 pins the first config); the
-CPU interpreter uses one fixed small configuration. Fixed tiles (block_m, block_n), for the
+`torch.compile(fullgraph=True)` also traces. Block sizes, warps, stages and register caps are
+autotuned on CUDA (key: seqlens, head dim, mask kind, precision; the three fastest configs
+timed again in interleaved rounds, ``_RefiningAutotuner``; ``autotune_picks()`` lists the picks;
+FATRAIN_AUTOTUNE=0 pins the first config); the CPU interpreter uses one fixed small configuration. Fixed tiles (block_m, block_n), for the
 block-size ablation, skip the autotuner: block_m tiles what a program owns and block_n what
 it loops over, so the forward and the dQ pass run (BLOCK_M, BLOCK_N) = (block_m, block_n)
 and the dK/dV pass (BLOCK_N keys, BLOCK_M queries) = (block_m, block_n), the convention of
@@ -966,13 +967,17 @@ def _autotuned(kernel, configs, reset_to_zero=None, do_bench=_autotune_bench):
 
 def autotune_picks() -> list[dict]:
     """The configs flash_v2's autotuners picked in this process, one row per pass and shape key:
-    pass, key (the autotune key's values: Nq, Nk, HEAD_DIM, masks, features, dtypes), config,
-    and the refining rounds' times in ms per candidate (empty when the list had one config)."""
+    kernel (fwd, dq, dkdv, dkdv_atomic), key ({Nq, Nk, HEAD_DIM, the mask and feature flags: their
+    values as strings, dtypes: the tensor arguments' dtypes}), config, and rounds_ms (the refining
+    rounds' times in ms per candidate; empty when the list had one config)."""
     rows = []
     for name, launchers in _LAUNCHERS.items() if not _INTERPRET else ():
         for tuner in dict.fromkeys(launchers):
+            names = [n for n in tuner.keys if n in tuner.arg_names]
             for key, config in getattr(tuner, "cache", {}).items():
-                rows.append(dict(kernel=name, key=[str(k) for k in key], config=_config_label(config),
+                named = {n: str(k) for n, k in zip(names, key)}
+                named["dtypes"] = [str(k) for k in key[len(names):]]
+                rows.append(dict(kernel=name, key=named, config=_config_label(config),
                                  rounds_ms=getattr(tuner, "refined", {}).get(key, {})))
     return rows
 

@@ -188,18 +188,18 @@ def test_tensor_descriptors_are_off_on_the_cpu_by_default():
 
 
 @triton.jit
-def _accumulate_twice(X, Y, PICKED, N, BLOCK: tl.constexpr):
+def _accumulate_twice(X, Y, PICKED, Nq, BLOCK: tl.constexpr):
     """Y += 2 X (an accumulating output, as dQ in the atomic pass); PICKED = the BLOCK that ran."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
+    ok = offs < Nq
     tl.store(Y + offs, tl.load(Y + offs, mask=ok) + 2 * tl.load(X + offs, mask=ok), mask=ok)
     tl.store(PICKED + tl.program_id(0) * 0, BLOCK)
 
 
-def test_autotuner_refines_its_pick_in_interleaved_rounds():
+def test_autotuner_refines_its_pick_in_interleaved_rounds(monkeypatch):
     """The first pass's fastest config loses the interleaved rounds: the rounds' winner is
     picked, cached and launched last, so the outputs are its own (an accumulating output,
-    reset before each trial, holds exactly one launch's sum)."""
+    reset before each trial, holds exactly one launch's sum); autotune_picks reports it."""
     from fatrain.kernels import flash_v2
     times = {16: [1.0, 1.5, 1.5, 1.5], 32: [1.1, 1.0, 1.2, 0.9], 64: [1.2, 1.4, 1.4, 1.4], 128: [2.0]}
     seen = []
@@ -227,6 +227,12 @@ def test_autotuner_refines_its_pick_in_interleaved_rounds():
                               "BLOCK=64, num_warps=4, num_ctas=1, num_stages=3"]
     tuner[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, picked, 100)  # cached: no timing
     assert len(seen) == 4 + 3 * flash_v2._REFINE_ROUNDS and picked.item() == 32
+    monkeypatch.setattr(flash_v2, "_INTERPRET", False)  # the interpreter's launchers have no autotuners
+    monkeypatch.setattr(flash_v2, "_LAUNCHERS", {"fwd": (tuner, tuner)})
+    (row,) = flash_v2.autotune_picks()
+    assert row["kernel"] == "fwd" and row["config"] == "BLOCK=32, num_warps=4, num_ctas=1, num_stages=3"
+    assert row["key"] == {"Nq": "100", "dtypes": ["torch.float32", "torch.float32", "torch.int32"]}
+    assert row["rounds_ms"]["BLOCK=32, num_warps=4, num_ctas=1, num_stages=3"] == [1.0, 1.2, 0.9]
 
 
 def test_deterministic_is_validated():
