@@ -115,13 +115,17 @@ def _train(cfg: DictConfig, run_dir: str, dist_env: DistEnv) -> dict:
             progress.close()
     result["status"] = "ok"
     if cfg.attention.backend == "flash_v2" and torch.cuda.is_available():
-        from fatrain.kernels import flash_v2
-        # The configs flash_v2's autotuners picked for this job's length (the autotuners live in
-        # the process, so a multirun's earlier jobs' shapes are left out).
-        picks = [row for row in flash_v2.autotune_picks() if row["key"].get("Nq") == str(cfg.data.seq_len)]
+        picks = flash_v2_picks(cfg.data.seq_len)
         if picks:
             result["flash_v2_autotune"] = picks
     return result
+
+
+def flash_v2_picks(seq_len: int) -> list[dict]:
+    """The configs flash_v2's autotuners picked for queries of ``seq_len`` tokens (the autotuners
+    live in the process, so the shapes of a multirun's earlier jobs are left out)."""
+    from fatrain.kernels import flash_v2
+    return [row for row in flash_v2.autotune_picks() if row["key"].get("Nq") == str(seq_len)]
 
 
 def shared_run_dir(run_dir: str, dist_env: DistEnv) -> str:

@@ -60,12 +60,29 @@ def test_backends_train_and_log(attention, tmp_path):
         assert key in train_rows[-1], key
     assert any("val/loss" in r for r in rows)
     assert os.path.exists(result["checkpoint"])
+    if attention == "flash_v2" and torch.cuda.is_available():  # the autotuners' picks, for the record
+        assert {row["kernel"] for row in result["flash_v2_autotune"]} == {"fwd", "dq", "dkdv"}
+        assert {row["key"]["Nq"] for row in result["flash_v2_autotune"]} == {str(cfg.data.seq_len)}
+    else:
+        assert "flash_v2_autotune" not in result
 
 
 def test_flash_v2_trains_with_atomic_dq(tmp_path):
     cfg = compose_train(["attention=flash_v2", "attention.deterministic=false", *FAST])
     result = run(cfg, str(tmp_path))
     assert result["status"] == "ok" and result["step"] == 3
+
+
+def test_flash_v2_picks_are_the_jobs_length_only(monkeypatch):
+    """result.json's flash_v2_autotune: the picks whose queries have the job's length (a
+    multirun's process keeps the picks of its earlier jobs' lengths too)."""
+    from fatrain import train
+    from fatrain.kernels import flash_v2
+    rows = [dict(kernel=k, key={"Nq": n, "Nk": n, "dtypes": []}, config=f"{k} {n}", rounds_ms={})
+            for n in ("1024", "8192") for k in ("fwd", "dq", "dkdv")]
+    monkeypatch.setattr(flash_v2, "autotune_picks", lambda: rows)
+    assert [r["config"] for r in train.flash_v2_picks(8192)] == ["fwd 8192", "dq 8192", "dkdv 8192"]
+    assert train.flash_v2_picks(2048) == []
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optim", "trainer", "logger", "attention"])
