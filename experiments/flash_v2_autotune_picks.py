@@ -7,8 +7,9 @@
 
 For each shape: ``--repeats`` fresh autotuners over the pass's config list (flash_v2's own timing
 function and, from session 9, its refining rounds of the top three), each printing its pick,
-every config's time in the first pass (as TFLOP/s of the whole pass) and the rounds' times; then every config pinned and timed
-with do_bench in ``--rounds`` interleaved rounds (median of rounds). Causal bf16.
+every config's time in the first pass (as TFLOP/s of the whole pass) and the rounds' times;
+then every config pinned and timed with do_bench in ``--rounds`` interleaved rounds (median of
+rounds). Causal bf16.
 """
 
 import argparse
@@ -77,8 +78,8 @@ def main():
         flash_v2._LAUNCHERS[args.name] = default
         for key, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
             ms = statistics.median(ts)
-            print(f"  pinned {key}: {ms:.4f} ms, {flops / ms * 1e-9:.1f} TFLOP/s (rounds {', '.join(f'{t:.4f}' for t in ts)})",
-                  flush=True)
+            rounds = ", ".join(f"{t:.4f}" for t in ts)
+            print(f"  pinned {key}: {ms:.4f} ms, {flops / ms * 1e-9:.1f} TFLOP/s (rounds {rounds})", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,12 +79,13 @@ implementations instead (wrap_triton cannot trace interpreted kernels), which
 `torch.compile(fullgraph=True)` also traces. Block sizes, warps, stages and register caps are
 autotuned on CUDA (key: seqlens, head dim, mask kind, precision; the three fastest configs
 timed again in interleaved rounds, ``_RefiningAutotuner``; ``autotune_picks()`` lists the picks;
-FATRAIN_AUTOTUNE=0 pins the first config); the CPU interpreter uses one fixed small configuration. Fixed tiles (block_m, block_n), for the
-block-size ablation, skip the autotuner: block_m tiles what a program owns and block_n what
-it loops over, so the forward and the dQ pass run (BLOCK_M, BLOCK_N) = (block_m, block_n)
-and the dK/dV pass (BLOCK_N keys, BLOCK_M queries) = (block_m, block_n), the convention of
-the autotune lists (fwd 128 x 64, dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 warps from a
-128 x 64 tile up, stages as the first config. No divisibility between them is needed (every
+FATRAIN_AUTOTUNE=0 pins the first config); the CPU interpreter uses one fixed small
+configuration. Fixed tiles (block_m, block_n), for the block-size ablation, skip the
+autotuner: block_m tiles what a program owns and block_n what it loops over, so the forward
+and the dQ pass run (BLOCK_M, BLOCK_N) = (block_m, block_n) and the dK/dV pass (BLOCK_N keys,
+BLOCK_M queries) = (block_m, block_n), the convention of the autotune lists (fwd 128 x 64,
+dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 warps from a 128 x 64 tile up, stages as the
+first config. No divisibility between them is needed (every
 block range is computed per pass with its own tiles).
 
 Caution / known limits: ids that are not non-decreasing get no loop clipping: every block
@@ -863,7 +864,7 @@ def _configs(*rows):
                           maxnreg=row[4] if len(row) > 4 else None) for row in rows]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row of each list is the default
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]); the first row of each list is the default
 # when autotuning is off (FATRAIN_AUTOTUNE=0), so it must fit shared memory for fp32 inputs
 # too (the autotuner skips configs that do not fit; a pinned one would fail). Heads wider than 128 get smaller tiles so
 # Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
