@@ -915,8 +915,8 @@ class _RefiningAutotuner(triton.runtime.autotuner.Autotuner):
     in list order, and over the seconds that takes the GPU's clocks and temperature drift; in
     one process its pick for the dK/dV pass at 16k was a config 7% slower than the best one
     (the whole backward 5.48 vs 5.12 ms), in others the best; forward picks moved by 3%.
-    Interleaved rounds put every candidate under the same conditions. About 2 s more per new
-    shape; ``refined`` keeps each key's round times (``autotune_picks`` reports them)."""
+    Interleaved rounds put every candidate under the same conditions. Cost: 9 more timings per pass
+    and new shape (about 0.2 s each by _autotune_bench's 100 + 100 ms; not timed); ``refined`` keeps each key's round times (``autotune_picks`` reports them)."""
 
     def run(self, *args, **kwargs):
         known = set(self.cache)
