@@ -6,7 +6,7 @@
 
 For each backend (registry names, called through ``fatrain.kernels.get_backend``) and sequence
 length, ``--iters`` forward+backward calls (causal, bf16, batch = tokens / seqlen) run under
-torch.profiler after a warm-up (autotuning, compilation); every CUDA kernel's total device time
+torch.profiler after a warm-up (autotuning, compilation); every CUDA kernel's total GPU time
 is divided by the iterations and printed per backend, so the passes of one backward (flash_v2:
 dQ pass, dK/dV pass; cuDNN: its kernels) can be compared one by one. One row per backend, length
 and kernel (gpu, versions, git sha, date) to ``--out`` (.csv or .jsonl).
