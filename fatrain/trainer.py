@@ -1,4 +1,8 @@
-"""The training loop, and the pieces it is built from (device, precision, optimizer, schedule).
+"""The training loop, the pieces it is built from (model spec, optimizer, schedule, sharding),
+and one run in its folder (``run_training``: folder checks, resume, loggers, the result).
+
+Device, precision and seeding come from ``fatrain.runtime``; which attention options a
+backend takes and what it reports of a run come from the registry (``fatrain.kernels``).
 
 The step loop reads top to bottom like nanoGPT's: set the learning rate -> periodic
 validation and checkpoint -> micro-steps with gradient accumulation -> clip -> optimizer
