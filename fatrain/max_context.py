@@ -31,8 +31,8 @@ from omegaconf import OmegaConf, open_dict
 from fatrain.config import validate_train_config
 from fatrain.metrics import synchronize
 from fatrain.model import GPT
-from fatrain.runtime import autocast_for, check_precision, classify, free_memory, run_info, seed_everything, \
-    select_device, short
+from fatrain.runtime import (autocast_for, check_precision, classify, free_memory, run_info, seed_everything,
+                             select_device, short)
 from fatrain.trainer import attention_options, build_spec, make_optimizer
 
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).

@@ -35,14 +35,14 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fatrain import distributed
-from fatrain.checkpoint import CheckpointError, CheckpointManager, is_sharded, list_checkpoints, load_checkpoint, \
-    load_metadata
+from fatrain.checkpoint import (CheckpointError, CheckpointManager, is_sharded, list_checkpoints, load_checkpoint,
+                                load_metadata)
 from fatrain.config import validate_train_config
 from fatrain.data import BlockLoader, build_data
 from fatrain.distributed import DistEnv
 from fatrain.kernels import check_options, run_info
-from fatrain.metrics import ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics, \
-    peak_flops
+from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
+                             peak_flops)
 from fatrain.model import GPT, GPTSpec
 from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
 

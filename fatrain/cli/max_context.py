@@ -1,7 +1,7 @@
 """``fatrain-max-context``: the longest seq_len each attention backend can train at batch 1.
 
     fatrain-max-context                                       # experiment=max_context, its backends
-    fatrain-max-context --backends naive,flash_v2 trainer.activation_checkpointing=true
+    fatrain-max-context --backends <name>,<name> trainer.activation_checkpointing=true
     fatrain-max-context --out multirun/ablate_backends/<date>  # next to a sweep: fatrain-report shows it
 
 Composes ``experiment=max_context`` plus any Hydra overrides and runs

@@ -1,14 +1,15 @@
 """``fatrain-train``: compose the config, train one run, write result.json, return the final val loss.
 
     fatrain-train experiment=quickstart
-    fatrain-train model=gpt2-small attention=flash_v2 data.seq_len=8192 trainer.precision=bf16
+    fatrain-train model=gpt2-small attention=<name> data.seq_len=8192 trainer.precision=bf16
     fatrain-train -m experiment=ablate_backends_cpu          # a Hydra multirun sweep
     torchrun --standalone --nproc_per_node=8 -m fatrain.cli.train trainer.strategy=fsdp ...
 
-Each run directory holds the composed config (.hydra/), metrics.jsonl, checkpoints/,
-the W&B run (wandb/) and result.json. A bad setting exits with one line naming it.
-Under torchrun every rank runs this entry point; all use rank 0's run directory, and only
-rank 0 writes metrics, W&B, the console lines and result.json.
+``attention=<name>`` is one of configs/attention/ (one file per registry backend). Each run
+directory holds the composed config (.hydra/), metrics.jsonl, checkpoints/, the W&B run
+(wandb/) and result.json. A bad setting exits with one line naming it. Under torchrun every
+rank runs this entry point; all use rank 0's run directory, and only rank 0 writes metrics,
+W&B, the console lines and result.json.
 """
 
 from __future__ import annotations
