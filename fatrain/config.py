@@ -14,6 +14,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from fatrain.runtime import PRECISIONS
+
+# ----- fatrain-train (and the training config a checkpoint saves)
+
 
 @dataclass
 class ModelConfig:
@@ -39,14 +43,17 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    backend: str = "naive"  # a name from fatrain.kernels.available_backends()
+    backend: str = MISSING  # a name from fatrain.kernels.available_backends() (configs/attention/<name>.yaml)
     window_left: int = -1  # sliding window; -1 means unlimited
     window_right: int = -1
-    block_m: Optional[int] = None  # flash_v2: fixed block sizes instead of autotuning (None: autotune)
-    block_n: Optional[int] = None
-    sram_bytes: Optional[int] = None  # flash_v1: the on-chip budget M in bytes (None: read from the GPU)
-    num_splits: Optional[int] = None  # flash_v1: programs per (batch, head); 1 = the paper's grid (None: fill the GPU)
-    deterministic: Optional[bool] = None  # flash_v1/flash_v2: False adds dQ with atomics (not bit-reproducible)
+    # The backends' own tuning keywords (fatrain.kernels.all_options()); None leaves each to the
+    # backend. Which backend takes which is the registry's to say: a setting given to a backend
+    # that does not take it fails before any work starts (fatrain.kernels.check_options).
+    block_m: Optional[int] = None  # fixed query-block size instead of autotuning
+    block_n: Optional[int] = None  # fixed key-block size instead of autotuning
+    sram_bytes: Optional[int] = None  # on-chip memory budget M in bytes, from which the blocks follow
+    num_splits: Optional[int] = None  # programs per (batch, head); 1 = FlashAttention-1's grid
+    deterministic: Optional[bool] = None  # False: dQ accumulated with atomics (faster, not bit-reproducible)
 
 
 @dataclass
@@ -133,7 +140,6 @@ class TrainConfig:
     resume: Optional[str] = None  # None: fresh start | auto: latest checkpoint in the run dir | a path
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu")
@@ -190,11 +196,8 @@ def validate_train_config(cfg) -> None:
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 
-def register_configs() -> None:
-    """Register each group's schema with Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
+def register_train_configs(cs) -> None:
+    """fatrain-train's schemas: the composed config and one per group."""
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="schema", node=ModelConfig, package="model")
     cs.store(group="attention", name="schema", node=AttentionConfig, package="attention")
@@ -202,3 +205,11 @@ def register_configs() -> None:
     cs.store(group="optim", name="schema", node=OptimConfig, package="optim")
     cs.store(group="trainer", name="schema", node=TrainerConfig, package="trainer")
     cs.store(group="logger", name="schema", node=LoggerConfig, package="logger")
+
+
+def register_configs() -> None:
+    """Register every entry point's schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    register_train_configs(cs)

@@ -2,7 +2,7 @@
 
 Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
 
-    torchrun --standalone --nproc_per_node=8 -m fatrain.train trainer.strategy=ddp ...
+    torchrun --standalone --nproc_per_node=8 -m fatrain.cli.train trainer.strategy=ddp ...
 
 or on SLURM through Hydra's submitit launcher (``hydra/launcher=slurm``, one task per GPU),
 whose environment is translated into the same variables.

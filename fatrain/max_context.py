@@ -1,49 +1,40 @@
-"""``fatrain-max-context``: the longest seq_len each attention backend can train at batch 1.
+"""The longest seq_len each attention backend can train at a given batch size, on one device.
 
-    fatrain-max-context                                       # experiment=max_context, all backends
-    fatrain-max-context --backends naive,flash_v2 trainer.activation_checkpointing=true
-    fatrain-max-context --out multirun/ablate_backends/<date>  # next to a sweep: fatrain-report shows it
-
-For each backend, in one process: build the model of ``experiment=max_context`` (plus any
-Hydra overrides given), run ``trainer.max_steps`` full training steps (forward, backward,
-AdamW step) on random tokens at ``trainer.batch_size`` x seq_len, and
+For each backend, in one process: build the model of the config, run ``trainer.max_steps``
+full training steps (forward, backward, AdamW step) on random tokens at
+``trainer.batch_size`` x seq_len, and
 
   1. grow: seq_len = start, 2 start, 4 start, ... until a length runs out of memory;
   2. bisect between the last length that fit and the first that did not, down to
-     ``--granularity`` tokens;
+     ``granularity`` tokens;
 
 recording the last length that fit. Out-of-memory is caught in-process and the memory
 freed before the next try. Random tokens, not the corpus: the longest lengths exceed what
 a small corpus can pack into even one validation block, and memory does not depend on the
-token values. Writes ``max_context.json`` (every try, the config, device and versions)
-and ``max_context.csv`` (one row per backend).
+token values. ``find_max_context`` writes ``max_context.json`` (every try, the config,
+device and versions) and ``max_context.csv`` (one row per backend); ``fatrain-max-context``
+is its entry point.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
-import datetime
-import gc
 import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
 import torch
-from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
-from fatrain.benchmarking import classify, run_info, short
-from fatrain.config import register_configs, validate_train_config
+from fatrain.config import validate_train_config
 from fatrain.metrics import synchronize
 from fatrain.model import GPT
-from fatrain.trainer import (PRECISION_DTYPES, backend_options, build_spec, check_precision, make_optimizer,
-                             seed_everything, select_device)
+from fatrain.runtime import (autocast_for, check_precision, classify, free_memory, run_info, seed_everything,
+                             select_device, short)
+from fatrain.trainer import attention_options, build_spec, make_optimizer
 
-DEFAULT_BACKENDS = "naive,flash_v1,flash_v2,sdpa_flash,sdpa_cudnn"
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).
 FALLBACK_VOCAB = 257
 CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s", "tries",
@@ -87,7 +78,7 @@ def _train_steps(cfg, seq_len: int, device: torch.device) -> dict:
     model = GPT(build_spec(cfg, vocab)).to(device)
     optimizer = make_optimizer(model, cfg.optim, device)
     forward = torch.compile(model) if t.compile else model
-    dtype = PRECISION_DTYPES[t.precision]
+    autocast = autocast_for(t.precision, device)
     model.train()
     step_time = None
     for _ in range(t.max_steps):
@@ -95,7 +86,7 @@ def _train_steps(cfg, seq_len: int, device: torch.device) -> dict:
         targets = torch.randint(0, vocab, (t.batch_size, seq_len), device=device)
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast():
             _, loss = forward(idx, targets)
         loss.backward()
         optimizer.step()
@@ -106,16 +97,9 @@ def _train_steps(cfg, seq_len: int, device: torch.device) -> dict:
     return {"peak_allocated_gib": peak, "step_time_s": step_time}
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def try_seq_len(cfg, seq_len: int, device: torch.device) -> dict:
     """One try: {seq_len, status (ok | oom | unsupported | error), peak memory, step time, error}."""
-    free_memory(device)
+    free_memory(device, reset_peak=True)
     if cfg.trainer.compile:
         torch._dynamo.reset()  # a fresh model per try; stale guards would hit the recompile limit
     attempt = {"seq_len": seq_len, "status": "ok", "peak_allocated_gib": None, "step_time_s": None, "error": ""}
@@ -127,7 +111,7 @@ def try_seq_len(cfg, seq_len: int, device: torch.device) -> dict:
         attempt["status"] = "oom" if status == "error" and "out of memory" in str(e) else status
         attempt["error"] = short(e)
     # Freed here, after the except block: until it ends the traceback keeps the model's frames alive.
-    free_memory(device)
+    free_memory(device, reset_peak=True)
     return attempt
 
 
@@ -155,16 +139,8 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
             "tries": len(attempts), "attempts": attempts}
 
 
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    register_configs()
-    with initialize_config_module(config_module="fatrain.configs", version_base=None):
-        return compose(config_name="train", overrides=["experiment=max_context", *overrides])
-
-
-def run(cfg, backends: list[str], out_dir: str, *, start: int, granularity: int, limit: int,
-        log: Callable[[str], None] = print) -> dict:
+def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, granularity: int, limit: int,
+                     log: Callable[[str], None] = print) -> dict:
     """Search every backend; write max_context.json and max_context.csv into out_dir; return the JSON."""
     if start % granularity or start <= 0:
         raise ValueError(f"--start={start} must be a positive multiple of --granularity={granularity}")
@@ -173,10 +149,10 @@ def run(cfg, backends: list[str], out_dir: str, *, start: int, granularity: int,
         with open_dict(cfg):
             cfg.attention.backend = backend
         validate_train_config(cfg)
-        backend_options(cfg.attention)
+        attention_options(cfg.attention)
         check_precision(cfg.trainer.precision, device, backend)
     os.makedirs(out_dir, exist_ok=True)
-    info = {**run_info(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = run_info(device)
     t = cfg.trainer
     log(f"max context at batch {t.batch_size}, {t.max_steps} steps per try, {t.precision}, "
         f"model {cfg.model.name}, activation_checkpointing={t.activation_checkpointing}, device {info['gpu']}")
@@ -203,32 +179,3 @@ def write_results(out: dict, out_dir: str) -> None:
                    "activation_checkpointing": t["activation_checkpointing"], "compile": t["compile"],
                    **{k: out.get(k) for k in RUN_INFO_FIELDS}}
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fatrain-max-context", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=max_context")
-    parser.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma-separated (default {DEFAULT_BACKENDS})")
-    parser.add_argument("--start", type=int, default=1024, help="first seq_len tried (default 1024)")
-    parser.add_argument("--granularity", type=int, default=1024, help="bisection stops at this many tokens")
-    parser.add_argument("--limit", type=int, default=1 << 20, help="longest seq_len tried (default 1048576)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default max_context/<date>); a sweep folder puts the result "
-                             "where fatrain-report finds it")
-    args = parser.parse_args(argv)
-    out_dir = args.out or os.path.join("max_context", datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    try:
-        cfg = compose_config(args.overrides)
-        out = run(cfg, [b for b in args.backends.split(",") if b], out_dir, start=args.start,
-                  granularity=args.granularity, limit=args.limit)
-    except (ValueError, HydraException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for r in out["results"]:
-        print(f"{r['backend']}: {r['max_seq_len']}")
-    print(os.path.join(out_dir, "max_context.json"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,6 +30,7 @@ class GPTSpec:
     """Everything that fixes the model's shapes and computation (saved in checkpoints)."""
 
     vocab_size: int
+    attention: str  # a name from fatrain.kernels.available_backends()
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None
@@ -46,8 +47,7 @@ class GPTSpec:
     loss_kernel: str = "auto"  # auto | triton | torch: how the training loss is computed (the same)
     tie_embeddings: bool = True
     init_std: float = 0.02
-    attention: str = "naive"
-    attention_options: dict = field(default_factory=dict)  # backend tuning, e.g. {"sram_bytes": 98304}
+    attention_options: dict = field(default_factory=dict)  # the backend's own tuning keywords (BackendInfo.options)
     window_size: tuple[int, int] = (-1, -1)
     document_masking: bool = False
     activation_checkpointing: bool = False
@@ -100,9 +100,9 @@ def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> b
     the loss's for the logits) or the model's PyTorch ops; both give the same numbers.
 
     "auto": the kernel for CUDA tensors, eager or under torch.compile (the kernels are torch.library
-    ops that Inductor keeps: its own fusion of these ops was slower and kept float32 logits, session
-    8); on the CPU the PyTorch ops (Triton runs there only interpreted). "triton": always the
-    kernel (an error off CUDA unless TRITON_INTERPRET=1). "torch": never.
+    ops that Inductor keeps: its own fusion of these ops was slower and kept float32 logits); on
+    the CPU the PyTorch ops (Triton runs there only interpreted). "triton": always the kernel (an
+    error off CUDA unless TRITON_INTERPRET=1). "torch": never.
     """
     if choice == "torch":
         return False

@@ -1,5 +1,5 @@
 """What every entry point shares: device, precision and autocast, seeding, run information,
-memory reset, and the user-error policy.
+memory reset, the user-error policy, and how a measured case failed (``classify``).
 
 User errors (a bad setting, a checkpoint that does not fit, a backend that lacks a feature)
 print one line ``error: <what is wrong and what is allowed>`` on stderr and exit with
@@ -47,6 +47,30 @@ def user_errors(rank: int = 0):
     except USER_ERRORS as exc:
         report_user_error(exc, rank)
         sys.exit(USER_ERROR_EXIT)
+
+
+# Messages of PyTorch's scaled_dot_product_attention when the kernel it is pinned to cannot take
+# the inputs (dtype, mask, device): the backend does not support the case, nothing ran out.
+_NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend")
+
+
+def classify(exc: BaseException) -> str:
+    """How a measured case (a benchmark case, a tried length) failed: ``oom``, ``unavailable``
+    (a backend's module cannot be imported), ``unsupported`` (the backend lacks the case) or
+    ``error``. The caller records it and goes on to the next case."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, ImportError):
+        return "unavailable"
+    if isinstance(exc, NotImplementedError) or any(m in str(exc) for m in _NO_KERNEL_MESSAGES):
+        return "unsupported"
+    return "error"
+
+
+def short(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for a table cell or a log line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 # ----- device and precision ----------------------------------------------------------------------

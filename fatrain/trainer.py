@@ -1,4 +1,8 @@
-"""The training loop, and the pieces it is built from (device, precision, optimizer, schedule).
+"""The training loop, the pieces it is built from (model spec, optimizer, schedule, sharding),
+and one run in its folder (``run_training``: folder checks, resume, loggers, the result).
+
+Device, precision and seeding come from ``fatrain.runtime``; which attention options a
+backend takes and what it reports of a run come from the registry (``fatrain.kernels``).
 
 The step loop reads top to bottom like nanoGPT's: set the learning rate -> periodic
 validation and checkpoint -> micro-steps with gradient accumulation -> clip -> optimizer
@@ -23,63 +27,34 @@ import math
 import os
 import random
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from fatrain import distributed
-from fatrain.checkpoint import CheckpointError, CheckpointManager, is_sharded, load_checkpoint, load_metadata
+from fatrain.checkpoint import (CheckpointError, CheckpointManager, is_sharded, list_checkpoints, load_checkpoint,
+                                load_metadata)
+from fatrain.config import validate_train_config
 from fatrain.data import BlockLoader, build_data
 from fatrain.distributed import DistEnv
-from fatrain.metrics import StepTimer, memory_metrics, peak_flops
+from fatrain.kernels import check_options, run_info
+from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
+                             peak_flops)
 from fatrain.model import GPT, GPTSpec
+from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRITON_BACKENDS = ("flash_v1", "flash_v2")
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name} but no CUDA GPU is available (allowed here: auto, cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"trainer.device={name} is not supported (allowed: auto, cpu, cuda, cuda:N)")
-    return device
+# attention.* settings that every backend takes; the others are the backend's own options.
+ATTENTION_CALL_FIELDS = ("backend", "window_left", "window_right")
 
 
-def check_precision(precision: str, device: torch.device, backend: str) -> None:
-    """Refuse precisions the device cannot run, before any work starts."""
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise ValueError("trainer.precision=fp16 needs a CUDA GPU (allowed on the CPU: fp32, bf16)")
-        if precision == "bf16" and backend in TRITON_BACKENDS:
-            raise ValueError(f"trainer.precision=bf16 with attention.backend={backend} is not supported on the CPU: "
-                             "the Triton interpreter computes bfloat16 wrongly (use fp32 on the CPU)")
-    elif precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)} "
-                         "(allowed: fp32, fp16)")
-
-
-# Attention settings that tune one backend, passed to its function only when set.
-BACKEND_OPTIONS = {"block_m": ("flash_v2",), "block_n": ("flash_v2",), "sram_bytes": ("flash_v1",),
-                   "num_splits": ("flash_v1",), "deterministic": ("flash_v1", "flash_v2")}
-
-
-def backend_options(attention_cfg) -> dict:
-    options = {}
-    for key, backends in BACKEND_OPTIONS.items():
-        value = attention_cfg.get(key)
-        if value is None:
-            continue
-        if attention_cfg.backend not in backends:
-            raise ValueError(f"attention.{key} is used only by {', '.join(backends)}, "
-                             f"not by attention.backend={attention_cfg.backend}")
-        options[key] = value
-    return options
+def attention_options(attention_cfg) -> dict:
+    """The backend's own tuning keywords that are set (attention.block_m, ...), after the registry
+    checked that attention.backend takes each one."""
+    options = {k: v for k, v in attention_cfg.items() if k not in ATTENTION_CALL_FIELDS}
+    return check_options(attention_cfg.backend, options)
 
 
 def micro_batch_size(t, seq_len: int, world_size: int = 1) -> int:
@@ -93,19 +68,23 @@ def micro_batch_size(t, seq_len: int, world_size: int = 1) -> int:
     return t.tokens_per_step // per_batch
 
 
+# GPTSpec fields that come from outside the model group, by where they come from.
+_SPEC_FROM_ELSEWHERE = ("vocab_size", "attention", "attention_options", "window_size", "document_masking",
+                        "activation_checkpointing")
+
+
 def build_spec(cfg, vocab_size: int) -> GPTSpec:
+    """The model a run config asks for: each GPTSpec field named like a model.* setting comes from
+    it; the vocabulary from the tokenizer (unless model.vocab_size pads it), the attention call from
+    attention.*, document masking from data.*, activation checkpointing from trainer.*."""
     m, a = cfg.model, cfg.attention
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})")
+    from_model = {f.name: m[f.name] for f in fields(GPTSpec) if f.name not in _SPEC_FROM_ELSEWHERE}
     return GPTSpec(
-        vocab_size=m.vocab_size or vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
-        n_embd=m.n_embd, norm=m.norm, mlp=m.mlp, mlp_hidden=m.mlp_hidden, bias=m.bias, dropout=m.dropout,
-        attn_dropout=m.attn_dropout, rope_theta=m.rope_theta, rope_reset_per_document=m.rope_reset_per_document,
-        rope_kernel=m.rope_kernel, loss_kernel=m.loss_kernel,
-        tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=a.backend,
-        attention_options=backend_options(a),
-        window_size=(a.window_left, a.window_right), document_masking=cfg.data.document_masking,
-        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        **from_model, vocab_size=m.vocab_size or vocab_size, attention=a.backend,
+        attention_options=attention_options(a), window_size=(a.window_left, a.window_right),
+        document_masking=cfg.data.document_masking, activation_checkpointing=cfg.trainer.activation_checkpointing,
     )
 
 
@@ -160,12 +139,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def shard_model(model: GPT, compile_blocks: bool, *, param_dtype: torch.dtype = torch.float32,
                 world_size: int = 1) -> GPT:
     """FSDP2: shard each transformer block, then the root (embeddings, final norm, the tied head).
@@ -213,17 +186,15 @@ class Trainer:
             raise ValueError(f"trainer.strategy={t.strategy} but the process group was set up for "
                              f"{self.dist.strategy}: pass the DistEnv from fatrain.distributed.init_distributed")
         self.device = self.dist.device if self.dist.distributed else select_device(t.device)
-        if self.device.type == "cuda":
-            # The jobs of a Hydra sweep run one after another in one process: each logs its own
-            # peak, and starts from an empty cache as a fresh process would. NOTE: the allocator
-            # counts a cached block it hands out unsplit whole, so with the blocks earlier jobs
-            # left, the same job's max_memory_allocated moved by up to 13 MB with its place in
-            # the sweep (H100, session 8); its requested-bytes peak did not.
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+        # The jobs of a Hydra sweep run one after another in one process: each logs its own peak,
+        # and starts from an empty cache as a fresh process would. NOTE: the allocator counts a
+        # cached block it hands out unsplit whole, so with the blocks earlier jobs left, the same
+        # job's max_memory_allocated moved by up to 13 MB with its place in the sweep (H100); its
+        # requested-bytes peak did not.
+        free_memory(self.device, reset_peak=True)
         check_precision(t.precision, self.device, cfg.attention.backend)
         check_strategy(t, self.dist)
-        self.dtype = PRECISION_DTYPES[t.precision]
+        self.autocast = autocast_for(t.precision, self.device)
         seed_everything(t.seed)  # the same on every rank: every rank builds the same initial model
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -356,11 +327,6 @@ class Trainer:
         return path
 
     # ----- evaluation ----------------------------------------------------------------------
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Validation loss per token over every rank's share of the validation batches."""
@@ -508,3 +474,84 @@ def rewind_metrics(path: str, step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+# ----- one run in its folder -----------------------------------------------------------------
+
+
+def make_loggers(cfg, run_dir: str, trainer: Trainer, progress) -> MultiLogger:
+    if not trainer.dist.is_main:
+        return MultiLogger([])  # the other ranks compute the same global numbers and write nothing
+    loggers = []
+    if cfg.logger.jsonl:
+        loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
+    if cfg.logger.console:
+        loggers.append(ConsoleLogger(write=progress.write if progress is not None else None))
+    w = cfg.logger.wandb
+    if w.mode != "disabled":
+        wandb_logger = WandbLogger(mode=w.mode, project=w.project, entity=w.entity, name=w.name, group=w.group,
+                                   tags=w.tags, run_dir=run_dir, resume_id=trainer.wandb_id,
+                                   config=OmegaConf.to_container(cfg, resolve=True))
+        trainer.wandb_id = wandb_logger.run_id
+        loggers.append(wandb_logger)
+    return MultiLogger(loggers)
+
+
+def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
+    """Train one run in ``run_dir`` (metrics.jsonl, checkpoints/, wandb/); returns its result:
+    status "ok", final_val_loss, step, tokens_seen, checkpoint, and ``attention_run_info`` where the
+    backend reports something of the run (``fatrain.kernels.run_info``: e.g. its autotuners' picks).
+
+    A fresh run refuses a folder that holds checkpoints; ``resume=auto`` continues from the latest.
+    Without ``dist_env``, joins (and at the end leaves) the process group that ``trainer.strategy``
+    asks for; an entry point that set one up passes its own.
+    """
+    validate_train_config(cfg)
+    if dist_env is not None:
+        return _run_in(cfg, run_dir, dist_env)
+    dist_env = distributed.init_distributed(cfg.trainer)
+    with distributed.process_group(dist_env):
+        return _run_in(cfg, run_dir, dist_env)
+
+
+def _run_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if cfg.resume is None and list_checkpoints(ckpt_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: pass resume=auto to continue that run, "
+                         "or choose another hydra.run.dir (nothing was overwritten)")
+    distributed.barrier(dist_env)  # every rank checked before rank 0 may write the first checkpoint
+    trainer = Trainer(cfg, run_dir, logger=None, dist_env=dist_env)
+    resume_path = resolve_resume(cfg.resume, trainer.checkpoints)
+    if resume_path is not None:
+        trainer.resume_from(resume_path)
+        if dist_env.is_main:
+            rewind_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
+    elif dist_env.is_main:
+        set_aside_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    t = cfg.trainer
+    show = t.progress_bar and dist_env.is_main
+    progress = tqdm(total=t.max_steps, initial=trainer.step, desc="train", dynamic_ncols=True) if show else None
+    logger = make_loggers(cfg, run_dir, trainer, progress)
+    trainer.logger, trainer.progress = logger, progress
+    if resume_path is None:
+        n = trainer.model.num_params()
+        msg = (f"model: {n / 1e6:.2f}M parameters ({trainer.model.num_params(non_embedding=True) / 1e6:.2f}M "
+               f"non-embedding), attention={cfg.attention.backend}, device={trainer.device}, "
+               f"precision={t.precision}, tokens/step={trainer.tokens_per_step}")
+        if dist_env.distributed:
+            msg += f", strategy={dist_env.strategy} on {dist_env.world_size} ranks ({dist_env.backend})"
+        if dist_env.is_main:
+            (progress.write if progress is not None else print)(msg)
+        logger.log({"model/params": n}, 0)
+    try:
+        result = trainer.fit()
+    finally:
+        logger.close()
+        if progress is not None:
+            progress.close()
+    result["status"] = "ok"
+    # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
+    attention_info = run_info(cfg.attention.backend)
+    if attention_info:
+        result["attention_run_info"] = attention_info
+    return result

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 from fatrain.checkpoint import is_sharded, list_checkpoints, load_checkpoint
 from fatrain.config import register_configs
 from fatrain.distributed import init_distributed
-from fatrain.train import run
+from fatrain.trainer import run_training
 
 register_configs()
 
@@ -47,7 +47,7 @@ def curve(run_dir, key="train/loss"):
 
 def torchrun(run_dir, nproc, *overrides, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fatrain.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
+           "-m", "fatrain.cli.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if check and proc.returncode != 0:
@@ -77,7 +77,7 @@ def single_curve(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FATRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     try:
-        run(compose_train([*FAST, "trainer.batch_size=4", f"trainer.max_steps={STEPS}"]), str(run_dir))
+        run_training(compose_train([*FAST, "trainer.batch_size=4", f"trainer.max_steps={STEPS}"]), str(run_dir))
     finally:
         mp.undo()
     return curve(run_dir), curve(run_dir, "val/loss")
@@ -132,8 +132,8 @@ def test_fsdp_two_ranks_match_single_and_resume_on_two_then_one(tmp_path, single
 def test_fsdp_one_rank_without_torchrun_in_process(tmp_path, single_curve):
     """ddp/fsdp also run as one rank without torchrun (an in-memory store): same losses as single."""
     train, _ = single_curve
-    result = run(compose_train([*FAST, "trainer.strategy=fsdp", "trainer.batch_size=4", "trainer.max_steps=2"]),
-                 str(tmp_path))
+    cfg = compose_train([*FAST, "trainer.strategy=fsdp", "trainer.batch_size=4", "trainer.max_steps=2"])
+    result = run_training(cfg, str(tmp_path))
     assert result["status"] == "ok" and is_sharded(result["checkpoint"])
     assert_same_curve(curve(tmp_path), train, range(1, 3))
     assert not torch.distributed.is_initialized()
@@ -156,7 +156,7 @@ def test_strategy_that_does_not_fit_names_the_setting(env, overrides, match, mon
     with pytest.raises(ValueError, match=match):
         init_distributed(cfg.trainer)
     with pytest.raises(ValueError, match=match):
-        run(cfg, str(tmp_path))
+        run_training(cfg, str(tmp_path))
     assert not torch.distributed.is_initialized()
 
 
@@ -197,7 +197,7 @@ def fail(self):
 
 if os.environ["RANK"] == "1":
     fatrain.trainer.Trainer.fit = fail
-from fatrain.train import main
+from fatrain.cli.train import main
 
 main()
 """

@@ -7,13 +7,13 @@ from fatrain.model import GPT, GPTSpec, apply_rope, positions_from_doc_ids, rope
 
 
 def tiny(**kw):
-    base = dict(vocab_size=257, n_layer=2, n_head=4, n_embd=64)
+    base = dict(vocab_size=257, attention="naive", n_layer=2, n_head=4, n_embd=64)
     base.update(kw)
     return GPTSpec(**base)
 
 
 def test_gpt2_small_has_124m_parameters():
-    spec = GPTSpec(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, norm="layernorm", bias=False)
+    spec = GPTSpec(vocab_size=50304, attention="naive", n_layer=12, n_head=12, n_embd=768, norm="layernorm", bias=False)
     with torch.device("meta"):
         model = GPT(spec)
     assert 123e6 < model.num_params() < 125e6

@@ -88,7 +88,7 @@ def test_rope_qkv_takes_strided_projections_and_unused_outputs():
 @pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(n_kv_head=1, rope_reset_per_document=True,
                                                         document_masking=True)])
 def test_model_is_the_same_with_the_kernel_and_with_pytorch_ops(kw):
-    spec = dict(vocab_size=300, n_layer=2, n_head=4, n_embd=64, **kw)
+    spec = dict(vocab_size=300, attention="naive", n_layer=2, n_head=4, n_embd=64, **kw)
     torch.manual_seed(0)
     ops = GPT(GPTSpec(**spec, rope_kernel="torch"))
     fused = GPT(GPTSpec(**spec, rope_kernel="triton"))
@@ -106,7 +106,7 @@ def test_model_is_the_same_with_the_kernel_and_with_pytorch_ops(kw):
 def test_compiled_model_takes_the_kernels():
     # fullgraph: both kernels are torch.library ops torch.compile traces (opaque custom ops under
     # the interpreter, triton ops on CUDA); the compiled model gives the eager model's numbers.
-    spec = GPTSpec(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_kernel="triton",
+    spec = GPTSpec(vocab_size=300, attention="naive", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_kernel="triton",
                    loss_kernel="triton")
     torch.manual_seed(0)
     model = GPT(spec)
@@ -152,7 +152,7 @@ def test_rope_qkv_bad_arguments(args, match):
 def test_gpu_compiled_model_with_the_kernels_matches_eager():
     # On CUDA "auto" runs both kernels under torch.compile too: triton ops whose stores Inductor
     # must see (a missed one leaves an output unwritten), checked against the PyTorch ops.
-    spec = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    spec = dict(vocab_size=300, attention="naive", n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     torch.manual_seed(0)
     ops = GPT(GPTSpec(**spec, rope_kernel="torch", loss_kernel="torch")).cuda()
     fused = GPT(GPTSpec(**spec)).cuda()

@@ -17,9 +17,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fatrain import max_context, report
+from fatrain.cli import max_context as max_context_cli
 from fatrain.config import register_configs, validate_train_config
 from fatrain.model import GPT
-from fatrain.trainer import backend_options, micro_batch_size
+from fatrain.trainer import attention_options, micro_batch_size
 
 register_configs()
 
@@ -48,8 +49,8 @@ def job_results(sweep_dir):
 
 def test_cpu_multirun_completes_and_reports(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fatrain.train", "-m", "experiment=ablate_backends_cpu", f"hydra.sweep.dir={sweep}",
-           "attention=naive,sdpa", "data.seq_len=32,64", *SMALL]
+    cmd = [sys.executable, "-m", "fatrain.cli.train", "-m", "experiment=ablate_backends_cpu",
+           f"hydra.sweep.dir={sweep}", "attention=naive,sdpa", "data.seq_len=32,64", *SMALL]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = job_results(sweep)
@@ -74,7 +75,7 @@ def test_cpu_multirun_completes_and_reports(tmp_path):
 
 def multirun_in_process(monkeypatch, overrides):
     """fatrain-train -m ... in this process, so a test can patch what the jobs run."""
-    from fatrain import train
+    from fatrain.cli import train
 
     monkeypatch.setattr(sys, "argv", ["fatrain-train", "-m", *overrides])
     try:
@@ -160,7 +161,7 @@ def test_block_sizes_flash_v1_command_sweeps_sram_bytes_only():
         for point in points:
             cfg = compose(config_name="train", overrides=["experiment=block_sizes", *point])
             validate_train_config(cfg)
-            assert cfg.attention.backend == "flash_v1" and backend_options(cfg.attention) == {
+            assert cfg.attention.backend == "flash_v1" and attention_options(cfg.attention) == {
                 "sram_bytes": cfg.attention.sram_bytes}
 
 
@@ -172,7 +173,7 @@ def test_every_experiment_and_sweep_point_composes(experiment):
         for point in points or [[]]:
             cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *point])
             validate_train_config(cfg)
-            backend_options(cfg.attention)  # a tuning knob given to a backend that has none fails here
+            attention_options(cfg.attention)  # a tuning knob given to a backend that has none fails here
             assert micro_batch_size(cfg.trainer, cfg.data.seq_len) >= 1
             # The W&B tags resolve to plain strings (backend and seq_len) on every point.
             if experiment.startswith("ablate"):
@@ -214,7 +215,7 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", forward_with_memory_limit)
     out = tmp_path / "mc"
-    code = max_context.main(["--backends", "naive,sdpa", "--start", "32", "--granularity", "32", "--limit", "4096",
+    code = max_context_cli.main(["--backends", "naive,sdpa", "--start", "32", "--granularity", "32", "--limit", "4096",
                              "--out", str(out), "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                              "trainer.precision=fp32", "trainer.device=cpu", "trainer.max_steps=1"])
     assert code == 0
@@ -230,7 +231,7 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
 
 
 def test_max_context_rejects_bad_settings(tmp_path, capsys):
-    assert max_context.main(["--backends", "flash_v9", "--out", str(tmp_path), "trainer.device=cpu"]) == 2
+    assert max_context_cli.main(["--backends", "flash_v9", "--out", str(tmp_path), "trainer.device=cpu"]) == 2
     assert "attention.backend='flash_v9'" in capsys.readouterr().err
-    assert max_context.main(["--start", "1000", "--out", str(tmp_path), "trainer.device=cpu",
+    assert max_context_cli.main(["--start", "1000", "--out", str(tmp_path), "trainer.device=cpu",
                              "trainer.precision=fp32"]) == 2

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from fatrain.config import register_configs
-from fatrain.train import run
+from fatrain.trainer import run_training
 
 register_configs()
 
@@ -50,7 +50,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("attention", ["naive", "sdpa", "flash_v1", "flash_v2"])
 def test_backends_train_and_log(attention, tmp_path):
     cfg = compose_train([f"attention={attention}", *FAST])
-    result = run(cfg, str(tmp_path))
+    result = run_training(cfg, str(tmp_path))
     assert result["status"] == "ok" and result["step"] == 3
     rows = read_metrics(tmp_path)
     train_rows = [r for r in rows if "train/loss" in r]
@@ -61,28 +61,38 @@ def test_backends_train_and_log(attention, tmp_path):
     assert any("val/loss" in r for r in rows)
     assert os.path.exists(result["checkpoint"])
     if attention == "flash_v2" and torch.cuda.is_available():  # the autotuners' picks, for the record
-        assert {row["kernel"] for row in result["flash_v2_autotune"]} == {"fwd", "dq", "dkdv"}
-        assert {row["key"]["Nq"] for row in result["flash_v2_autotune"]} == {str(cfg.data.seq_len)}
+        assert {row["kernel"] for row in result["attention_run_info"]} >= {"fwd", "dq", "dkdv"}
+        assert str(cfg.data.seq_len) in {row["key"]["Nq"] for row in result["attention_run_info"]}
     else:
-        assert "flash_v2_autotune" not in result
+        assert "attention_run_info" not in result
 
 
 def test_flash_v2_trains_with_atomic_dq(tmp_path):
     cfg = compose_train(["attention=flash_v2", "attention.deterministic=false", *FAST])
-    result = run(cfg, str(tmp_path))
+    result = run_training(cfg, str(tmp_path))
     assert result["status"] == "ok" and result["step"] == 3
 
 
-def test_flash_v2_picks_are_the_jobs_length_only(monkeypatch):
-    """result.json's flash_v2_autotune: the picks whose queries have the job's length (a
-    multirun's process keeps the picks of its earlier jobs' lengths too)."""
-    from fatrain import train
-    from fatrain.kernels import flash_v2
-    rows = [dict(kernel=k, key={"Nq": n, "Nk": n, "dtypes": []}, config=f"{k} {n}", rounds_ms={})
-            for n in ("1024", "8192") for k in ("fwd", "dq", "dkdv")]
-    monkeypatch.setattr(flash_v2, "autotune_picks", lambda: rows)
-    assert [r["config"] for r in train.flash_v2_picks(8192)] == ["fwd 8192", "dq 8192", "dkdv 8192"]
-    assert train.flash_v2_picks(2048) == []
+def test_result_records_what_the_backend_reports(monkeypatch, tmp_path):
+    """result.json's attention_run_info is fatrain.kernels.run_info(backend), when there is any."""
+    from fatrain import trainer
+    picks = [dict(kernel="fwd", key={"Nq": "32"}, config="BLOCK_M: 64", rounds_ms={})]
+    monkeypatch.setattr(trainer, "run_info", lambda backend: picks if backend == "naive" else None)
+    for backend, recorded in (("naive", picks), ("sdpa", None)):
+        (tmp_path / backend).mkdir()
+        cfg = compose_train([f"attention={backend}", *FAST, "trainer.ckpt_every=0", "trainer.save_final=false"])
+        assert run_training(cfg, str(tmp_path / backend)).get("attention_run_info") == recorded
+
+
+def test_every_backend_option_is_a_typed_attention_setting():
+    """A tuning keyword of any backend can be set as attention.<option>, and a typo fails at composition."""
+    from dataclasses import fields
+
+    from fatrain.config import AttentionConfig
+    from fatrain.kernels import all_options
+    assert set(all_options()) <= {f.name for f in fields(AttentionConfig)}
+    with pytest.raises(Exception, match="blok_m"):
+        compose_train(["attention.blok_m=64"])
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optim", "trainer", "logger", "attention"])
@@ -105,12 +115,12 @@ def test_every_experiment_composes_and_runs(experiment, tmp_path):
     if cfg.attention.backend.startswith("sdpa_") or cfg.trainer.precision != "fp32":
         pytest.skip(f"{experiment} needs a GPU to run; it composed")
     cfg = compose_train([f"experiment={experiment}", *FAST])
-    assert run(cfg, str(tmp_path))["status"] == "ok"
+    assert run_training(cfg, str(tmp_path))["status"] == "ok"
 
 
 def test_save_final_false_leaves_no_checkpoint(tmp_path):
     cfg = compose_train([*FAST, "trainer.ckpt_every=0", "trainer.save_final=false"])
-    result = run(cfg, str(tmp_path))
+    result = run_training(cfg, str(tmp_path))
     assert result["status"] == "ok" and result["checkpoint"] is None
     assert not glob.glob(str(tmp_path / "checkpoints" / "*"))
 
@@ -140,7 +150,7 @@ def test_bad_settings_name_the_setting(override, match, tmp_path):
         pytest.skip("fp16 is valid on a CUDA machine")
     cfg = compose_train([*FAST, override])
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        run(cfg, str(tmp_path))
+        run_training(cfg, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
@@ -149,7 +159,7 @@ def test_fresh_run_without_checkpoints_sets_old_metrics_aside(tmp_path):
     # series to metrics.jsonl: the report would take medians over both runs.
     cfg = compose_train([*FAST, "trainer.ckpt_every=0", "trainer.save_final=false"])
     for _ in range(2):
-        run(cfg, str(tmp_path))
+        run_training(cfg, str(tmp_path))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps.count(0) == 1 and steps == sorted(steps)
     old = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl.previous-1")]
@@ -158,26 +168,26 @@ def test_fresh_run_without_checkpoints_sets_old_metrics_aside(tmp_path):
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
-    run(compose_train(FAST), str(tmp_path))
+    run_training(compose_train(FAST), str(tmp_path))
     before = {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))}
     with pytest.raises(ValueError, match="resume=auto"):
-        run(compose_train(FAST), str(tmp_path))
+        run_training(compose_train(FAST), str(tmp_path))
     assert before == {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))}
 
 
 def test_incompatible_or_corrupt_checkpoint_on_resume(tmp_path):
-    run(compose_train(FAST), str(tmp_path))
+    run_training(compose_train(FAST), str(tmp_path))
     cfg = compose_train([*FAST, "model.n_embd=64", "resume=auto", "trainer.max_steps=5"])
     with pytest.raises(Exception, match="model.n_embd=32 but this run asks for 64"):
-        run(cfg, str(tmp_path))
+        run_training(cfg, str(tmp_path))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="unreadable"):
-        run(compose_train([*FAST, f"resume={bad}", "trainer.max_steps=5"]), str(tmp_path / "other"))
+        run_training(compose_train([*FAST, f"resume={bad}", "trainer.max_steps=5"]), str(tmp_path / "other"))
 
 
 def _cli(run_dir, *overrides):
-    return [sys.executable, "-m", "fatrain.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    return [sys.executable, "-m", "fatrain.cli.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
 
 
 def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
