@@ -362,7 +362,7 @@ def plot_peak_memory(jobs: list[Job], path: str) -> None:
     for label in _ordered_labels(jobs):
         x, y = _series(jobs, label, lambda j: j.peak_allocated_gib)
         ax.plot(x, y, marker="o", label=label)
-    # Guides through the first measured point: memory linear in N (flash) and quadratic (naive).
+    # Guides through the first measured point: memory linear in N (tiled kernels) and quadratic (S held in memory).
     ok = [j for j in jobs if j.status == "ok" and j.peak_allocated_gib]
     if ok and len(seq_lens) > 1:
         ref = min(ok, key=lambda j: (j.seq_len, j.peak_allocated_gib))
