@@ -243,13 +243,15 @@ def test_flash_v1_bh_is_a_bench_impl(tmp_path):
 def test_modelled_traffic_of_flash_v1_and_its_variant(tmp_path):
     # The variant's fixed num_splits=1 reaches the model: the paper's grid loads K and V once per head.
     traffic = pytest.importorskip("fatrain.bench.traffic")
+    from fatrain.kernels.flash_v1 import device_sram_bytes
+
     _, rows = run_main(tmp_path, ["impls=[flash_v1,flash_v1_bh,naive]", "seqlens=[32]", "causal=[false]",
                                   "modes=[fwd,fwdbwd]"])
     modelled = {(r["impl"], r["mode"]): r["modelled_hbm_gb"] for r in rows}
     assert modelled[("naive", "fwd")] == "" and float(modelled[("flash_v1", "fwdbwd")]) > 0
     (case,) = make_cases(compose_bench(TINY + ["seqlens=[32]", "causal=[false]"]))
     expected = traffic.flash_v1_hbm_traffic(case.batch, case.nheads, 32, 32, case.headdim, dtype_bytes=4,
-                                            sram_bytes=traffic.device_sram_bytes(torch.device("cpu")),
+                                            sram_bytes=device_sram_bytes(torch.device("cpu")),
                                             causal=case.causal, num_splits=1)
     assert float(modelled[("flash_v1_bh", "fwd")]) == pytest.approx(expected.forward / 1e9)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import importlib
 import inspect
 import itertools
 import os
@@ -90,27 +91,32 @@ def modelled_hbm_gb(name: str, case: Case, mode: str, device: torch.device) -> O
 
     A model is the function ``<module>_hbm_traffic`` of ``fatrain.bench.traffic``, named after
     the backend's kernel module in the registry; it returns the forward and backward bytes.
-    Its arguments are matched by name: the case's shapes, the on-chip budget of
-    ``device_sram_bytes(device)``, and the backend's own keywords as the registry's function
-    takes them (a variant's fixed options included). A model that does not fit leaves the
-    column empty rather than stopping the sweep.
+    Its arguments are matched by name: the case's shapes, the backend's own keywords as the
+    registry's function takes them (a variant's fixed options included), and for a keyword
+    left at None the device's value, from the kernel module's ``device_<keyword>(device)``
+    (the on-chip budget ``sram_bytes``, say). A model that does not fit leaves the column
+    empty rather than stopping the sweep.
     """
     try:
         from fatrain.bench import traffic
     except ImportError:  # NOTE: the traffic models are optional; without them the column stays empty
         return None
-    model = getattr(traffic, f"{backend_info(name).module}_hbm_traffic", None)
+    module = backend_info(name).module
+    model = getattr(traffic, f"{module}_hbm_traffic", None)
     if model is None:
         return None
     dtype = DTYPES[case.dtype]
     values = {"batch": case.batch, "nheads": case.nheads, "seqlen_q": case.seqlen, "seqlen_k": case.seqlen,
               "head_dim": case.headdim, "causal": case.causal, "dtype_bytes": dtype.itemsize, "device": device}
     try:
-        if hasattr(traffic, "device_sram_bytes"):
-            values["sram_bytes"] = traffic.device_sram_bytes(device)
+        kernels = importlib.import_module(f"fatrain.kernels.{module}")
         for key, param in inspect.signature(get_backend(name)).parameters.items():
-            if param.kind == param.KEYWORD_ONLY and param.default is not None and key not in values:
+            if param.kind != param.KEYWORD_ONLY or key in values:
+                continue
+            if param.default is not None:
                 values[key] = param.default
+            elif hasattr(kernels, f"device_{key}"):
+                values[key] = getattr(kernels, f"device_{key}")(device)
         params = inspect.signature(model).parameters
         result = model(**{key: values[key] for key in params if key in values})
     except Exception as exc:  # noqa: BLE001  (a model that does not fit these arguments leaves the column empty)
