@@ -9,8 +9,8 @@ Value checks that a type cannot express (a precision name, a positive length) li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional, get_type_hints
 
 from omegaconf import MISSING
 
@@ -213,3 +213,230 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     register_train_configs(cs)
+    register_eval_configs(cs)
+    register_bench_configs(cs)
+
+
+# ----- fatrain-eval and fatrain-sample
+
+
+def _overrides_of(cls):
+    """A dataclass with ``cls``'s fields, each Optional and None by default: None = the checkpoint's."""
+    hints = get_type_hints(cls)
+    return make_dataclass(f"{cls.__name__}Overrides",
+                          [(f.name, Optional[hints[f.name]], field(default=None)) for f in fields(cls)])
+
+
+ModelOverrides = _overrides_of(ModelConfig)
+AttentionOverrides = _overrides_of(AttentionConfig)
+DataOverrides = _overrides_of(DataConfig)
+
+EVAL_SPLITS = ("val", "train")
+
+
+@dataclass
+class EvalSettings:
+    split: str = "val"  # val | train: which split of the corpus to evaluate
+    seq_lens: list[int] = field(default_factory=list)  # empty: data.seq_len (the checkpoint's unless overridden)
+    batch_size: Optional[int] = None  # None: the checkpoint's trainer.batch_size
+    batches: Optional[int] = 20  # at most this many batches per length; None: the whole split
+    bucket_size: int = 64  # width of the position buckets of the loss-vs-position curve
+    backends: list[str] = field(default_factory=list)  # backend agreement: registry names, e.g. [naive, sdpa]
+    agreement_batches: int = 1  # batches per backend for the agreement check (always fp32)
+    agreement_tolerance: float = 1e-4
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    all_checkpoints: bool = False  # run or sweep folders: every checkpoint, not only each run's newest
+    plots: bool = True
+
+
+@dataclass
+class PasskeySettings:
+    enabled: bool = True
+    context_lens: list[int] = field(default_factory=list)  # empty: the evaluated lengths
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 10  # tasks per (context, depth) cell
+    seed: int = 0
+    key_digits: int = 5
+
+
+@dataclass
+class EvalWandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: Optional[str] = None  # None: the training run's
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: eval-<run>-step<N>
+    group: Optional[str] = None  # None: the training run's group, so the eval job sits next to it
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalLoggerConfig:
+    wandb: EvalWandbConfig = field(default_factory=EvalWandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    ckpt_path: str = MISSING  # a checkpoint file, a run folder, or a sweep (multirun) folder
+    # model.*, attention.*, data.*: overrides of the checkpoint's settings; null keeps the checkpoint's.
+    # attention=<name> and data=<name> select a whole group file instead (Any: either schema fits).
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    attention: Any = None
+    data: Any = None
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    passkey: PasskeySettings = field(default_factory=PasskeySettings)
+    logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
+
+
+@dataclass
+class SampleConfig:
+    ckpt_path: str = MISSING  # a checkpoint file, or a run folder (its newest checkpoint)
+    prompt: str = ""  # empty: start a new document (after an end-of-text token)
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0: greedy
+    top_k: Optional[int] = 200  # None: no top-k filter
+    seed: int = 1337
+    num_samples: int = 1
+    use_cache: bool = True  # KV cache decoding; false recomputes the whole sequence each step
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    attention: Any = None  # attention.backend=<name>: another backend (the checkpoint's otherwise)
+
+
+def validate_eval_config(cfg) -> None:
+    """Value checks before any work; raise ValueError naming the key and what is allowed."""
+    from omegaconf import OmegaConf
+
+    from fatrain.kernels import available_backends
+
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ValueError("ckpt_path is required: a checkpoint file, a run folder or a sweep folder")
+    e, p = cfg.eval, cfg.passkey
+    _choice(e.split, EVAL_SPLITS, "eval.split")
+    _choice(e.precision, PRECISIONS, "eval.precision")
+    _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
+    for name in e.backends:
+        _choice(name, available_backends(), "eval.backends")
+    for length in list(e.seq_lens) + list(p.context_lens):
+        if length <= 0:
+            raise ValueError(f"eval.seq_lens / passkey.context_lens: {length} must be > 0")
+    for key in ("batch_size", "batches"):
+        if e[key] is not None and e[key] <= 0:
+            raise ValueError(f"eval.{key}={e[key]} must be > 0 (or null)")
+    for key in ("bucket_size", "agreement_batches"):
+        if e[key] <= 0:
+            raise ValueError(f"eval.{key}={e[key]} must be > 0")
+    if p.trials <= 0 or p.key_digits <= 0:
+        raise ValueError(f"passkey.trials={p.trials} and passkey.key_digits={p.key_digits} must be > 0")
+    for depth in p.depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"passkey.depths: {depth} is not a fraction of the context (allowed: 0.0 .. 1.0)")
+
+
+def validate_sample_config(cfg) -> None:
+    """Value checks before any work; raise ValueError naming the key and what is allowed."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ValueError("ckpt_path is required: a checkpoint file or a run folder")
+    if cfg.max_new_tokens <= 0 or cfg.num_samples <= 0:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} and num_samples={cfg.num_samples} must be > 0")
+    if cfg.temperature < 0:
+        raise ValueError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
+    if cfg.top_k is not None and cfg.top_k <= 0:
+        raise ValueError(f"top_k={cfg.top_k} must be > 0 (or null for no filter)")
+    _choice(cfg.precision, PRECISIONS, "precision")
+
+
+def register_eval_configs(cs) -> None:
+    """fatrain-eval's and fatrain-sample's schemas, and the ``checkpoint`` options of the attention
+    and data groups (every field None: the checkpoint's value)."""
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(group="attention", name="checkpoint", node=AttentionOverrides, package="attention")
+    cs.store(group="data", name="checkpoint", node=DataOverrides, package="data")
+
+
+# ----- fatrain-bench
+
+BENCH_MODES = ("fwd", "bwd", "fwdbwd")
+
+
+@dataclass
+class BenchSummaryConfig:
+    """The ratio table printed after a sweep: ``numerator``'s TFLOP/s over each denominator's."""
+
+    numerator: Optional[str] = None  # None: no ratio table
+    denominators: list[str] = field(default_factory=list)
+    targets: dict[str, float] = field(default_factory=dict)  # denominator -> least ratio; a ratio below is marked !
+    target_modes: list[str] = field(default_factory=lambda: ["fwd", "fwdbwd"])  # where the targets apply
+    target_min_seqlen: int = 2048  # and from which seqlen
+
+
+@dataclass
+class BenchConfig:
+    impls: list[str] = field(default_factory=list)  # registry names (variants too); the presets list them
+    modes: list[str] = field(default_factory=lambda: list(BENCH_MODES))
+    seqlens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    causal: list[bool] = field(default_factory=lambda: [False, True])
+    headdims: list[int] = field(default_factory=lambda: [64, 128])
+    dtypes: list[str] = field(default_factory=lambda: ["bf16"])  # fp32 | bf16 | fp16
+    tokens_per_batch: int = 16384  # batch = max(1, tokens_per_batch // seqlen)
+    hidden: int = 2048  # nheads = hidden // headdim
+    windows: list[int] = field(default_factory=lambda: [-1])  # left window; -1: unlimited
+    doc_lens: list[int] = field(default_factory=lambda: [0])  # mean document length; 0: one document
+    dropout_ps: list[float] = field(default_factory=lambda: [0.0])
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    warmup_ms: int = 25  # do_bench on CUDA
+    rep_ms: int = 100
+    # Timings per measurement, taken round-robin over every (impl, mode) of a case; the row gets
+    # their median (``ms``), their number (``rounds``) and (max - min) / median (``ms_spread``).
+    # With 1 each measurement is one do_bench right after its own compilation/autotuning.
+    rounds: int = 1
+    cpu_reps: int = 3  # wall-clock repetitions on the CPU
+    seed: int = 0
+    skip_after_oom: bool = True  # an OOM at seqlen N marks larger N of the same series as oom
+    out_dir: Optional[str] = None  # None: the Hydra run directory
+    name: str = "attention_bench"  # file stem of the CSV and the plots
+    append: bool = False  # add rows to an existing CSV, skipping measurements it already holds (resume)
+    plot: bool = True
+    summary: BenchSummaryConfig = field(default_factory=BenchSummaryConfig)
+
+
+def validate_bench_config(cfg) -> None:
+    """Check the values a type cannot; raise ValueError naming the key and what is allowed."""
+    from fatrain.kernels import available_backends
+
+    impls = available_backends(variants=True)
+    for key, values, allowed in [("impls", cfg.impls, impls), ("modes", cfg.modes, BENCH_MODES),
+                                 ("dtypes", cfg.dtypes, PRECISIONS)]:
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ValueError(f"{key}={list(values)} has {bad or 'nothing'}: choose from {', '.join(allowed)}")
+    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps"):
+        if not cfg[key]:
+            raise ValueError(f"{key} must list at least one value")
+    if min(cfg.seqlens) <= 0 or min(cfg.headdims) <= 0:
+        raise ValueError(f"seqlens={list(cfg.seqlens)} and headdims={list(cfg.headdims)} must be > 0")
+    for d in cfg.headdims:
+        if cfg.hidden % d:
+            raise ValueError(f"hidden={cfg.hidden} must be divisible by every head dim, got {d}")
+    if cfg.tokens_per_batch <= 0:
+        raise ValueError(f"tokens_per_batch={cfg.tokens_per_batch} must be > 0")
+    if min(cfg.windows) < -1 or min(cfg.doc_lens) < 0:
+        raise ValueError(f"windows must be >= -1 and doc_lens >= 0, got {list(cfg.windows)}, {list(cfg.doc_lens)}")
+    if not all(0.0 <= p < 1.0 for p in cfg.dropout_ps):
+        raise ValueError(f"dropout_ps={list(cfg.dropout_ps)} must be in [0, 1)")
+    if isinstance(cfg.rounds, bool) or not isinstance(cfg.rounds, int) or cfg.rounds < 1:
+        raise ValueError(f"rounds={cfg.rounds!r} must be an integer >= 1")
+    # NOTE: the summary's names are not checked against the registry: one the sweep did not time
+    # is a blank column, as when a backend failed.
+    untargeted = [name for name in cfg.summary.targets if name not in cfg.summary.denominators]
+    if untargeted:
+        raise ValueError(f"summary.targets names {untargeted}, which summary.denominators "
+                         f"{list(cfg.summary.denominators)} does not list")
+
+
+def register_bench_configs(cs) -> None:
+    """fatrain-bench's schema (the presets in configs/bench/ are diffs of it)."""
+    cs.store(name="bench_schema", node=BenchConfig)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fatrain.data import ByteTokenizer
-from fatrain.passkey import QUESTION, make_task, minimum_context, run_passkey, score_tasks
+from fatrain.eval.passkey import QUESTION, make_task, minimum_context, run_passkey, score_tasks
 
 
 class WordTokenizer:

@@ -10,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from fatrain import report
+from fatrain import sweep_report as report
+from fatrain.cli.report import main as report_main
 
 
 def make_job(sweep, num, backend, seq_len, *, status="ok", tokens_per_sec=(), loss=(), peak=1.0, mfu=None,
@@ -74,7 +75,7 @@ def test_summary_numbers(sweep):
 
 
 def test_report_files_tables_and_ratios(sweep):
-    written = report.write_report(str(sweep), warmup_steps=3)
+    written = report.write_report(str(sweep), warmup_steps=3, baseline="sdpa_flash")
     assert [os.path.basename(p) for p in written] == list(report.REPORT_FILES)
     for path in written:
         assert os.path.getsize(path) > 0
@@ -112,7 +113,7 @@ def test_variants_get_their_own_rows(tmp_path):
     # Only the keys that differ between jobs name a variant (model.n_layer is the same everywhere).
     assert [j.label for j in jobs] == ["flash_v2 block_m=64,block_n=32", "flash_v2 block_m=64,block_n=64",
                                        "flash_v2 block_m=128,block_n=32"]
-    report.write_report(str(s), warmup_steps=1, baseline="none")
+    report.write_report(str(s), warmup_steps=1)  # no baseline: no relative table
     text = (s / "report.md").read_text()
     assert "| flash_v2 block_m=128,block_n=32 | 300 |" in text and "relative to" not in text
 
@@ -130,11 +131,12 @@ def test_max_context_json_in_the_sweep_is_plotted(sweep):
 
 def test_cli_writes_to_out_dir_and_rejects_a_folder_without_jobs(sweep, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fatrain.report", str(sweep), "--out", str(out),
-                           "--warmup-steps", "3"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "fatrain.cli.report", str(sweep), "--out", str(out),
+                           "--warmup-steps", "3", "--baseline", "sdpa_flash"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.md").exists() and not (sweep / "report.md").exists()
+    assert "### Throughput relative to sdpa_flash" in (out / "report.md").read_text()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert report.main([str(empty)]) == 2
-    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert report_main([str(empty)]) == 2
+    assert report_main([str(tmp_path / "nowhere")]) == 2

@@ -6,10 +6,11 @@ import sys
 import pytest
 from hydra import compose, initialize_config_module
 
-from fatrain.sample import generate_samples, register_sample_configs
-from fatrain.train import run
+from fatrain.config import register_configs
+from fatrain.eval.sample import generate_samples
+from fatrain.trainer import run_training as run
 
-register_sample_configs()
+register_configs()
 
 TRAIN = [
     "model.n_layer=2", "model.n_embd=32", "model.n_head=4", "model.n_kv_head=2", "data.seq_len=32",
@@ -67,14 +68,14 @@ def test_bad_settings_name_the_setting(run_dir, override, match):
 
 
 def test_cli_prints_text_and_bad_checkpoint_exits_2(run_dir, tmp_path):
-    cmd = [sys.executable, "-m", "fatrain.sample", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=10"]
+    cmd = [sys.executable, "-m", "fatrain.cli.sample", f"ckpt_path={run_dir}", "prompt=ROMEO:", "max_new_tokens=10"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ROMEO:")
     assert list(tmp_path.iterdir()) == [], "sampling must not write files"
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "-m", "fatrain.sample", f"ckpt_path={bad}"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fatrain.cli.sample", f"ckpt_path={bad}"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [

@@ -16,8 +16,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from fatrain import max_context, report
+from fatrain import max_context
+from fatrain import sweep_report as report
 from fatrain.cli import max_context as max_context_cli
+from fatrain.cli.report import main as report_main
 from fatrain.config import register_configs, validate_train_config
 from fatrain.model import GPT
 from fatrain.trainer import attention_options, micro_batch_size
@@ -61,7 +63,7 @@ def test_cpu_multirun_completes_and_reports(tmp_path):
         assert results[("naive", n)]["final_val_loss"] == pytest.approx(results[("sdpa", n)]["final_val_loss"],
                                                                         rel=1e-4)
 
-    assert report.main([str(sweep), "--warmup-steps", "1"]) == 0
+    assert report_main([str(sweep), "--warmup-steps", "1"]) == 0
     text = (sweep / "report.md").read_text()
     assert "| backend | 32 | 64 |" in text
     # tokens/s, memory (allocated, requested), loss tables; no MFU on a CPU

@@ -6,34 +6,28 @@
     fatrain-eval ckpt_path=multirun/<date>      # every job's newest checkpoint, one table
 
 The output folder (outputs/eval/<time>, or hydra.run.dir=...) holds eval.json, the plots
-and table.csv / table.md; see fatrain.evaluation for what is measured. A bad checkpoint or
-an override that does not fit it exits with one line naming it.
+and table.csv / table.md; see fatrain.eval for what is measured. A bad checkpoint or an
+override that does not fit it exits with one line naming it.
 """
 
 from __future__ import annotations
-
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fatrain.evaluation import register_eval_configs, run_eval
-from fatrain.train import USER_ERRORS
+from fatrain.config import register_configs
+from fatrain.eval import first_loss, run_eval
+from fatrain.runtime import user_errors
 
-register_eval_configs()
+register_configs()
 
 
 @hydra.main(version_base=None, config_path="pkg://fatrain.configs", config_name="eval")
 def main(cfg: DictConfig) -> float:
-    out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        summary = run_eval(cfg, out_dir)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    evaluated = [r for r in summary["results"][0]["lengths"] if "skipped" not in r]
-    return evaluated[0]["loss"] if evaluated else float("inf")
+    with user_errors():
+        summary = run_eval(cfg, HydraConfig.get().runtime.output_dir)
+    return first_loss(summary)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,4 @@
-"""``fatrain-report <sweep dir>``: turn a training sweep into the table and plots of a paper.
-
-    fatrain-train -m experiment=ablate_backends
-    fatrain-report multirun/ablate_backends/<date>                      # writes into the sweep dir
-    fatrain-report multirun/ablate_backends/<date> --max-context max_context/<date>/max_context.json
+"""A training sweep turned into the tables and plots of a paper (``fatrain-report``).
 
 Reads, for every job directory under the sweep (any folder holding ``.hydra/config.yaml``),
 its config, ``metrics.jsonl`` and ``result.json`` (no W&B account needed), and writes:
@@ -18,18 +14,19 @@ Throughput is the median of the per-log-step tokens/s after the warm-up (compila
 Triton autotuning happen in the first steps): a row logged at step s covers steps
 (s - log_every, s], and is used when s - log_every >= --warmup-steps.
 Jobs that vary in more than backend and seq_len (e.g. block sizes) get one table row per
-variant, labelled with the overrides that differ between jobs.
+variant, labelled with the overrides that differ between jobs. With a ``baseline`` (a row
+label: a backend, or a backend and its variant) the report adds each row's throughput
+relative to it at the same seq_len; without one, or when the sweep has no such row, there
+is no relative table.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -365,7 +362,7 @@ def plot_peak_memory(jobs: list[Job], path: str) -> None:
     for label in _ordered_labels(jobs):
         x, y = _series(jobs, label, lambda j: j.peak_allocated_gib)
         ax.plot(x, y, marker="o", label=label)
-    # Guides through the first measured point: memory linear in N (flash) and quadratic (naive).
+    # Guides through the first measured point: memory linear in N (tiled kernels) and quadratic (S held in memory).
     ok = [j for j in jobs if j.status == "ok" and j.peak_allocated_gib]
     if ok and len(seq_lens) > 1:
         ref = min(ok, key=lambda j: (j.seq_len, j.peak_allocated_gib))
@@ -431,7 +428,7 @@ def plot_max_context(rows: list[dict], path: str) -> None:
 
 
 def write_report(sweep_dir: str, out_dir: Optional[str] = None, *, warmup_steps: int = 10,
-                 baseline: Optional[str] = "sdpa_flash", max_context_path: Optional[str] = None) -> list[str]:
+                 baseline: Optional[str] = None, max_context_path: Optional[str] = None) -> list[str]:
     """Write the report files for ``sweep_dir`` into ``out_dir`` (default: the sweep dir); return their paths."""
     out_dir = out_dir or sweep_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -453,31 +450,3 @@ def write_report(sweep_dir: str, out_dir: Optional[str] = None, *, warmup_steps:
         written.append(os.path.join(out_dir, name))
         plot(written[-1])
     return written
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fatrain-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="the folder a multirun wrote (hydra.sweep.dir)")
-    parser.add_argument("--out", default=None, help="where to write the report (default: the sweep dir)")
-    parser.add_argument("--warmup-steps", type=int, default=10,
-                        help="steps excluded from tokens/s and MFU (compilation, autotuning; default 10)")
-    parser.add_argument("--baseline", default="sdpa_flash",
-                        help="backend the relative-throughput table divides by (default sdpa_flash; "
-                             "the table is left out when it is not in the sweep)")
-    parser.add_argument("--max-context", default=None, metavar="JSON",
-                        help="a fatrain-max-context max_context.json (default: <sweep dir>/max_context.json, "
-                             "if present)")
-    args = parser.parse_args(argv)
-    try:
-        written = write_report(args.sweep_dir, args.out, warmup_steps=args.warmup_steps, baseline=args.baseline,
-                               max_context_path=args.max_context)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

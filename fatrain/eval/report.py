@@ -1,0 +1,194 @@
+"""What an evaluation writes: eval.json, the plots, a W&B eval job, the table, a summary line.
+
+    eval.json             every number of one checkpoint's evaluation
+    loss_vs_position.png  mean loss per position bucket, one line per evaluated length
+    passkey.png           passkey accuracy, context length x depth of the key
+    table.csv, table.md   one row per evaluated checkpoint (several for a run or sweep folder)
+    W&B                   one run (job_type=eval) in the training run's group
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from fatrain.eval.loading import sweep_overrides
+
+
+def write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----- plots -------------------------------------------------------------------------------------
+
+
+def write_plots(result: dict, out_dir: str) -> dict:
+    """loss_vs_position.png (one line per length) and passkey.png (context x depth heat map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    evaluated = [r for r in result["lengths"] if "skipped" not in r]
+    if evaluated:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in evaluated:
+            centers = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
+            ax.plot(centers, [b["loss"] for b in r["buckets"]], marker=".", label=f"seq_len {r['seq_len']}")
+        ax.axvline(result["train"]["seq_len"], color="grey", linestyle="--", linewidth=1, label="training length")
+        ax.set_xlabel(f"position in the sequence (buckets of {result['bucket_size']})")
+        ax.set_ylabel("mean loss (nats/token)")
+        ax.set_title(f"step {result['step']}, attention={result['attention']}, {result['data']['split']} split")
+        ax.legend()
+        fig.tight_layout()
+        files["loss_vs_position"] = os.path.join(out_dir, "loss_vs_position.png")
+        fig.savefig(files["loss_vs_position"], dpi=120)
+        plt.close(fig)
+    passkey = result.get("passkey")
+    if passkey and any(v is not None for row in passkey["accuracy"] for v in row):
+        grid = [[float("nan") if v is None else v for v in row] for row in passkey["accuracy"]]
+        fig, ax = plt.subplots(figsize=(1.2 * len(passkey["context_lens"]) + 2.5, 0.6 * len(passkey["depths"]) + 2))
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(passkey["context_lens"])), [str(c) for c in passkey["context_lens"]])
+        ax.set_yticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
+        for i, row in enumerate(passkey["accuracy"]):
+            for j, value in enumerate(row):
+                color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
+                ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("depth of the key")
+        ax.set_title(f"passkey accuracy ({passkey['trials']} trials per cell)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        files["passkey"] = os.path.join(out_dir, "passkey.png")
+        fig.savefig(files["passkey"], dpi=120)
+        plt.close(fig)
+    return files
+
+
+# ----- W&B -------------------------------------------------------------------------------------
+
+
+def flat_metrics(result: dict) -> dict:
+    """The scalar numbers of one eval result, W&B-style keys (eval/loss@256, passkey/acc@1024/d0.5, ...)."""
+    unit = result["bits_unit"]
+    out = {}
+    for r in result["lengths"]:
+        if "skipped" in r:
+            continue
+        n = r["seq_len"]
+        out[f"eval/loss@{n}"] = r["loss"]
+        out[f"eval/perplexity@{n}"] = r["perplexity"]
+        out[f"eval/bits_per_{unit}@{n}"] = r[f"bits_per_{unit}"]
+    passkey = result.get("passkey")
+    if passkey:
+        for i, depth in enumerate(passkey["depths"]):
+            for j, length in enumerate(passkey["context_lens"]):
+                if passkey["accuracy"][i][j] is not None:
+                    out[f"passkey/accuracy@{length}/depth{depth:g}"] = passkey["accuracy"][i][j]
+    agreement = result.get("backend_agreement", {})
+    if "max_abs_diff" in agreement:
+        out["eval/backend_max_abs_diff"] = agreement["max_abs_diff"]
+        for name, loss in agreement["losses"].items():
+            out[f"eval/backend_loss/{name}"] = loss
+    return out
+
+
+def log_to_wandb(cfg, result: dict, saved_cfg: dict, out_dir: str) -> Optional[str]:
+    """One W&B run (job_type=eval) in the training run's group; returns its id, or None when disabled."""
+    w = cfg.logger.wandb
+    if w.mode == "disabled":
+        return None
+    from fatrain.metrics import WandbLogger
+
+    saved_w = saved_cfg.get("logger", {}).get("wandb", {})
+    run_name = saved_w.get("name") or os.path.basename(os.path.dirname(os.path.dirname(result["checkpoint"])))
+    logger = WandbLogger(mode=w.mode, project=w.project or saved_w.get("project") or "fatrain",
+                         entity=w.entity or saved_w.get("entity"), name=w.name or f"eval-{run_name}-step{result['step']}",
+                         group=w.group or saved_w.get("group"), tags=list(w.tags), run_dir=out_dir,
+                         job_type="eval", config={"eval": OmegaConf.to_container(cfg, resolve=True),
+                                                  "checkpoint": result["checkpoint"], "step": result["step"],
+                                                  "train_wandb_id": result["train"]["wandb_id"], "train": saved_cfg})
+    try:
+        metrics = flat_metrics(result)
+        for key, png in result["files"].items():
+            if png.endswith(".png"):
+                metrics[f"plots/{key}"] = logger._wandb.Image(png)
+        logger.log(metrics, result["step"] or 0)
+        return logger.run_id
+    finally:
+        logger.close()
+
+
+# ----- the table over checkpoints, the console line -----------------------------------------------
+
+
+def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
+    """One row per (run name, result): step, backends, loss and bits per length, passkey per length."""
+    rows = []
+    for name, r in results:
+        row = {"run": name or ".", "step": r["step"], "tokens_seen": r["tokens_seen"],
+               "train_attention": r["train"]["attention"], "attention": r["attention"],
+               "overrides": sweep_overrides(os.path.join(root, name)) if os.path.isdir(root) else ""}
+        unit = r["bits_unit"]
+        for length in r["lengths"]:
+            n = length["seq_len"]
+            row[f"loss@{n}"] = length.get("loss")
+            row[f"bits_per_{unit}@{n}"] = length.get(f"bits_per_{unit}")
+        if "passkey" in r:
+            p = r["passkey"]
+            for j, n in enumerate(p["context_lens"]):
+                cells = [row_[j] for row_ in p["accuracy"] if row_[j] is not None]
+                row[f"passkey@{n}"] = sum(cells) / len(cells) if cells else None
+        if "max_abs_diff" in r.get("backend_agreement", {}):
+            row["backend_max_abs_diff"] = r["backend_agreement"]["max_abs_diff"]
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
+    """table.csv and table.md: one row per evaluated checkpoint, columns in first-seen order."""
+    columns = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    csv_path, md_path = os.path.join(out_dir, "table.csv"), os.path.join(out_dir, "table.md")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(v):
+        if v is None:
+            return ""
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("| " + " | ".join(columns) + " |\n")
+        f.write("|" + "---|" * len(columns) + "\n")
+        for row in rows:
+            f.write("| " + " | ".join(cell(row.get(c)) for c in columns) + " |\n")
+    return csv_path, md_path
+
+
+def summary_line(name: str, result: dict) -> str:
+    """One console line per checkpoint: loss, perplexity and bits per length, backend agreement."""
+    unit = result["bits_unit"]
+    parts = [f"{name or os.path.basename(result['checkpoint'])} step {result['step']}"]
+    for r in result["lengths"]:
+        if "skipped" in r:
+            parts.append(f"L={r['seq_len']}: skipped ({r['skipped']})")
+        else:
+            parts.append(f"L={r['seq_len']}: loss {r['loss']:.4f} ppl {r['perplexity']:.2f} "
+                         f"bits/{unit} {r[f'bits_per_{unit}']:.4f}")
+    agreement = result.get("backend_agreement", {})
+    if "max_abs_diff" in agreement:
+        parts.append(f"backends max |loss diff| {agreement['max_abs_diff']:.2e}")
+    return " | ".join(parts)
