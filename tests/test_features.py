@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from attention_checks import check_backend, make_qkv, max_err
+from fatrain.bench.traffic import flash_v1_hbm_traffic
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
 from fatrain.kernels import _dropout
 from fatrain.kernels._dropout import dropout_mask, resolve_seed
-from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_hbm_traffic
+from fatrain.kernels.flash_v1 import flash_v1_attention
 from fatrain.kernels.varlen import cu_seqlens_to_doc_ids, varlen_attention
 
 # 4096 bytes: every flash_v1 block is 16 x 16, so short sequences still span several blocks.
