@@ -69,8 +69,14 @@ FEATURES = ("window", "doc_ids", "gqa", "unaligned_causal", "dropout", "dropout_
 _ALL = frozenset(FEATURES)
 _SDPA = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "dropout"})
 # NOTE: windows, documents and causal with seqlen_q != seqlen_k reach SDPA as an explicit mask,
-# which PyTorch's flash and cuDNN kernels do not take.
+# which PyTorch's flash and cuDNN kernels on CUDA do not take.
 _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
+# NOTE: PyTorch's flash kernel takes dropout on CUDA, not on the CPU (sdpa.py raises there), and
+# on CUDA only float16 and bfloat16 and head dims up to 256; the entry states CUDA's limits.
+_HALF = ("float16", "bfloat16")
+# NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
+# which tests/test_flex.py checks): registered for CUDA.
+_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +115,17 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
-                fixed={"kernel": "flash"}, features=_SDPA_NO_MASK),
+                fixed={"kernel": "flash"}, dtypes=_HALF, head_dims=(1, 256), features=_SDPA_NO_MASK),
     BackendInfo("sdpa_cudnn", "PyTorch's SDPA pinned to cuDNN's fused attention", "sdpa", "sdpa_attention",
-                fixed={"kernel": "cudnn"}, features=_SDPA_NO_MASK, devices=("cuda",)),
+                fixed={"kernel": "cudnn"}, dtypes=_HALF, features=_SDPA_NO_MASK, devices=("cuda",)),
     BackendInfo("sdpa_efficient", "PyTorch's SDPA pinned to its memory-efficient kernel", "sdpa",
-                "sdpa_attention", fixed={"kernel": "efficient"}, features=_SDPA, devices=("cuda",)),
+                "sdpa_attention", fixed={"kernel": "efficient"}, dtypes=("float16", "bfloat16", "float32"),
+                features=_SDPA, devices=("cuda",)),
     BackendInfo("sdpa_math", "PyTorch's SDPA pinned to its math kernel", "sdpa", "sdpa_attention",
                 fixed={"kernel": "math"}, features=_SDPA),
+    BackendInfo("flex", "PyTorch's FlexAttention, a fused kernel generated from the mask (compiled on CUDA)", "flex",
+                "flex_attention_backend", dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
+                features=_FLEX, devices=("cuda",)),
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",

@@ -26,8 +26,7 @@ Cost is what decides the generator: per element of P it is one 32-bit multiply, 
 and one select; the row and column hashes cost O(B_r + B_c) per tile. P's softmax arithmetic
 already shares the forward with the tensor cores, and a full hash per element is a dozen
 integer operations, several times the element's exp2 and its other softmax work, so it is not
-free: measured on an H100 (bf16,
-causal, d=128, N=16384, default configs), pcg3d per element cost 1.78x the forward time
+free: on an H100 (bf16, causal, d=128, N=16384, default configs), pcg3d per element cost 1.78x the forward time
 without dropout and 1.51x forward+backward, and Philox4x32-7 per 8 columns (flash-attn's
 scheme) 1.95x / 1.81x, because in Triton its grouped draws must move between threads
 (join, reshape, layout conversion through shared memory) to reach P's layout. The product
@@ -35,7 +34,7 @@ needs no data movement: each element is computed in whatever register layout the
 holds P in, in either orientation (``dropout_apply_t`` for the P^T tiles of the dK/dV pass),
 and the mask does not depend on the tile shapes: every kernel and the host ``dropout_mask``
 draw the same mask. Measured the same way (autotuned, N = 8192 and 16384): the product costs
-1.17x forward+backward and 1.22-1.25x forward alone (experiments/README.md, session 3).
+1.17x forward+backward and 1.22-1.25x forward alone.
 
 Pieces:
     dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
