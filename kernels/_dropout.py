@@ -37,12 +37,12 @@ draw the same mask. Measured the same way (autotuned, N = 8192 and 16384): the p
 1.17x forward+backward and 1.22-1.25x forward alone.
 
 Pieces:
-    dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
+    dropout_keep        the ``@triton.jit`` function a kernel calls on one (rows x columns) tile
     dropout_apply       a float32 tile with the dropped entries zeroed (what flash_v2's loops
                         call; one inline-PTX block per element on the GPU)
     dropout_apply_t     the same for a (columns x rows) tile
     dropout_mask        host function: the full bool (B, H, Nq, Nk) keep-mask for the same
-                        seed, made by a tiny kernel that calls the same helper; used by
+                        seed, made by a tiny kernel that calls the same function; used by
                         ``naive``, by the debug path ``return_dropout_mask`` and by tests
     resolve_seed        the seed policy: an explicit seed, or one drawn from torch's default
                         generator, so ``torch.manual_seed`` reproduces a run
@@ -195,7 +195,7 @@ def resolve_seed(seed) -> int:
 def dropout_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, device) -> torch.Tensor:
     """The bool (B, H, Nq, Nk) keep-mask (True = keep) every kernel draws for this seed and p.
 
-    Made by a tiny Triton kernel calling :func:`dropout_keep`, the helper the attention kernels
+    Made by a tiny Triton kernel calling :func:`dropout_keep`, the function the attention kernels
     call, so it is exactly their mask. p = 0 keeps everything (no kernel is launched).
     """
     seed = check_seed(seed)

@@ -9,8 +9,6 @@ import functools
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
