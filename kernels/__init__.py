@@ -43,7 +43,9 @@ backend accepts, so the trainer, the entry points and the bench ask the registry
 naming backends: a new backend is one ``BackendInfo`` below plus its module. Backends import
 lazily, so asking for ``naive`` never imports Triton (its dropout does: the counter-based
 mask of ``_dropout.py`` is shared with the flash kernels). Packed sequences in flash-attn's
-varlen layout go through ``varlen.varlen_attention``.
+varlen layout go through ``varlen.varlen_attention``. Each backend's function documents only
+its own options and limits; flash_v2's autotuned configs are listed and pinned through
+``flash_v2.configs`` and ``flash_v2.pin``.
 """
 
 from __future__ import annotations

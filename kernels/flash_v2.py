@@ -7,7 +7,7 @@ base 2 with softmax_scale * log2(e) folded into S:
     P_ij  = exp2(S_ij - m_new)                   l_i   = l_i exp2(m_i - m_new) + rowsum(P_ij)
     acc   = acc exp2(m_i - m_new) + P_ij V_j     (unnormalised: one division after the loop)
     O_i   = acc / l_i                            LSE_i = (m_i + log2(l_i)) ln 2  (float32, (B, H, Nq))
-Saved for the backward: q, k, v, o, lse (and the dropout seed, never a mask).
+Saved for the backward: q, k, v, o, lse, doc_ids (and the dropout seed, never a mask).
 Backward (Algorithm 2, split as in the Triton tutorial; P recomputed from Q, K and LSE):
   1. dQ pass, grid (cdiv(Nq, BLOCK_M), B * H): Delta = rowsum(dO o O) and LSE2 = LSE log2(e)
      (stored for pass 2), dQ += (P o (dO V^T - Delta)) K.
