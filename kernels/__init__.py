@@ -43,7 +43,9 @@ backend accepts, so the trainer, the entry points and the bench ask the registry
 naming backends: a new backend is one ``BackendInfo`` below plus its module. Backends import
 lazily, so asking for ``naive`` never imports Triton (its dropout does: the counter-based
 mask of ``_dropout.py`` is shared with the flash kernels). Packed sequences in flash-attn's
-varlen layout go through ``varlen.varlen_attention``.
+varlen layout go through ``varlen.varlen_attention``. Each backend's function documents only
+its own options and limits; flash_v2's autotuned configs are listed and pinned through
+``flash_v2.configs`` and ``flash_v2.pin``.
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ FEATURES = ("window", "doc_ids", "gqa", "unaligned_causal", "dropout", "dropout_
 _ALL = frozenset(FEATURES)
 _SDPA = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "dropout"})
 # NOTE: windows, documents and causal with seqlen_q != seqlen_k reach SDPA as an explicit mask,
-# which PyTorch's flash and cuDNN kernels do not take.
+# which PyTorch's flash and cuDNN kernels on CUDA do not take.
 _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
+# NOTE: PyTorch's flash kernel takes dropout on CUDA, not on the CPU (sdpa.py raises there), and
+# on CUDA only float16 and bfloat16 and head dims up to 256; the entry states CUDA's limits.
+_HALF = ("float16", "bfloat16")
+# NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
+# which tests/test_flex.py checks): registered for CUDA.
+_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +117,17 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
-                fixed={"kernel": "flash"}, features=_SDPA_NO_MASK),
+                fixed={"kernel": "flash"}, dtypes=_HALF, head_dims=(1, 256), features=_SDPA_NO_MASK),
     BackendInfo("sdpa_cudnn", "PyTorch's SDPA pinned to cuDNN's fused attention", "sdpa", "sdpa_attention",
-                fixed={"kernel": "cudnn"}, features=_SDPA_NO_MASK, devices=("cuda",)),
+                fixed={"kernel": "cudnn"}, dtypes=_HALF, features=_SDPA_NO_MASK, devices=("cuda",)),
     BackendInfo("sdpa_efficient", "PyTorch's SDPA pinned to its memory-efficient kernel", "sdpa",
-                "sdpa_attention", fixed={"kernel": "efficient"}, features=_SDPA, devices=("cuda",)),
+                "sdpa_attention", fixed={"kernel": "efficient"}, dtypes=("float16", "bfloat16", "float32"),
+                features=_SDPA, devices=("cuda",)),
     BackendInfo("sdpa_math", "PyTorch's SDPA pinned to its math kernel", "sdpa", "sdpa_attention",
                 fixed={"kernel": "math"}, features=_SDPA),
+    BackendInfo("flex", "PyTorch's FlexAttention, a fused kernel generated from the mask (compiled on CUDA)", "flex",
+                "flex_attention_backend", dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
+                features=_FLEX, devices=("cuda",)),
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",

@@ -26,8 +26,7 @@ Cost is what decides the generator: per element of P it is one 32-bit multiply, 
 and one select; the row and column hashes cost O(B_r + B_c) per tile. P's softmax arithmetic
 already shares the forward with the tensor cores, and a full hash per element is a dozen
 integer operations, several times the element's exp2 and its other softmax work, so it is not
-free: measured on an H100 (bf16,
-causal, d=128, N=16384, default configs), pcg3d per element cost 1.78x the forward time
+free: on an H100 (bf16, causal, d=128, N=16384, default configs), pcg3d per element cost 1.78x the forward time
 without dropout and 1.51x forward+backward, and Philox4x32-7 per 8 columns (flash-attn's
 scheme) 1.95x / 1.81x, because in Triton its grouped draws must move between threads
 (join, reshape, layout conversion through shared memory) to reach P's layout. The product
@@ -35,15 +34,15 @@ needs no data movement: each element is computed in whatever register layout the
 holds P in, in either orientation (``dropout_apply_t`` for the P^T tiles of the dK/dV pass),
 and the mask does not depend on the tile shapes: every kernel and the host ``dropout_mask``
 draw the same mask. Measured the same way (autotuned, N = 8192 and 16384): the product costs
-1.17x forward+backward and 1.22-1.25x forward alone (experiments/README.md, session 3).
+1.17x forward+backward and 1.22-1.25x forward alone.
 
 Pieces:
-    dropout_keep        the ``@triton.jit`` helper a kernel calls on one (rows x columns) tile
+    dropout_keep        the ``@triton.jit`` function a kernel calls on one (rows x columns) tile
     dropout_apply       a float32 tile with the dropped entries zeroed (what flash_v2's loops
                         call; one inline-PTX block per element on the GPU)
     dropout_apply_t     the same for a (columns x rows) tile
     dropout_mask        host function: the full bool (B, H, Nq, Nk) keep-mask for the same
-                        seed, made by a tiny kernel that calls the same helper; used by
+                        seed, made by a tiny kernel that calls the same function; used by
                         ``naive``, by the debug path ``return_dropout_mask`` and by tests
     resolve_seed        the seed policy: an explicit seed, or one drawn from torch's default
                         generator, so ``torch.manual_seed`` reproduces a run
@@ -196,7 +195,7 @@ def resolve_seed(seed) -> int:
 def dropout_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float, device) -> torch.Tensor:
     """The bool (B, H, Nq, Nk) keep-mask (True = keep) every kernel draws for this seed and p.
 
-    Made by a tiny Triton kernel calling :func:`dropout_keep`, the helper the attention kernels
+    Made by a tiny Triton kernel calling :func:`dropout_keep`, the function the attention kernels
     call, so it is exactly their mask. p = 0 keeps everything (no kernel is launched).
     """
     seed = check_seed(seed)

@@ -1,160 +1,53 @@
 """FlashAttention-1 in Triton, as the paper writes it (Dao et al. 2022, arXiv 2205.14135).
 
-This is the row-tiling algorithm of the original paper, kept literal so that its cost can
-be measured against FlashAttention-2 (``flash_v2.py``): the outer loop runs over K/V
-blocks, the inner loop over Q blocks, and the running output O and the softmax statistics
-l and m make a round trip through HBM on every inner step.
+The row-tiling algorithm of the original paper, kept literal so that its cost can be measured
+against FlashAttention-2 (``flash_v2.py``): the outer loop runs over K/V blocks, the inner
+loop over Q blocks, and the running O and the softmax statistics l and m make a round trip
+through HBM on every inner step. Comments in the kernels name the Algorithm lines they run.
 
-Grid and ownership
-    The paper's grid (``num_splits=1``) is parallel over batch x heads only: forward
-    ``grid = (B * H, 1)``, one program per (batch, query head); backward ``grid = (B * Hkv, 1)``,
-    one program per (batch, key/value head) that loops over the H / Hkv query heads sharing
-    its K/V head, so dK and dV sum over the group in registers and every dQ row is
-    read-modify-written by exactly one program (bit-reproducible gradients).
+Grid. The paper's (``num_splits=1``): forward (B * H, 1), one program per (batch, query
+head); backward (B * Hkv, 1), one program per (batch, K/V head) looping over the query heads
+of its GQA group, so dK, dV sum in registers and each dQ row has one writer. ``num_splits``
+S > 1 (flash-attn 1.x's, 0 chooses it: :func:`flash_v1_num_splits`) gives each (batch, head)
+S programs: in the forward they own Q blocks i = s (mod S) (rows are independent, so the
+output is bit-identical); in the backward K/V blocks j = s (mod S), adding into a float32 dQ
+with atomics (``deterministic=True`` keeps one split).
 
-    Splits (``num_splits``; the default 0 chooses them, :func:`flash_v1_num_splits`). With
-    B * H programs an H100's 132 SMs sit mostly idle for small batches (B * H = 32 at 8k
-    tokens: a quarter of the GPU), and each program's O/l/m rows overflow L2. flash-attn 1.x
-    (the CUDA release of this algorithm) added ``num_splits`` for that case, over seqlen_q in
-    the forward and over seqlen_k in the backward; fatrain does the same without changing
-    the loops:
-      * forward ``grid = (B * H, S_f)``: program s runs Algorithm 1 for the Q blocks
-        i = s (mod S_f) only. Rows are independent in Algorithm 1, so each O_i, l_i, m_i still
-        has one owner and the output is bit-identical to the paper grid's; each program
-        loads every K_j, V_j (S_f times the K/V traffic, a linear term).
-      * backward ``grid = (B * Hkv, S_b)``: program s runs Algorithm 4's outer loop for the
-        K/V blocks j = s (mod S_b) only. dK_j, dV_j still have one owner (same sums, same
-        order), but several programs add into each dQ_i, so line 22 becomes a float32
-        ``atomic_add`` in HBM (ATOMIC_DQ): dQ is exact up to summation order, not
-        bit-reproducible. ``deterministic=True`` keeps S_b = 1.
-    Strided (mod S) ownership balances the causal triangle across the splits.
+Blocks (Algorithm 1 line 2): B_c = ceil(M / 4d), B_r = min(B_c, d), M = sram_bytes // 4
+float32 words (argument, :func:`set_sram_bytes`, the GPU's opt-in shared memory per block, or
+16 KiB under the interpreter); each rounded down to a power of two, at least 16 (tl.dot),
+capped at the sequence length's next power of two.
 
-Block sizes (Algorithm 1 line 2, Algorithm 4 line 3)
-    B_c = ceil(M / 4d), B_r = min(B_c, d) with M the on-chip budget in float32 words:
-    M = sram_bytes // 4 (the on-chip state S_ij, P_ij and the O_i / dK_j / dV_j
-    accumulators is float32). sram_bytes is, in order: the ``sram_bytes`` argument, the
-    value set by :func:`set_sram_bytes`, the GPU's opt-in shared memory per block
-    (``torch.cuda.get_device_properties(dev).shared_memory_per_block_optin``, 232448 bytes
-    = 227 KiB on an H100, so M = 58112), or ``CPU_INTERPRETER_SRAM_BYTES`` = 16 KiB under
-    the CPU interpreter, which has no shared memory. Rounding: ``tl.dot`` needs power-of-two
-    block shapes of at least 16, so each of B_c and B_r is rounded *down* to a power of two
-    (down, so the four blocks still fit in M) and then raised to at least 16. The launcher
-    also caps each block at the next power of two >= the sequence length (a block longer
-    than the sequence is all tail mask; the counts of Algorithm 1 do not change). The head
-    dim is padded to a power-of-two constexpr ``HEAD_DIM`` and the tail columns masked.
+Forward (Algorithm 1 with Algorithm 2's scale tau, mask and dropout). O = 0 (float32), l = 0,
+m = -inf in HBM; for each K/V block j, for each Q block i: load Q_i, O_i, l_i, m_i;
+    S_ij = tau Q_i K_j^T (masked)   m~ = rowmax(S_ij)   P~ = exp(S_ij - m~)   l~ = rowsum(P~)
+    m_new = max(m_i, m~)            l_new = e^(m_i - m_new) l_i + e^(m~ - m_new) l~
+    O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~ - m_new) (P~ o Z / (1 - p)) V_j)
+and store O_i, l_new, m_new. Saved: q, k, v, out, l, m (not a logsumexp; ``return_lse`` is
+m + log l on the host).
+Backward (Algorithm 4): for each K/V block j (dK~, dV~ on chip), for each Q block i:
+    P = diag(l_i)^-1 exp(tau Q_i K_j^T - m_i)   dV~ += (P o Z)^T dO_i   dP = (dO_i V_j^T) o Z
+    D_i = rowsum(dO_i o O_i)   dS = P o (dP - D_i)   dQ_i += tau dS K_j (HBM)   dK~ += tau dS^T Q_i
+Dropout: Z is ``_dropout.dropout_keep`` (counter-based, shared with naive and flash_v2), so
+the backward regenerates it from the seed. Masks: query r sits at key position
+r + Nk - Nq; a K/V block's inner loop covers only the Q blocks its window can see;
+documents skip block pairs with disjoint id ranges. A row that sees no key gives out = 0,
+lse = MASKED_ROW_LSE and zero gradients ("safe" max and sum).
 
-Forward: Algorithm 1 (with Algorithm 2's scale tau, MASK and dropout), in ``_flash_v1_fwd_kernel``
-    line 3   O = 0 (float32), l = 0, m = -inf in HBM     ``_flash_v1_forward`` (host)
-    line 6   for 1 <= j <= T_c                            ``for start_n in range(0, N_CTX_K, BLOCK_N)``
-    line 7     load K_j, V_j to SRAM                      ``k = tl.load(...)``, ``v = tl.load(...)``
-    line 8     for 1 <= i <= T_r                          ``for start_m in range(_first_owned(m_lo, ...),
-                                                          m_hi, BLOCK_M * NUM_SPLITS)`` (this split's i)
-    line 9       load Q_i, O_i, l_i, m_i                  ``q``, ``o``, ``l_i``, ``m_i``
-    line 10      S_ij = tau Q_i K_j^T, then MASK          ``s = tl.dot(q, tl.trans(k)) * softmax_scale``
-    line 11      m~_ij = rowmax(S_ij)                     ``m_ij``
-                 P~_ij = exp(S_ij - m~_ij)                ``p``
-                 l~_ij = rowsum(P~_ij)                    ``l_ij``
-    line 12      m_new = max(m_i, m~_ij)                  ``m_new``
-                 l_new = e^(m_i-m_new) l_i + e^(m~_ij-m_new) l~_ij     ``l_new``
-    (Alg. 2 l.14) P~_ij <- P~_ij o Z_ij / (1 - p)          ``p = tl.where(keep, ...)`` (l keeps the
-                 un-dropped sum, so the normaliser is the softmax's)
-    line 13      O_i = diag(l_new)^-1 (diag(l_i) e^(m_i-m_new) O_i
-                        + e^(m~_ij-m_new) P~_ij V_j) -> HBM            ``o = ...; tl.store(...)``
-    line 14      l_i = l_new, m_i = m_new -> HBM          ``tl.store(L ...)``, ``tl.store(M ...)``
-    line 17  return O                                     host: ``out = o32.to(q.dtype)``
-  The forward saves q, k, v, out (input dtype), l and m (float32, (B, H, Nq)) for the
-  backward: not a logsumexp. ``return_lse`` computes lse = m + log(l) on the host.
-
-Backward: Algorithm 4, in ``_flash_v1_bwd_kernel``
-    line 6   dQ = 0 in HBM (float32 buffer); dK, dV written once per block   host
-    line 7   for 1 <= j <= T_c                            ``for start_n in range(split * BLOCK_N, N_CTX_K,
-                                                          BLOCK_N * NUM_SPLITS)`` (this split's j)
-    line 8     load K_j, V_j                              ``k``, ``v``
-    line 9     dK~_j = 0, dV~_j = 0 on chip               ``dk``, ``dv`` (float32)
-               (GQA: ``for g in range(0, GROUP)`` over the query heads of this K/V head)
-    line 10    for 1 <= i <= T_r                          ``for start_m in range(m_lo, m_hi, BLOCK_M)``
-    line 11      load Q_i, O_i, dO_i, dQ_i, l_i, m_i      ``q``, ``o``, ``do``, ``dq`` (not when split),
-                                                          ``l_i``, ``m_i``
-    line 12-13   S_ij = tau Q_i K_j^T, MASK               ``s``
-    line 14      P_ij = diag(l_i)^-1 exp(S_ij - m_i)      ``p``
-    line 15-16   regenerate Z_ij; P^dropped = P_ij o Z_ij ``keep``, ``p_dropped``
-    line 17      dV~_j += (P^dropped)^T dO_i              ``dv += tl.dot(tl.trans(p_dropped), do)``
-    line 18-19   dP_ij = (dO_i V_j^T) o Z_ij              ``dp``
-    line 20      D_i = rowsum(dO_i o O_i)                 ``d_i``
-    line 21      dS_ij = P_ij o (dP_ij - D_i)             ``ds``
-    line 22      dQ_i += tau dS_ij K_j -> HBM             ``tl.store(dq_ptrs, dq + dq_ij)``, or
-                                                          ``tl.atomic_add(dq_ptrs, dq_ij)`` when split
-    line 23      dK~_j += tau dS_ij^T Q_i                 ``dk += tl.dot(tl.trans(ds), q)``
-                 (tau is applied once when dK_j is written: the same sum)
-    line 25    write dK_j, dV_j -> HBM                    ``tl.store(DK ...)``, ``tl.store(DV ...)``
-
-Dropout (Algorithm 2; the generator is ``_dropout.py``, shared with ``naive``)
-    Z_ij is ``_dropout.dropout_keep(seed, b * H + h, rows, cols, p)`` (a counter-based hash
-    of (seed, b * H + h, row, col), 16 bits per element),
-    so the backward regenerates exactly the forward's mask from the seed and nothing
-    N x N is stored; ctx keeps only the seed. ``dropout_p = 0`` compiles the draws out
-    (constexpr ``HAS_DROPOUT``). ``return_dropout_mask`` rebuilds the same mask on the host
-    side with ``_dropout.dropout_mask`` for tests.
-
-Masking (window, causal, documents; constexprs HAS_LEFT, HAS_RIGHT, HAS_DOCS)
-    Query r sits at key position pos = r + Nk - Nq (causal aligned bottom-right) and sees
-    keys c with pos - left <= c <= pos + right (window_size = (left, right), -1 unlimited;
-    causal is right = 0). For a K/V block [start_n, start_n + B_c) the inner loop of both
-    kernels runs only over the Q blocks that can see it:
-        m_lo = (max(start_n - (Nk - Nq) - right, 0) // B_r) * B_r      (right >= 0)
-        m_hi = min(start_n + B_c - (Nk - Nq) + left, Nq)                (left >= 0)
-    so a window costs Theta(N (left + right + B_r + B_c)) instead of Theta(N^2).
-    Documents (doc_ids (B, Nk), query r takes the id of key position pos): the K/V block's
-    and the Q block's ids are loaded and their min and max taken; a pair with disjoint id
-    ranges is skipped (no query can share a key's document), and a pair whose ids are all
-    one value needs no document mask. Both tests are exact for any ids; ids that do not
-    decrease along the sequence (packed documents, as the data pipeline makes them) are
-    what makes the ranges narrow, so other ids are correct but skip little. No host check
-    of the order is made (it would cost a device sync per call).
-    Rows and columns past the sequence ends are masked (tail masks), so any length works.
-    A row that sees no key keeps O = 0, l = 0, m = -inf: the kernels use a "safe" max
-    (0 where the max is -inf) and a "safe" sum (1 where it is 0), so such rows give
-    out = 0, lse = MASKED_ROW_LSE and zero gradients, never NaN.
-
-Caution / known limits
-    * Slow by design next to FlashAttention-2: O_i (float32), l_i and m_i read and written on
-      every inner step, O rescaled by 1 / l_new on every step, D_i recomputed for every
-      (i, j), and with ``num_splits=1`` B * H programs only (an H100 has 132 SMs).
-      :func:`flash_v1_hbm_traffic` gives the modelled bytes.
-    * O and dQ live in HBM as float32 buffers the size of q (B, Nq, H, d) each, on top of
-      the output: more extra memory than flash_v2, still linear in the sequence length.
-    * A program reads back what it wrote for an earlier K/V block (O_i, l_i, m_i; dQ_i),
-      possibly through other threads of the same CTA, so a ``tl.debug_barrier()`` (bar.sync,
-      which also orders the CTA's global memory accesses) ends each outer step (not in a split
-      backward, whose dQ updates are atomic adds that nothing reads back). The steps of
-      one inner loop touch disjoint rows, so no barrier is needed inside it (``NUM_STAGES``
-      says why its loads are still not software-pipelined).
-    * float32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32), to match
-      PyTorch's float32 matmul.
-    * The K/V blocks are loaded in the outer loop even when no Q block sees them (linear
-      traffic); the backward must visit them anyway to write their zero dK_j, dV_j.
-    * Document skipping is not in :func:`flash_v1_hbm_traffic` (it depends on the lengths).
-    * Dropout costs one integer hash per element of every visited block, in the forward and
-      once more in the backward (the mask is regenerated, not stored). Without a
-      ``dropout_seed`` the seed is drawn with ``torch.randint(...).item()`` on the host: a
-      graph break under ``torch.compile`` (pass a seed to compile with ``fullgraph=True``).
-    * The returned lse is not differentiable (it is computed from the detached l and m).
-    * On CUDA and on the CPU interpreter the kernels are called through
-      ``torch.library.triton_op`` + ``wrap_triton`` with ``register_autograd``; the CPU
-      interpreter runs the same ops in eager mode, but ``torch.compile`` cannot trace a
-      triton_op there (fake-tensor tracing touches data pointers under TRITON_INTERPRET=1,
-      torch 2.13 / triton 3.9, also for a one-line kernel): compile on a GPU only.
-    * If Triton's own staging of the blocks needs more shared memory than the formula
-      budgets (it raises OutOfResources at launch), the launcher halves B_c (then both)
-      and warns, so the blocks run may be smaller than :func:`flash_v1_block_sizes` says.
-      Only the eager path can retry; the backward may end up with other blocks than the
-      forward, which is harmless (l and m are per row). bfloat16 is wrong under the interpreter (see
-      ARCHITECTURE.md): test it on a GPU.
+Caution / known limits: slow by design (O_i, l_i, m_i read and written on every inner step,
+O rescaled every step, D_i recomputed for every (i, j)); O and dQ are float32 buffers the
+size of q in HBM. A program reads back what it wrote for an earlier K/V block, so a
+``tl.debug_barrier()`` ends each outer step (not in a split backward). The inner loop is not
+software-pipelined (``NUM_STAGES``). K/V blocks are loaded even when no Q block sees them.
+float32 uses IEEE dots. Without a dropout_seed the seed is drawn on the host (a graph break
+under torch.compile); the CPU interpreter cannot torch.compile the triton_ops. If Triton's
+staging needs more shared memory than the formula budgets, the eager launcher halves the
+blocks and warns. The returned lse is not differentiable. bfloat16 is wrong under the
+interpreter. The modelled HBM traffic is ``fatrain.bench.traffic``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Optional
@@ -184,8 +77,8 @@ _BYTES_PER_WORD = 4
 _sram_bytes_override: int | None = None
 #: Software-pipelining depth of the inner loop (Triton's num_stages). Deeper pipelines are
 #: safe (consecutive inner steps touch different rows; the bar.sync sits between K/V blocks)
-#: but measured slower on an H100: 2 stages took 1.1-2.1x the time of 1 (forward+backward,
-#: bf16, d 64/128, N 4k/8k; experiments/results/flash_v1_variants_h100.md): not pipelined.
+#: but slower on an H100: 2 stages took 1.1-2.1x the time of 1 (forward+backward, bf16,
+#: d 64/128, N 4k/8k): not pipelined.
 NUM_STAGES = 1
 
 
@@ -470,7 +363,7 @@ def _flash_v1_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# Host side: block sizes, traffic model, launchers
+# Host side: block sizes, splits, launchers
 # ----------------------------------------------------------------------------------------
 
 def set_sram_bytes(sram_bytes: int | None) -> int | None:
@@ -547,8 +440,8 @@ def flash_v1_num_splits(programs: int, blocks: int, num_sms: int) -> int:
 
     S = min(ceil(WAVES_PER_SM * num_sms / programs), MAX_SPLITS, blocks), at least 1: enough
     programs for about 16 per SM, each owning at least one block (``blocks``: the Q blocks
-    of the forward, the K/V blocks of the backward). Measured on an H100 (bf16, d 64/128,
-    N 2k-16k, causal and not; experiments/README.md, session 4): S = 16 was the fastest or
+    of the forward, the K/V blocks of the backward). On an H100 (bf16, d 64/128, N 2k-16k,
+    causal and not) S = 16 was the fastest or
     within 3% of it in all 12 cases, 2-8x faster than S = 1 forward+backward. Filling the
     SMs once is not enough: flash-attn 1.x's wave-efficiency rule (one program per SM)
     chose S = 2 at d=64 N=8192 (41.5 ms) where S = 16 took 25.6 ms, and S = 1 at d=128
@@ -585,82 +478,6 @@ def resolve_num_splits(num_splits: int, deterministic: bool, batch: int, nheads:
         fwd = bwd = max(num_splits, 1)
     fwd, bwd = max(1, min(fwd, q_blocks)), max(1, min(bwd, kv_blocks))
     return fwd, 1 if deterministic else bwd
-
-
-@dataclasses.dataclass(frozen=True)
-class Flash1Traffic:
-    """Modelled HBM bytes of one flash_v1 call; ``*_inner`` is the part moved inside the inner loop."""
-    forward: int
-    backward: int
-    forward_inner: int
-    backward_inner: int
-    block_m: int
-    block_n: int
-    fwd_splits: int = 1
-    bwd_splits: int = 1
-
-
-def _visited_rows(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, left: int, right: int) -> int:
-    """Sum over K/V blocks j of the Q rows the inner loop visits (the rows of the Q blocks not skipped).
-
-    The Q-block range per K/V block is the kernels' (``m_lo``, ``m_hi``): right = 0 is causal,
-    -1 unlimited.
-    """
-    if left < 0 and right < 0:
-        return math.ceil(seqlen_k / block_n) * seqlen_q
-    diag_offset = seqlen_k - seqlen_q
-    rows = 0
-    for start_n in range(0, seqlen_k, block_n):
-        m_lo = (max(start_n - diag_offset - right, 0) // block_m) * block_m if right >= 0 else 0
-        m_hi = min(start_n + block_n - diag_offset + left, seqlen_q) if left >= 0 else seqlen_q
-        if m_hi > m_lo:
-            n_blocks = math.ceil((m_hi - m_lo) / block_m)
-            rows += min(m_lo + n_blocks * block_m, seqlen_q) - m_lo
-    return rows
-
-
-def flash_v1_hbm_traffic(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                         dtype_bytes: int, sram_bytes: int, causal: bool,
-                         window_size: tuple[int, int] = (-1, -1), num_splits: int = 1,
-                         device=None) -> Flash1Traffic:
-    """Bytes of HBM the forward and backward move, counting each load and store of Algorithms 1 and 4.
-
-    Per (batch, head), with R = sum over K/V blocks j of the Q rows the inner loop visits
-    (T_c * Nq without causal; T_c = ceil(Nk / B_c) with B_c about M / 4d, so R is
-    Theta(Nq Nk d / M) and the inner terms are the paper's Theta(N^2 d^2 / M)), b = dtype_bytes:
-
-      forward  = b * 2 Nk d * S_f           K_j, V_j once per program (line 7)
-               + R * (b d + 4 d + 4 d + 4 * 4)   Q_i, O_i load + store (float32), l_i, m_i load + store
-               + 4 Nq d + 8 Nq              O = 0, l = 0, m = -inf (line 3)
-               + 4 Nq d + b Nq d            the final cast of O to the input dtype
-      backward = b * 4 Nk d                 K_j, V_j loaded and dK_j, dV_j stored once (lines 8, 25)
-               + R * (3 b d + 8 d + 8)      Q_i, O_i, dO_i; dQ_i load + store (float32); l_i, m_i
-               + 4 Nq d + 4 Nq d + b Nq d   dQ = 0; the final cast of dQ
-
-    MHA is assumed (K/V heads = nheads); the blocks are the launcher's (:func:`flash_v1_block_sizes`,
-    capped at the sequence length). ``window_size`` (left, right) narrows R to the Q blocks the
-    kernels visit, so R grows as Nq * (left + right + B_r + B_c) instead of Nq * Nk. Document
-    masking is not modelled (its skipped blocks depend on the document lengths): the model
-    is an upper bound there. Dropout moves no extra bytes (the mask is regenerated on chip).
-
-    ``num_splits`` is flash_v1_attention's (0: the heuristic for ``device``'s SM count): S_f
-    forward programs per head each load every K_j, V_j; the backward's splits move the same
-    bytes (a split's dQ_i update is an atomic read-modify-write, counted as the load + store).
-    """
-    block_m, block_n = _launch_blocks(seqlen_q, seqlen_k, head_dim, _check_sram_bytes(sram_bytes))
-    fwd_splits, bwd_splits = resolve_num_splits(num_splits, False, batch, nheads, nheads, seqlen_q, seqlen_k,
-                                                block_m, block_n, device if device is not None else "cpu")
-    left, right = normalize_window(window_size, causal)
-    rows = _visited_rows(seqlen_q, seqlen_k, block_m, block_n, left, right)
-    b, d = dtype_bytes, head_dim
-    fwd_inner = rows * (b * d + 8 * d + 16)
-    fwd = 2 * b * seqlen_k * d * fwd_splits + fwd_inner + (4 * seqlen_q * d + 8 * seqlen_q) + (4 + b) * seqlen_q * d
-    bwd_inner = rows * (3 * b * d + 8 * d + 8)
-    bwd = 4 * b * seqlen_k * d + bwd_inner + (8 + b) * seqlen_q * d
-    heads = batch * nheads
-    return Flash1Traffic(forward=heads * fwd, backward=heads * bwd, forward_inner=heads * fwd_inner,
-                         backward_inner=heads * bwd_inner, block_m=block_m, block_n=block_n,
-                         fwd_splits=fwd_splits, bwd_splits=bwd_splits)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -794,33 +611,8 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
                        num_splits: int = 0, deterministic: bool = False):
     """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
-    Arguments:
-        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32; headdim 16..256
-        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA);
-            any strides (no copies are made)
-        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
-            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
-                1 1 1 1 0                      0 0
-                1 1 1 1 1                      0 0
-                                               0 0
-                                               1 0
-                                               1 1
-            (a row of zeros attends to nothing and returns zeros)
-        softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: dropout on P inside the kernel (Algorithm 2); kept entries are scaled by
-            1 / (1 - dropout_p). The backward regenerates the mask from the seed.
-        window_size: (left, right), -1 means unlimited: query i, at key position
-            pos = i + seqlen_k - seqlen_q, sees keys in [pos - left, pos + right]; causal
-            forces right = 0. Blocks wholly outside the window are skipped.
-        doc_ids: optional (batch, seqlen_k) integer document ids; query i sees only keys of
-            the document of key position i + seqlen_k - seqlen_q (needs seqlen_q <= seqlen_k).
-            Any ids are correct; non-decreasing ids (packed sequences) let whole blocks skip.
-        return_lse: also return the float32 logsumexp m + log(l) of each row,
-            (batch, nheads, seqlen_q); MASKED_ROW_LSE for rows that see no key. Not differentiable.
-        dropout_seed: seed of the counter-based mask (``_dropout.py``); None draws one from
-            torch's default generator, so torch.manual_seed reproduces a run
-        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k) keep-mask
-            the kernels used (all True when dropout_p = 0); materialised: small shapes only
+    Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
+    16..256. Its own options:
         sram_bytes: the on-chip budget M in bytes that sets the block sizes
             (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
         num_splits: programs per (batch, head). 1 is the paper's grid (parallel over
@@ -832,8 +624,8 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
         deterministic: keep the backward at one split, so dQ is read-modify-written by
             one program and two runs give bit-identical gradients (slower when batch x
             heads is small). The forward is deterministic at any split.
-    Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse] [, dropout_mask]
+    Limits: the returned lse is not differentiable; torch.compile works on a GPU only (not
+    through the CPU interpreter); without a dropout_seed the seed is drawn on the host.
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
     check_doc_ids(doc_ids, B, Nk, q.device)

@@ -1,116 +1,48 @@
 """FlashAttention-2 in Triton: forward, recompute backward (Dao 2023, arXiv 2307.08691).
 
-Forward (paper Algorithm 1, section 3.1). Grid (cdiv(Nq, BLOCK_M), batch * nheads): one
-program owns one block of BLOCK_M query rows of one (batch, head) and loops over the key
-blocks. The online softmax runs in base 2 with softmax_scale * log2(e) folded into S:
+Forward (Algorithm 1, section 3.1). Grid (cdiv(Nq, BLOCK_M), batch * nheads): one program
+owns BLOCK_M query rows of one (batch, head) and loops over key blocks, online softmax in
+base 2 with softmax_scale * log2(e) folded into S:
+    S_ij  = Q_i K_j^T * scale * log2(e)         m_new = max(m_i, rowmax(S_ij))
+    P_ij  = exp2(S_ij - m_new)                   l_i   = l_i exp2(m_i - m_new) + rowsum(P_ij)
+    acc   = acc exp2(m_i - m_new) + P_ij V_j     (unnormalised: one division after the loop)
+    O_i   = acc / l_i                            LSE_i = (m_i + log2(l_i)) ln 2  (float32, (B, H, Nq))
+Saved for the backward: q, k, v, o, lse, doc_ids (and the dropout seed, never a mask).
+Backward (Algorithm 2, split as in the Triton tutorial; P recomputed from Q, K and LSE):
+  1. dQ pass, grid (cdiv(Nq, BLOCK_M), B * H): Delta = rowsum(dO o O) and LSE2 = LSE log2(e)
+     (stored for pass 2), dQ += (P o (dO V^T - Delta)) K.
+  2. dK/dV pass, grid (cdiv(Nk, BLOCK_N), B * Hkv), looping over the query heads of its GQA
+     group: P^T = exp2(K Q^T scale log2(e) - LSE2), dV += P^T dO,
+     dS^T = P^T o (V dO^T - Delta), dK += dS^T Q; so no atomics and bit-identical gradients.
+  deterministic=False: a preprocess pass (Delta, LSE2), then the dK/dV pass also adds dS K
+  into a float32 dQ with atomics (5 matmuls instead of 7).
+Masks (_common.allowed_mask): query i sits at key position i + Nk - Nq (bottom-right) and
+sees keys in [pos - left, pos + right]; key blocks outside every row's window are never
+visited, blocks every row sees whole run unmasked. doc_ids: each pass takes the min and max
+id of its block and of each visited block; disjoint ranges skip the pair, equal ones drop
+the document mask; ``_doc_ranges`` clips the loops of non-decreasing (packed) rows to the
+documents a block touches, so packed documents cost about sum(len_i^2). Dropout: the
+counter-based Z of ``_dropout.py`` (shared with naive and flash_v1), applied to P after the
+row sum; each backward pass regenerates it. GQA by index arithmetic; strides everywhere.
+On sm_90+ the looped-over tiles come through tensor descriptors (``_tma.py``). On CUDA the
+launchers are ``torch.library.triton_op``s (``torch.compile(fullgraph=True)`` sees the
+kernels), in the interpreter opaque custom ops. Configs are autotuned per shape key
+(``_autotune.py``, lists in ``_flash_v2_configs.py``); ``configs``/``pin`` choose one,
+``block_m``/``block_n`` fix the tiles for ablations.
 
-    S_ij   = Q_i K_j^T * scale * log2(e)              (masked entries -inf)
-    m_new  = max(m_i, rowmax(S_ij))
-    P_ij   = exp2(S_ij - m_new)
-    l_i    = l_i * exp2(m_i - m_new) + rowsum(P_ij)
-    acc    = acc * exp2(m_i - m_new) + P_ij V_j       (acc unnormalised: lazy rescale)
-    O_i    = acc / l_i                                 (one division, after the loop)
-    LSE_i  = (m_i + log2(l_i)) * ln(2)                 (natural log, float32, (B, H, Nq))
-
-O and LSE are written once. Masks follow _common.allowed_mask: query i sits at key
-position p = i + Nk - Nq (bottom-right alignment) and sees keys p - left <= j <= p + right
-of window_size (left, right), causal being (-1, 0); with doc_ids only keys of its own
-document. Key blocks outside every row's window (above the causal diagonal) are never
-visited, blocks every row sees whole run without any mask, and only blocks that a window
-edge, the diagonal or the Nk tail crosses pay for the mask. Documents (as flash_v1): each
-pass loads the ids of its own block once and those of every block it visits (positions
-past Nk clamped to Nk - 1, in the same block) and takes their min and max; a pair whose
-[min, max] ranges are disjoint is skipped (no query shares a key's document), and a pair
-whose ids are all one value runs without the document mask. Both tests are exact for any
-ids; non-decreasing ids (packed sequences) make the ranges narrow. The ranges are computed
-in the kernels, per tile the kernel runs. For packed rows the loops are also clipped to
-the documents a block touches: ``_doc_ranges`` gives each position the [start, end) of its
-run of equal ids (a few device ops per call, no sync; [0, Nk) for rows whose ids decrease
-somewhere), and each program loops only from the run start of its first position to the
-run end of its last, so packed documents cost about sum(len_i^2), not N^2.
-GQA/MQA maps query head h to key/value head h // (H / Hkv) by index
-arithmetic; every tensor is addressed through its strides, so strided (B, N, H, D) views
-are read in place. HEAD_DIM is D rounded up to a power of two (tl.arange needs one); the
-tail of d is masked on load and store.
-
-Backward (paper Algorithm 2, split as in the Triton tutorial). Saved: q, k, v, o, lse.
-    1. _bwd_dq, grid (cdiv(Nq, BLOCK_M), batch * nheads): one program owns one query block,
-           Delta = rowsum(dO * O)             (float32, (B, H, Nq), stored for pass 2)
-           LSE2  = LSE * log2(e)              (float32, (B, H, Nq), stored for pass 2)
-           dQ  += (P * (dO V^T - Delta)) K    (times scale at the end)
-    2. _bwd_dkdv, grid (cdiv(Nk, BLOCK_N), batch * nheads_k): one program owns one K/V
-       block and loops over the query heads of its GQA group and their query blocks,
-           P^T  = exp2(K Q^T * scale * log2(e) - LSE2)
-           dV  += P^T dO
-           dS^T = P^T * (V dO^T - Delta)
-           dK  += dS^T Q                      (times scale at the end)
-       so dK and dV of a shared K/V head are summed inside one program, without atomics.
-(FA2's separate preprocess pass for Delta and LSE2, _bwd_preprocess, runs only for
-deterministic=False, whose dK/dV pass also makes dQ.) No atomics anywhere: two runs on the same inputs give
-bit-identical gradients (for one autotuned configuration, which the autotuner caches per shape).
-
-Dropout (FlashAttention-1 Algorithm 2 line 14 / Algorithm 4 lines 15-19, in FA2's loops).
-Z_ij = dropout_keep(seed, b * H + h, row, col) from ``_dropout.py``, the counter-based mask
-naive and flash_v1 draw, so the three backends agree for one seed and nothing N x N is
-stored (ctx keeps the seed). The forward drops P_ij after the row sum (l_i stays the
-softmax's normaliser) and applies 1 / (1 - p) once to O_i; the dK/dV pass regenerates Z
-for its (query block x key block) tile and transposes it, for dV += (P o Z)^T dO and
-dP^T = (V dO^T) o Z^T / (1 - p); the dQ pass regenerates Z for dP. Delta = rowsum(dO o O)
-is unchanged (sum_j P_ij dP_ij = dO_i . O_i with the dropped O). dropout_p = 0 compiles
-every draw out (constexpr HAS_DROPOUT).
-
-Loads on Hopper (sm_90+): the tiles a pass loops over (K and V in the forward and the dQ pass,
-Q and dO in the dK/dV pass) come through tensor descriptors (``tl.make_tensor_descriptor``,
-one per program over the (N, D) rows of its head; the copy engine zero-fills rows past N and
-columns past D, so no masks on those loads) instead of pointer tiles: fewer registers (the
-forward at d=128: 138 instead of 216) and larger tiles that fit (128 x 128 at d=128). Measured
-on an H100 (experiments/README.md, session 5): a minimal forward at d=128 N=8192 ran 538 vs
-489 TFLOP/s with pointer tiles. Inputs whose d stride is not 1, or whose rows or heads are not
-16-byte aligned, use the pointer tiles (``_use_tma``); FATRAIN_TMA=0 forces them everywhere.
-The dK/dV pass also reads its query rows' LSE2 and Delta through 1-D descriptors (when Nq is a
-multiple of 4 and a step has 32 rows or more): as pointer loads they were 16 bounds-checked copies
-per thread per step, a third of the loop's instructions at d=64, which left it issue-bound
-(backward +6-9% on an H100, experiments/README.md, session 7).
-
-Registration: on CUDA the launchers are `torch.library.triton_op`s that launch through
-`wrap_triton`, so `torch.compile(fullgraph=True)` traces through them and sees the
-kernels. Under the CPU interpreter they are opaque `torch.library.custom_op`s with fake
-implementations instead (wrap_triton cannot trace interpreted kernels), which
-`torch.compile(fullgraph=True)` also traces. Block sizes, warps, stages and register caps are
-autotuned on CUDA (key: seqlens, head dim, mask kind, precision; the three fastest configs
-timed again in interleaved rounds, ``_RefiningAutotuner``; ``autotune_picks()`` lists the picks;
-FATRAIN_AUTOTUNE=0 pins the first config); the CPU interpreter uses one fixed small
-configuration. Fixed tiles (block_m, block_n), for the block-size ablation, skip the
-autotuner: block_m tiles what a program owns and block_n what it loops over, so the forward
-and the dQ pass run (BLOCK_M, BLOCK_N) = (block_m, block_n) and the dK/dV pass (BLOCK_N keys,
-BLOCK_M queries) = (block_m, block_n), the convention of the autotune lists (fwd 128 x 64,
-dK/dV 128 keys x 32 queries, dQ 128 x 32); 8 warps from a 128 x 64 tile up, stages as the
-first config. No divisibility between them is needed (every
-block range is computed per pass with its own tiles).
-
-Caution / known limits: ids that are not non-decreasing get no loop clipping: every block
-in the window is stepped over and its ids (BLOCK_N integers) loaded to decide the skip, and
-ranges of interleaved documents overlap, so little is skipped. Dropout costs one
-multiply, compare and select per element of every visited block in the forward and in each
-backward pass (``_dropout.py``; measured 1.17x forward+backward, 1.22-1.30x forward alone);
-without a dropout_seed the seed is drawn on the host (``.item()``: a graph break under
-torch.compile). The P and dS that feed the second matmul of each pair are rounded to the
-input dtype, as in FlashAttention; float32 inputs use IEEE float32 dot products (no TF32).
-The backward recomputes Q K^T twice (once per pass), the price of a dQ without atomics.
-torch.compile launches the kernels with fp64 scale arguments, cast to fp32 on entry. The
-interpreter's bfloat16 arithmetic is wrong (Triton 3.9): bf16 is tested on GPU only. Fixed
-tiles are not checked against the GPU's shared memory before the launch: when they do not
-fit, eager mode retries with fewer stages and then raises a ValueError naming block_m /
-block_n; under torch.compile the compiler's own error comes instead. Host time per eager call is
-about 0.2 ms forward and 1 ms forward+backward on an H100 machine (SDPA: 0.03 / 0.2 ms; most of it
-torch.library's custom-op dispatch, experiments/README.md session 6): below about 2k tokens per
-sequence at 16k tokens per batch the forward+backward is bound by it (CUDA graphs remove it).
+Caution / known limits: ids that are not non-decreasing get no loop clipping and skip
+little. P and dS are rounded to the input dtype before their second matmul (as in FA);
+float32 uses IEEE dots (no TF32). The backward computes Q K^T twice, the price of a dQ
+without atomics. Without a dropout_seed the seed is drawn on the host (a graph break under
+torch.compile). Fixed tiles are not checked against shared memory before launch: eager mode
+retries with fewer stages, then raises. Host overhead per eager call (custom-op dispatch)
+dominates below about 2k tokens per sequence. The interpreter's bfloat16 is wrong: GPU only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import statistics
 import warnings
 from typing import Optional
 
@@ -118,12 +50,14 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.runtime import _allocation  # NOTE: private; _allocator and NullAllocator exist in triton 3.6-3.9
 
 from . import _dropout
+from . import _flash_v2_configs as _configs
+from ._autotune import autotuned, picks
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
                       default_scale, normalize_window, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
+from ._tma import use_tma, use_tma_stats
 
 BACKEND = "flash_v2"
 HEAD_DIMS = (16, 256)
@@ -242,7 +176,7 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
         # two). Asked for after the softmax (where the pointer path loads it), V got a wait of
         # its own there, a branch in the middle of the step that kept ptxas from interleaving
         # the exp2s with the bf16 packing and the row sums (sm_90a SASS); that cost the forward
-        # 5-10% against a minimal kernel with the same loop (session 6).
+        # 5-10% against a minimal kernel with the same loop.
         k = K_desc.load([start_n, 0])
         v = V_desc.load([start_n, 0])
         kT = tl.trans(k)
@@ -468,11 +402,11 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     else:
         qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
     # NOTE: LSE_row holds LSE in base 2, written by the pass before this one (no log2(e) multiply
-    # per row per step: backward +1-2% at d=64 causal on an H100, session 7).
+    # per row per step: backward +1-2% at d=64 causal).
     if STATS_TMA:
         # NOTE: as pointer loads, the pipeliner issued LSE and Delta as 4-byte cp.asyncs with a
         # bounds check each, 16 per thread per step at d=64: with the address arithmetic, a
-        # third of the hot loop's instructions, and the loop issue-bound (sm_90a SASS, session 7).
+        # third of the hot loop's instructions, and the loop issue-bound (sm_90a SASS).
         lse2 = LSE_row.load([start_m])
         delta = Delta_row.load([start_m])
     else:
@@ -481,8 +415,8 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     if not USE_TMA:
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: dP^T is issued before the exp2s of P^T, which do not need it, so ptxas runs them while
-    # that wgmma is in flight (sm_90a SASS); issued after the dV dot they ran alone. Measured on an
-    # H100 (experiments/README.md, session 6): backward +1-2% at d=64 and d=128.
+    # that wgmma is in flight (sm_90a SASS); issued after the dV dot they ran alone: backward
+    # +1-2% at d=64 and d=128.
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # -- P^T = exp2(S^T - LSE), recomputed --
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -846,170 +780,32 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
 
 
 # ----------------------------------------------------------------------------------------
-# Configurations: autotuned on CUDA, one fixed small one in the interpreter
+# Host launchers, registered as torch.library triton ops
 # ----------------------------------------------------------------------------------------
 
-# NOTE: the interpreter runs one program at a time in numpy: 32 x 16 blocks keep its
-# per-program overhead low and still give the CPU tests several blocks and a diagonal (the dK/dV pass
-# 32 query rows a step: the fewest for which it reads LSE and Delta through descriptors).
-_INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_INTERPRETER_BWD = dict(BLOCK_M=32, BLOCK_N=32)
-_INTERPRETER_DQ = dict(BLOCK_M=32, BLOCK_N=16)
-_PREPROCESS_BLOCK_M = 64
-
-def _configs(*rows):
-    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) rows; maxnreg caps
-    the registers per thread (ptxas .maxnreg), e.g. so that two 8-warp programs share an SM."""
-    return [triton.Config({"BLOCK_M": row[0], "BLOCK_N": row[1]}, num_warps=row[2], num_stages=row[3],
-                          maxnreg=row[4] if len(row) > 4 else None) for row in rows]
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]); the first row of each list is the default
-# when autotuning is off (FATRAIN_AUTOTUNE=0), so it must fit shared memory for fp32 inputs
-# too (the autotuner skips configs that do not fit; a pinned one would fail). Heads wider than 128 get smaller tiles so
-# Q, K, V stages fit in shared memory and the fp32 accumulators in registers.
-_FWD_CONFIGS = _configs((128, 64, 8, 3),
-                        # NOTE: 128 registers a thread (166 uncapped, no spills at d=64), so two programs
-                        # share an SM (2 x 113 KB of shared memory just fits): the fastest d=64 causal
-                        # forward at GPT-2 small's training shapes, +2-5% on the next (session 9). Second
-                        # in the list: timed last, its autotune time at 16k came out 3% under its pinned one.
-                        (128, 128, 8, 3, 128),
-                        (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                        (128, 64, 8, 4), (128, 64, 8, 2),
-                        (64, 64, 4, 3))  # NOTE: twice the programs; fastest at d=128 causal N=2048 with TMA
-_FWD_WIDE = _configs((64, 64, 4, 2), (64, 32, 4, 2))
-_DKDV_CONFIGS = _configs((32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
-                         (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4),
-                         (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4),  # these three: no spills at d=128
-                         (32, 64, 4, 3))  # NOTE: fastest at d=64 causal with TMA (session 5)
-_DKDV_WIDE = _configs((32, 32, 8, 2), (16, 32, 4, 2))
-_DQ_CONFIGS = _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                       (128, 64, 16, 3), (128, 128, 8, 3),
-                       (64, 32, 4, 3))  # NOTE: fastest at d=128 causal N=2048 with TMA (session 5)
-_DQ_WIDE = _configs((64, 32, 8, 2), (32, 32, 4, 2))
-_AUTOTUNE = os.environ.get("FATRAIN_AUTOTUNE", "1") != "0"
-
-
-def _autotune_bench(kernel_call, quantiles):
-    """The autotuner's timing of one config: one call first (the config's compilation, seconds
-    during which the GPU idles and its clocks drop), then do_bench with 100 ms of warm-up.
-
-    NOTE (session 5, H100): with triton's default (compile inside a 25 ms warm-up) one config
-    measured 1.34 and 1.95 ms in one process; picks moved between runs by more than the gaps
-    between configs."""
-    from triton.testing import do_bench
-    kernel_call()
-    return do_bench(kernel_call, warmup=100, rep=100, quantiles=quantiles)
-
-
-#: Configs re-timed after the autotuner's pass over the list, and the interleaved rounds they get.
-_REFINE_TOP = 3
-_REFINE_ROUNDS = 3
-
-
-class _RefiningAutotuner(triton.runtime.autotuner.Autotuner):
-    """triton's autotuner, then the fastest ``_REFINE_TOP`` configs timed again in
-    ``_REFINE_ROUNDS`` interleaved rounds; the median of the rounds picks.
-
-    Why (session 9, H100, GPT-2 small's training shapes): the autotuner times each config once,
-    in list order, and over the seconds that takes the GPU's clocks and temperature drift; in
-    one process its pick for the dK/dV pass at 16k was a config 7% slower than the best one
-    (the whole backward 5.48 vs 5.12 ms), in others the best; forward picks moved by 3%.
-    Interleaved rounds put every candidate under the same conditions. Cost: 9 more timings per pass
-    and new shape (about 0.2 s each by _autotune_bench's 100 + 100 ms; not timed); ``refined`` keeps each key's round times (``autotune_picks`` reports them)."""
-
-    def run(self, *args, **kwargs):
-        known = set(self.cache)
-        ret = super().run(*args, **kwargs)
-        new = [key for key in self.cache if key not in known]
-        timings = getattr(self, "configs_timings", None)
-        if not new or not timings or len(timings) < 2:
-            return ret
-        key = new[0]
-        top = sorted(timings, key=lambda c: _first(timings[c]))[:_REFINE_TOP]
-        self.nargs = dict(zip(self.arg_names, args))
-        rounds = {config: [] for config in top}
-        for _ in range(_REFINE_ROUNDS):
-            for config in top:
-                rounds[config].append(_first(self._bench(*args, config=config, **kwargs)))
-        best = min(top, key=lambda c: statistics.median(rounds[c]))
-        self.cache[key] = self.best_config = best
-        if not hasattr(self, "refined"):
-            self.refined = {}
-        self.refined[key] = {_config_label(c): rounds[c] for c in top}
-        # NOTE: the trials overwrote the outputs (dQ's accumulator included, reset before each):
-        # the launch again with the pick leaves exactly its results.
-        full_nargs = {**self.nargs, **kwargs, **best.all_kwargs()}
-        self.pre_hook(full_nargs, reset_only=True)
-        ret = self.fn.run(*args, **kwargs, **best.all_kwargs())
-        self.nargs = None
-        return ret
-
-
-def _config_label(config) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.all_kwargs().items())
-
-
-def _first(timing):
-    """A config's time from the autotuner: a float, or [median, p20, p80] with quantiles."""
-    return timing[0] if isinstance(timing, (list, tuple)) else timing
-
-
-def _autotuned(kernel, configs, reset_to_zero=None, do_bench=_autotune_bench):
-    configs = configs if _AUTOTUNE else configs[:1]
-    key = [name for name in ("Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT",
-                             "DOT_PRECISION", "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA") if name in kernel.arg_names]
-    tuner = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=do_bench)(kernel)
-    # NOTE: the class swapped rather than the constructor called, whose arguments differ
-    # between triton versions; torch.compile still sees a triton Autotuner.
-    tuner.__class__ = _RefiningAutotuner
-    return tuner
-
-
-def autotune_picks() -> list[dict]:
-    """The configs flash_v2's autotuners picked in this process, one row per pass and shape key:
-    kernel (fwd, dq, dkdv, dkdv_atomic), key ({Nq, Nk, HEAD_DIM, the mask and feature flags: their
-    values as strings, dtypes: the tensor arguments' dtypes}), config, and rounds_ms (the refining
-    rounds' times in ms per candidate; empty when the list had one config)."""
-    rows = []
-    for name, launchers in _LAUNCHERS.items() if not _INTERPRET else ():
-        for tuner in dict.fromkeys(launchers):
-            names = [n for n in tuner.keys if n in tuner.arg_names]
-            for key, config in getattr(tuner, "cache", {}).items():
-                named = {n: str(k) for n, k in zip(names, key)}
-                named["dtypes"] = [str(k) for k in key[len(names):]]
-                rows.append(dict(kernel=name, key=named, config=_config_label(config),
-                                 rounds_ms=getattr(tuner, "refined", {}).get(key, {})))
-    return rows
-
-
-# One launcher per (kernel, head-dim class): HEAD_DIM > 128 picks the "wide" launcher on
-# the host, so no early_config_prune hook is needed (torch.compile replays autotuners).
-if _INTERPRET:
-    _LAUNCHERS = {name: (kernel, kernel) for name, kernel in
-                  (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv), ("dkdv_atomic", _bwd_dkdv), ("dq", _bwd_dq))}
-else:
-    _LAUNCHERS = {
-        "fwd": (_autotuned(_fwd_kernel, _FWD_CONFIGS), _autotuned(_fwd_kernel, _FWD_WIDE)),
-        "dkdv": (_autotuned(_bwd_dkdv, _DKDV_CONFIGS), _autotuned(_bwd_dkdv, _DKDV_WIDE)),
-        # NOTE: the autotuner runs each config on the same arguments: dQ's accumulator is zeroed
-        # before every trial and after the last.
-        "dkdv_atomic": (_autotuned(_bwd_dkdv, _DKDV_CONFIGS, reset_to_zero=["DQ"]),
-                        _autotuned(_bwd_dkdv, _DKDV_WIDE, reset_to_zero=["DQ"])),
-        "dq": (_autotuned(_bwd_dq, _DQ_CONFIGS), _autotuned(_bwd_dq, _DQ_WIDE)),
-    }
-
-
-def _launcher(name: str, head_dim: int):
-    return _LAUNCHERS[name][head_dim > 128]
-
-
-def _fixed(config: dict) -> dict:
-    """Explicit block sizes in the interpreter; the autotuner picks them on CUDA."""
-    return dict(config) if _INTERPRET else {}
-
-
+#: The passes a call launches: the forward, the dK/dV pass (deterministic), the dK/dV pass
+#: that also adds dQ with atomics (deterministic=False) and the dQ pass.
+PASSES = ("fwd", "dkdv", "dkdv_atomic", "dq")
 _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dkdv_atomic": _bwd_dkdv, "dq": _bwd_dq}
+_AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT", "DOT_PRECISION",
+                 "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA"]
+
+
+def _autotuned_pass(name: str, wide: bool):
+    # NOTE: the autotuner runs each config on the same arguments: the atomic pass's dQ
+    # accumulator is zeroed before every trial and after the last.
+    return autotuned(_KERNELS[name], _configs.triton_configs(_configs.ROWS[name][wide]), _AUTOTUNE_KEY,
+                     reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)
+
+
+# One launcher per (pass, head-dim class): HEAD_DIM > 128 picks the "wide" one on the host, so
+# no early_config_prune hook is needed (torch.compile replays autotuners). The interpreter
+# launches the plain kernels with _configs.INTERPRETER's blocks.
+_LAUNCHERS = {name: (_KERNELS[name], _KERNELS[name]) if _INTERPRET else
+              (_autotuned_pass(name, False), _autotuned_pass(name, True)) for name in PASSES}
+#: (pass, wide) -> the config ``pin`` set (a full config dict).
+_PINNED: dict[tuple[str, bool], dict] = {}
+
 #: Fixed tiles (block_m, block_n): powers of two in this range (tl.dot needs sides >= 16).
 FIXED_BLOCKS = (16, 256)
 
@@ -1035,19 +831,35 @@ def _fixed_meta(name: str, block_m: int, block_n: int, head_dim: int) -> dict:
         meta = dict(BLOCK_M=block_n, BLOCK_N=block_m)
     else:
         meta = dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    # NOTE: 8 warps from a 128 x 64 tile up, as the autotuner picks on an H100 (experiments/
-    # flash_v2_notes.md); stages as the first (default) config of the autotune lists.
+    # NOTE: 8 warps from a 128 x 64 tile up, as the autotuner picks on an H100; stages as the
+    # first (default) config of the autotune lists.
     meta["num_warps"] = 8 if block_m * block_n >= 128 * 64 else 4
     meta["num_stages"] = 3 if head_dim <= 128 else 2
     return meta
 
 
-def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tuple[int, int],
-            interpreter_config: dict) -> None:
-    """Launch one pass: autotuned (blocks == (-1, -1)) or with the fixed tiles ``blocks``."""
+def _pinned_meta(config: dict) -> dict:
+    """A pinned config as launch keywords: the interpreter takes only the block sizes."""
+    if _INTERPRET:
+        return dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
+    meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    if config["maxnreg"] is not None:
+        meta["maxnreg"] = config["maxnreg"]
+    return meta
+
+
+def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tuple[int, int]) -> None:
+    """Launch one pass: with the fixed tiles ``blocks``, else the pinned config, else autotuned
+    (the interpreter: its one small config)."""
     block_m, block_n = blocks
     if block_m < 0:
-        wrap_triton(_launcher(name, head_dim))[grid](*args, **meta, **_fixed(interpreter_config))
+        pinned = _PINNED.get((name, head_dim > 128))
+        if pinned is not None:
+            wrap_triton(_KERNELS[name])[grid](*args, **meta, **_pinned_meta(pinned))
+        elif _INTERPRET:
+            wrap_triton(_KERNELS[name])[grid](*args, **meta, **_configs.INTERPRETER[name])
+        else:
+            wrap_triton(_LAUNCHERS[name][head_dim > 128])[grid](*args, **meta)
         return
     fixed = _fixed_meta(name, block_m, block_n, head_dim)
     while True:
@@ -1066,64 +878,11 @@ def _launch(name: str, grid, args: tuple, meta: dict, head_dim: int, blocks: tup
             fixed["num_stages"] -= 1
 
 
-#: FATRAIN_TMA: "auto" (default) loads tiles through Hopper's tensor memory accelerator on
-#: CUDA GPUs of compute capability 9 and up; "0" never (pointer tiles everywhere); "1" also
-#: under the CPU interpreter (what the CPU tests use to check the descriptor path).
-_TMA = os.environ.get("FATRAIN_TMA", "auto")
-if _TMA not in ("auto", "0", "1"):
-    raise ValueError(f"FATRAIN_TMA must be auto, 0 or 1, got {_TMA!r}")
-
-
-def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
-    """Global memory for the kernels' on-device tensor descriptors (128 bytes per descriptor)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    """True when the tiles of ``tensors`` can come through tensor descriptors: a TMA-capable
-    device (or FATRAIN_TMA=1 in the interpreter), unit stride along d and every other stride
-    and the start 16-byte aligned (the copy engine's rule). Else the kernels use pointer tiles.
-
-    NOTE: a descriptor is made per program in global scratch from triton's allocator; one is
-    set here when the caller has none (the allocator is a context variable, and autograd runs
-    the backward in another thread, so this runs before every launch that needs it).
-    """
-    if _TMA == "0":
-        return False
-    device = tensors[0].device
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] < 9:
-            return False
-    elif not (_INTERPRET and _TMA == "1"):
-        return False
-    for t in tensors:  # (B, N, H, D): a descriptor per (b, h) over its (N, D) rows
-        size = t.element_size()
-        (nb, _, nh, _), (sb, sn, sh, sd) = t.shape, t.stride()
-        if sd != 1 or sn <= 0 or (sn * size) % 16 or (t.storage_offset() * size) % 16:
-            return False
-        if (nb > 1 and (sb * size) % 16) or (nh > 1 and (sh * size) % 16):
-            return False
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-    return True
-
-
-def _use_tma_stats(nq: int) -> bool:
-    """True when the dK/dV pass, reading Q and dO through descriptors, can read its float32
-    (B, H, Nq) base-2 LSE and Delta rows (fresh contiguous buffers) through 1-D descriptors too:
-    a row starts 16-byte aligned only when Nq is a multiple of 4 (else they stay pointer loads)."""
-    return nq % 4 == 0
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # NOTE: Triton's default for a float32 dot is TF32 (about 1e-3 relative error);
     # float32 callers get IEEE float32. For fp16/bf16 the setting has no effect.
     return "ieee" if dtype == torch.float32 else "tf32"
 
-
-# ----------------------------------------------------------------------------------------
-# Host launchers, registered as torch.library triton ops
-# ----------------------------------------------------------------------------------------
 
 def _doc_ranges(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, 2, Nk) int32: [start, end) of each key position's run of equal ids in rows whose
@@ -1173,8 +932,8 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     args = (q, k, v, out, lse, *doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
             H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=_use_tma(k, v))
-    _launch("fwd", grid, args, meta, D, (block_m, block_n), _INTERPRETER_FWD)
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v))
+    _launch("fwd", grid, args, meta, D, (block_m, block_n))
     return out, lse
 
 
@@ -1194,8 +953,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
     meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype))
     blocks = (block_m, block_n)
-    tma_dkdv = _use_tma(q, do)
-    tma_dq = _use_tma(k, v)
+    tma_dkdv = use_tma(q, do)
+    tma_dq = use_tma(k, v)
 
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
@@ -1209,11 +968,11 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         args = (q, k, v, do, out, lse, lse2, delta, dq, *doc,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *doc_strides,
                 H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
-        _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks, _INTERPRETER_DQ)
+        _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks)
     else:
-        wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+        wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _configs.PREPROCESS_BLOCK_M), B * H)](
             out, do, delta, lse, lse2, *out.stride(), *do.stride(), H, Nq,
-            D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_PREPROCESS_BLOCK_M)
+            D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_configs.PREPROCESS_BLOCK_M)
 
     # deterministic=False: the dK/dV pass also adds dS K into a float32 dQ with atomics (5
     # matmuls instead of 7, as flash-attn's default backward): a bulk reduce-add of each tile by
@@ -1227,9 +986,9 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq_acc, *dq_strides,
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and _use_tma_stats(Nq),
-                 DQ_TMA=not deterministic and bulk_reduce_dq and tma_dkdv and not _INTERPRET and _use_tma(dq_acc)),
-            D, blocks, _INTERPRETER_BWD)
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and use_tma_stats(Nq),
+                 DQ_TMA=not deterministic and bulk_reduce_dq and tma_dkdv and not _INTERPRET and use_tma(dq_acc)),
+            D, blocks)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
     return dq, dk, dv
@@ -1292,58 +1051,25 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
                        block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
-    Arguments:
-        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32, headdim 16..256
-        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA read
-            in place, no copy); any strides (non-contiguous views are read in place)
-        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
-            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
-                1 1 1 1 0                      0 0
-                1 1 1 1 1                      0 0
-                                               0 0
-                                               1 0
-                                               1 1
-            (a row of zeros attends to nothing and returns zeros)
-        softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: dropout on P inside the kernels; kept entries are scaled by
-            1 / (1 - dropout_p). The mask is counter-based (``_dropout.py``, the one naive
-            and flash_v1 draw), so the backward regenerates it and the same seed gives the
-            same mask in all three backends.
-        window_size: (left, right); -1 means infinite. Query i (at key position
-            i + seqlen_k - seqlen_q) sees keys in [pos - left, pos + right]; causal sets
-            right = 0. Key blocks outside every row's window are skipped.
-        doc_ids: optional (batch, seqlen_k) integers; a query sees only keys of its own
-            document (query i has the document of key i + seqlen_k - seqlen_q, so
-            seqlen_q <= seqlen_k). Any ids are correct; with non-decreasing ids (packed
-            documents) block pairs between documents are skipped.
-        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
-            rows that see no key get MASKED_ROW_LSE
-        dropout_seed: seed of the dropout mask; None draws one from torch's default
-            generator (torch.manual_seed reproduces a run; a graph break under torch.compile,
-            so pass a seed to compile with fullgraph=True)
-        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k)
-            keep-mask the kernels used (all True when dropout_p = 0); materialised: small
-            shapes only
+    Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
+    16..256, CUDA tensors (CPU tensors under the Triton interpreter). Its own options:
         block_m, block_n: fixed tiles instead of the autotuner's (both None: autotune; else
             both powers of two in 16..256). block_m tiles the dimension a program owns and
             block_n the one it loops over: (BLOCK_M, BLOCK_N) = (block_m, block_n) queries x
-            keys in the forward and the dQ pass, keys x queries in the dK/dV pass (its
-            BLOCK_N = block_m keys per program, BLOCK_M = block_n queries per step), as the
+            keys in the forward and the dQ pass, keys x queries in the dK/dV pass, as the
             FA2 tutorial's (BLOCK_M1, BLOCK_N1) = (32, 128) / (BLOCK_M2, BLOCK_N2) = (128, 32).
-            num_warps 8 from a 128 x 64 tile up, else 4; num_stages as the autotuner's
-            first config, lowered (with a warning) if the tiles do not fit in shared memory;
-            a tile that does not fit even with one stage raises ValueError.
+            num_warps 8 from a 128 x 64 tile up, else 4; num_stages as the autotuner's first
+            config, lowered (with a warning) if the tiles do not fit in shared memory; a tile
+            that does not fit even with one stage raises ValueError.
         deterministic: True (default): dQ from its own pass, bit-identical gradients on every
             run. False: the dK/dV pass also adds dS K into a float32 dQ with atomic adds (5
-            matmuls in the backward instead of 7, as flash-attn's and PyTorch's flash backward
-            do), so dQ's last bits depend on the order the additions land in. On Hopper each
-            dQ tile is added by one bulk reduce-add of the copy engine (FlashAttention-3's way;
-            pointer atomics under torch.compile, whose mutation analysis misses it). Measured on
-            an H100 it is still slower than the default: forward+backward 0.94x at d=64 causal
-            8k, 0.99x at 16k, 0.81x at d=128 (session 8; 0.79-1.00x with pointer atomics).
-    Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype (the autocast dtype under
-        autocast) [, lse] [, dropout_mask]
+            matmuls in the backward instead of 7, as flash-attn's default backward), so dQ's
+            last bits depend on the order the additions land in; on Hopper each dQ tile is
+            added by one bulk reduce-add of the copy engine (pointer atomics under
+            torch.compile, whose mutation analysis misses the reduce-add).
+    Limits: without a dropout_seed the seed is drawn on the host (a graph break under
+    torch.compile: pass a seed to compile with fullgraph=True). Under autocast the inputs are
+    cast to the autocast dtype, and so is the output.
     """
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -1373,3 +1099,75 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if return_dropout_mask:
         results.append(_dropout.dropout_mask(seed, B, q.shape[2], Nq, Nk, p, q.device))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _check_pass(pass_name: str) -> None:
+    if pass_name not in PASSES:
+        raise ValueError(f"unknown flash_v2 pass '{pass_name}' (valid: {', '.join(PASSES)})")
+
+
+def configs(pass_name: str, head_dim: int = 64) -> list[dict]:
+    """The configs the autotuner of ``pass_name`` (one of PASSES) chooses from on CUDA at
+    ``head_dim``, in the order it times them; the first is the default (FATRAIN_AUTOTUNE=0).
+    Each is a dict of BLOCK_M, BLOCK_N, num_warps, num_stages and maxnreg (None: uncapped).
+    BLOCK_M tiles what a program owns: queries in fwd and dq, keys in dkdv and dkdv_atomic.
+    The CPU interpreter launches one small config instead, unless one is pinned."""
+    _check_pass(pass_name)
+    return [_configs.as_dict(row) for row in _configs.ROWS[pass_name][head_dim > 128]]
+
+
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg")
+
+
+def _full_config(pass_name: str, config: dict, head_dim: int) -> dict:
+    """``config`` checked, its missing num_warps, num_stages and maxnreg taken from the default."""
+    if not isinstance(config, dict) or not {"BLOCK_M", "BLOCK_N"} <= config.keys() \
+            or not config.keys() <= set(_CONFIG_KEYS):
+        raise ValueError(f"a flash_v2 config is a dict with BLOCK_M and BLOCK_N and optionally num_warps, "
+                         f"num_stages, maxnreg, got {config!r}")
+    for key in ("BLOCK_M", "BLOCK_N"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{key} must be a power of two >= 16 (tl.dot needs it), got {value!r}")
+    default = configs(pass_name, head_dim)[0]
+    return {key: config.get(key, default[key]) for key in _CONFIG_KEYS}
+
+
+@contextlib.contextmanager
+def pin(pass_name: str, config: Optional[dict], head_dim: int = 64):
+    """Within the block, pass ``pass_name`` launches with exactly ``config`` at head dims of
+    ``head_dim``'s class (up to 128, or wider), with no autotuning; None restores the
+    autotuned default within the block. Pins nest; each is undone on exit.
+
+    ``config`` is one of :func:`configs` or any dict with BLOCK_M and BLOCK_N (num_warps,
+    num_stages, maxnreg default to the first config's). On CUDA a config that needs more
+    shared memory than the GPU has raises triton's OutOfResources. Under the interpreter
+    only BLOCK_M and BLOCK_N apply. Fixed tiles (block_m, block_n) take precedence. A
+    torch.compile'd graph keeps the config it was traced with.
+    """
+    _check_pass(pass_name)
+    key = (pass_name, head_dim > 128)
+    full = None if config is None else _full_config(pass_name, config, head_dim)
+    previous = _PINNED.get(key)
+    if full is None:
+        _PINNED.pop(key, None)
+    else:
+        _PINNED[key] = full
+    try:
+        yield full
+    finally:
+        if previous is None:
+            _PINNED.pop(key, None)
+        else:
+            _PINNED[key] = previous
+
+
+def autotune_picks() -> list[dict]:
+    """The configs flash_v2's autotuners picked in this process, one row per pass and shape key:
+    kernel (one of PASSES), key ({Nq, Nk, HEAD_DIM, the mask and feature flags: their values as
+    strings, dtypes: the tensor arguments' dtypes}), config, and rounds_ms (the refining rounds'
+    times in ms per candidate; empty when the list had one config). Empty in the interpreter."""
+    if _INTERPRET:
+        return []
+    return [dict(kernel=name, **row) for name, launchers in _LAUNCHERS.items()
+            for tuner in dict.fromkeys(launchers) for row in picks(tuner)]

@@ -32,31 +32,9 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
                     return_dropout_mask: bool = False):
     """softmax(Q K^T * softmax_scale) V with S and P held in memory.
 
-    Arguments:
-        q: (batch, seqlen_q, nheads, headdim)
-        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0
-        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k:
-            seqlen_q=2, seqlen_k=5         seqlen_q=5, seqlen_k=2
-                1 1 1 1 0                      0 0
-                1 1 1 1 1                      0 0
-                                               0 0
-                                               1 0
-                                               1 1
-            (a row of zeros attends to nothing and returns zeros)
-        softmax_scale: defaults to 1 / sqrt(headdim)
-        dropout_p: dropout on P (kept entries scaled by 1 / (1 - dropout_p)); 0.0 at evaluation
-        window_size: (left, right); -1 means unlimited. Query i (at key position
-            i + seqlen_k - seqlen_q) sees keys in [pos - left, pos + right]; causal forces right = 0
-        doc_ids: optional (batch, seqlen_k) ints; query i (at key position i + seqlen_k - seqlen_q)
-            sees only keys of its own document
-        return_lse: also return the float32 logsumexp of each row, (batch, nheads, seqlen_q);
-            MASKED_ROW_LSE (0.0) for rows that see no key
-        dropout_seed: seed of the counter-based dropout mask (see ``_dropout.py``); None draws
-            one from torch's default generator
-        return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k) keep-mask
-            used (all True when dropout_p = 0); for tests and debugging at small shapes
-    Returns:
-        out (batch, seqlen_q, nheads, headdim) [, lse] [, dropout_mask]
+    Arguments as in fatrain.kernels (the registry); float16, bfloat16, float32 or float64,
+    any head dim, CPU or CUDA, every feature; no options of its own. Limits: memory grows as seqlen_q x seqlen_k
+    per head (by design); dropout imports Triton for the mask.
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend="naive")
     check_doc_ids(doc_ids, B, Nk, q.device)

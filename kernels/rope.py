@@ -13,7 +13,7 @@ turned by the angle of each position, computed in float32, rounded once to the i
 Why: in eager PyTorch, ``apply_rope`` on Q and K is about ten element-wise kernels forward and
 more backward, each a round trip of the activations through HBM in float32; on GPT-2 small at
 32k tokens per step that is a few GB per layer and step. Here each element is read once and
-written once, in the input dtype (benchmark and numbers: experiments/README.md, session 8).
+written once, in the input dtype.
 The launchers are torch.library ops (``_common.register_op``), so torch.compile keeps them.
 """
 

@@ -43,10 +43,13 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
                    return_dropout_mask: bool = False, kernel: str | None = None):
     """The attention contract on top of ``torch.nn.functional.scaled_dot_product_attention``.
 
-    ``kernel`` pins one of PyTorch's implementations: None (PyTorch chooses), 'flash',
-    'cudnn', 'efficient' or 'math'. Other arguments as ``naive_attention``, except that
-    dropout is PyTorch's: ``dropout_seed`` (with dropout_p > 0) and ``return_dropout_mask``
-    raise NotImplementedError.
+    Arguments as in fatrain.kernels (the registry). Its own option:
+        kernel: pins one of PyTorch's implementations: None (PyTorch chooses), 'flash',
+            'cudnn', 'efficient' or 'math' (the registry's sdpa_* entries fix it).
+    Limits: return_lse raises NotImplementedError; dropout is PyTorch's, so dropout_seed
+    (with dropout_p > 0) and return_dropout_mask raise too. Windows, documents and causal
+    with seqlen_q != seqlen_k go as an explicit mask, which the flash and cuDNN kernels do
+    not take. GQA expands K and V to full heads (a copy). sdpa_flash has no dropout on the CPU.
     """
     name = "sdpa" if kernel is None else f"sdpa_{kernel}"
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name)
@@ -60,6 +63,8 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     if dropout_seed is not None and p > 0.0:
         raise unsupported(name, "dropout_seed", "SDPA draws dropout from torch's generator; "
                           "use torch.manual_seed, or naive/flash_v1 for the counter-based mask")
+    if kernel == "flash" and p > 0.0 and q.device.type == "cpu":
+        raise unsupported(name, "dropout_p > 0 on the CPU", "PyTorch's CPU flash kernel has no dropout")
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hkv != H:
         # NOTE: expanded to full heads (a copy) because not every SDPA kernel takes enable_gqa.

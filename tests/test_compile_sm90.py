@@ -3,7 +3,7 @@
 The CPU tests run the kernels in the interpreter, which never lowers them: type errors,
 constexpr misuse and Triton API gaps only show when a kernel is compiled for a GPU. This
 compiles the widest variants (every mask and dropout on) through
-``experiments/compile_check.py`` in a subprocess with the interpreter off.
+``scripts/compile_check.py`` in a subprocess with the interpreter off.
 """
 
 import os
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "compile_check.py")
+SCRIPT = os.path.join(ROOT, "scripts", "compile_check.py")
 
 
 def _has_ptxas() -> bool:
@@ -40,9 +40,9 @@ def test_each_flash_v2_step_waits_once_for_its_tma_tiles(tmp_path):
     """The two tiles a step loads through TMA (K and V, or Q and dO) share one barrier, so each
     pipelined loop has one wait for them, at the top of the step. A second wait (a transpose
     between the loads, or V asked for after the softmax) split the step in two basic blocks that
-    ptxas scheduled apart: 5-10% of the forward on an H100 (experiments/README.md, session 6).
-    The dK/dV pass also loads the rows' LSE and Delta through 1-D descriptors (session 7); the
-    pipeliner gives them barriers of their own (two buffers, not three), waited on at the top too."""
+    ptxas scheduled apart: 5-10% of the forward on an H100. The dK/dV pass also loads the rows'
+    LSE and Delta through 1-D descriptors; the pipeliner gives them barriers of their own (two
+    buffers, not three), waited on at the top too."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
     only = ["v2 fwd d=64 plain tma 128x64 w8", "v2 dq d=64 plain tma 128x64 w8", "v2 dkdv d=64 plain tma 32x128 w8"]
     res = subprocess.run([sys.executable, SCRIPT, "--only", *only], capture_output=True, text=True, env=env,

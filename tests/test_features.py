@@ -18,7 +18,7 @@ from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
 from fatrain.kernels import _dropout
 from fatrain.kernels._dropout import dropout_mask, resolve_seed
-from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_hbm_traffic
+from fatrain.kernels.flash_v1 import flash_v1_attention
 from fatrain.kernels.varlen import cu_seqlens_to_doc_ids, varlen_attention
 
 # 4096 bytes: every flash_v1 block is 16 x 16, so short sequences still span several blocks.
@@ -368,6 +368,8 @@ def test_flash_kernels_skip_blocks_they_cannot_see(masking, name):
 
 
 def test_traffic_model_window_grows_linearly():
+    from fatrain.bench.traffic import flash_v1_hbm_traffic
+
     kw = dict(batch=1, nheads=1, head_dim=64, dtype_bytes=2, sram_bytes=4 * 4 * 64 * 64, causal=True)
     full = [flash_v1_hbm_traffic(seqlen_q=n, seqlen_k=n, **kw).forward_inner for n in (4096, 8192)]
     window = [flash_v1_hbm_traffic(seqlen_q=n, seqlen_k=n, window_size=(256, 0), **kw).forward_inner

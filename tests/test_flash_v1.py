@@ -1,4 +1,4 @@
-"""The flash_v1 backend (FlashAttention-1, Algorithms 1 and 4): outputs, gradients, block sizes, traffic model.
+"""The flash_v1 backend (FlashAttention-1, Algorithms 1 and 4): outputs, gradients, block sizes, splits.
 
 On the CPU the kernels run through the Triton interpreter; small on-chip budgets
 (``sram_bytes``) keep the blocks at 16 so the outer and inner loops run several times.
@@ -12,7 +12,7 @@ import torch
 from attention_checks import check_backend, make_qkv
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
 from fatrain.kernels import flash_v1
-from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_block_sizes, flash_v1_hbm_traffic
+from fatrain.kernels.flash_v1 import flash_v1_attention, flash_v1_block_sizes
 
 # 4096 bytes = 1024 float32 words: B_c = ceil(1024 / 4d) <= 16 for d >= 16, so every block is 16 x 16.
 SMALL_SRAM = 4096
@@ -109,32 +109,6 @@ def test_block_sizes_on_an_h100():
     assert flash_v1_block_sizes(16, 232448) == (16, 512)  # B_c = 908, B_r = 16
 
 
-def test_traffic_model_scaling():
-    kw = dict(batch=2, nheads=4, head_dim=64, dtype_bytes=2, causal=False)
-    m = 4 * 4 * 64 * 64  # bytes: M = 4096 words, B_c = 16
-    base = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=m, **kw)
-    long = flash_v1_hbm_traffic(seqlen_q=8192, seqlen_k=8192, sram_bytes=m, **kw)
-    # Doubling N quadruples the N^2 term exactly and the total nearly (the linear terms only double).
-    assert long.forward_inner == 4 * base.forward_inner and long.backward_inner == 4 * base.backward_inner
-    assert 3.9 < long.forward / base.forward <= 4.0 and 3.9 < long.backward / base.backward <= 4.0
-    # Doubling M doubles B_c, halving T_c and with it the N^2 term.
-    big = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=2 * m, **kw)
-    assert big.block_n == 2 * base.block_n
-    assert 2 * big.forward_inner == base.forward_inner and 2 * big.backward_inner == base.backward_inner
-    # Causal skips the blocks above the diagonal: a little over half the inner traffic.
-    causal = flash_v1_hbm_traffic(seqlen_q=4096, seqlen_k=4096, sram_bytes=m, **{**kw, "causal": True})
-    assert 0.5 < causal.forward_inner / base.forward_inner < 0.52
-
-
-def test_traffic_model_counts_one_pair_by_hand():
-    # One K/V block and one Q block of 16 rows, d = 16, fp16: every load and store counted once.
-    t = flash_v1_hbm_traffic(1, 1, 16, 16, 16, 2, SMALL_SRAM, causal=False)
-    n = d = 16
-    fwd = 2 * 2 * n * d + n * (2 * d + 8 * d + 16) + (4 * n * d + 8 * n) + (4 + 2) * n * d
-    bwd = 4 * 2 * n * d + n * (3 * 2 * d + 8 * d + 8) + (8 + 2) * n * d
-    assert (t.forward, t.backward) == (fwd, bwd)
-
-
 SPLIT_SHAPES = [  # (B, Nq, Nk, H, Hkv, D): 7 Q blocks and 7 K/V blocks of 16, or fewer than splits
     (1, 97, 97, 4, 1, 64),
     (1, 97, 33, 4, 2, 80),
@@ -200,7 +174,7 @@ def test_deterministic_backward_is_bit_identical():
 
 
 def test_unsupported_features_and_bad_input():
-    # dropout, window_size and doc_ids are supported since issue 5 (tests/test_features.py).
+    # dropout, window_size and doc_ids are supported (tests/test_features.py); bad values raise.
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="dropout_seed"):
         flash_v1_attention(q, q, q, dropout_p=0.1, dropout_seed=-1)

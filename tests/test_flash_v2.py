@@ -9,8 +9,6 @@ import functools
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from attention_checks import check_backend, make_qkv, max_err
 from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
@@ -136,16 +134,16 @@ TMA_CASES = [  # (shape, causal, window, documents, dropout_p, dtype, strided)
 @pytest.fixture
 def tensor_descriptors(monkeypatch):
     """The kernels load tiles through tensor descriptors (the H100 path) in the interpreter too."""
-    from fatrain.kernels import flash_v2
-    monkeypatch.setattr(flash_v2, "_TMA", "1")
-    return flash_v2
+    from fatrain.kernels import _tma
+    monkeypatch.setattr(_tma, "MODE", "1")
+    return _tma
 
 
 @pytest.mark.parametrize("shape, causal, window, docs, p, dtype, strided", TMA_CASES)
 def test_tensor_descriptor_loads_match_reference_and_pointer_loads(tensor_descriptors, monkeypatch, shape, causal,
                                                                     window, docs, p, dtype, strided):
     q, k, v = make_qkv(*shape, dtype=dtype, strided=strided)
-    assert tensor_descriptors._use_tma(k, v)
+    assert tensor_descriptors.use_tma(k, v)
     B, Nq, Nk, H = shape[0], shape[1], shape[2], shape[3]
     doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
     kwargs = dict(causal=causal, window_size=window, doc_ids=doc_ids, dropout_p=p)
@@ -156,7 +154,7 @@ def test_tensor_descriptor_loads_match_reference_and_pointer_loads(tensor_descri
     dout = torch.randn(q.shape, dtype=dtype)
     results = {}
     for mode in ("1", "0"):
-        monkeypatch.setattr(tensor_descriptors, "_TMA", mode)
+        monkeypatch.setattr(tensor_descriptors, "MODE", mode)
         out, lse = attn()(q, k, v, dropout_seed=SEED, return_lse=True, **kwargs)
         results[mode] = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
     for a, b in zip(results["1"], results["0"]):
@@ -164,7 +162,7 @@ def test_tensor_descriptor_loads_match_reference_and_pointer_loads(tensor_descri
 
 
 def test_tensor_descriptors_only_where_the_copy_engine_can_read(tensor_descriptors):
-    use = tensor_descriptors._use_tma
+    use = tensor_descriptors.use_tma
     x = torch.randn(2, 17, 4, 64)
     assert use(x) and use(x.transpose(1, 2).contiguous().transpose(1, 2))  # (B, H, N, D) storage
     assert not use(x[..., ::2])                           # d not contiguous
@@ -175,64 +173,106 @@ def test_tensor_descriptors_only_where_the_copy_engine_can_read(tensor_descripto
 
 
 def test_dkdv_pass_reads_lse_and_delta_rows_by_descriptor_only_when_aligned(tensor_descriptors):
-    use = tensor_descriptors._use_tma_stats
+    use = tensor_descriptors.use_tma_stats
     assert use(40) and use(4)
     assert not use(37) and not use(41)  # rows 148 / 164 bytes apart: not 16-byte aligned
 
 
 def test_tensor_descriptors_are_off_on_the_cpu_by_default():
+    from fatrain.kernels import _tma
+    assert _tma.MODE in ("auto", "0", "1")
+    if _tma.MODE == "auto":
+        assert not _tma.use_tma(torch.randn(1, 16, 1, 16))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The (kernel name, BLOCK_M, BLOCK_N) of every flash_v2 launch, in order."""
     from fatrain.kernels import flash_v2
-    assert flash_v2._TMA in ("auto", "0", "1")
-    if flash_v2._TMA == "auto":
-        assert not flash_v2._use_tma(torch.randn(1, 16, 1, 16))
-
-
-@triton.jit
-def _accumulate_twice(X, Y, PICKED, Nq, BLOCK: tl.constexpr):
-    """Y += 2 X (an accumulating output, as dQ in the atomic pass); PICKED = the BLOCK that ran."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < Nq
-    tl.store(Y + offs, tl.load(Y + offs, mask=ok) + 2 * tl.load(X + offs, mask=ok), mask=ok)
-    tl.store(PICKED + tl.program_id(0) * 0, BLOCK)
-
-
-def test_autotuner_refines_its_pick_in_interleaved_rounds(monkeypatch):
-    """The first pass's fastest config loses the interleaved rounds: the rounds' winner is
-    picked, cached and launched last, so the outputs are its own (an accumulating output,
-    reset before each trial, holds exactly one launch's sum); autotune_picks reports it."""
-    from fatrain.kernels import flash_v2
-    times = {16: [1.0, 1.5, 1.5, 1.5], 32: [1.1, 1.0, 1.2, 0.9], 64: [1.2, 1.4, 1.4, 1.4], 128: [2.0]}
+    real = flash_v2.wrap_triton
     seen = []
 
-    def scripted_bench(kernel_call, quantiles):
-        kernel_call()
-        block = int(picked.item())
-        seen.append(block)
-        return [times[block][seen.count(block) - 1]] * 3
+    def wrap_triton(kernel):
+        def launch(grid):
+            def run(*args, **kwargs):
+                seen.append((kernel.fn.__name__, kwargs["BLOCK_M"], kwargs.get("BLOCK_N")))
+                return real(kernel)[grid](*args, **kwargs)
+            return run
+        return type("Launcher", (), {"__getitem__": lambda self, grid: launch(grid)})()
 
-    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128)]
-    tuner = flash_v2._autotuned(_accumulate_twice, configs, reset_to_zero=["Y"], do_bench=scripted_bench)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.arange(100, dtype=torch.float32, device=dev)
-    y = torch.zeros(100, device=dev)
-    picked = torch.zeros(1, dtype=torch.int32, device=dev)
-    tuner[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, picked, 100)
-    assert seen == [16, 32, 64, 128] + [16, 32, 64] * flash_v2._REFINE_ROUNDS  # top 3, interleaved
-    assert tuner.best_config.kwargs == {"BLOCK": 32}  # rounds' medians 1.5, 1.0, 1.4
-    assert picked.item() == 32
-    torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
-    (rounds,) = tuner.refined.values()
-    assert sorted(rounds) == ["BLOCK=16, num_warps=4, num_ctas=1, num_stages=3",
-                              "BLOCK=32, num_warps=4, num_ctas=1, num_stages=3",
-                              "BLOCK=64, num_warps=4, num_ctas=1, num_stages=3"]
-    tuner[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, picked, 100)  # cached: no timing
-    assert len(seen) == 4 + 3 * flash_v2._REFINE_ROUNDS and picked.item() == 32
-    monkeypatch.setattr(flash_v2, "_INTERPRET", False)  # the interpreter's launchers have no autotuners
-    monkeypatch.setattr(flash_v2, "_LAUNCHERS", {"fwd": (tuner, tuner)})
-    (row,) = flash_v2.autotune_picks()
-    assert row["kernel"] == "fwd" and row["config"] == "BLOCK=32, num_warps=4, num_ctas=1, num_stages=3"
-    assert row["key"] == {"Nq": "100", "dtypes": ["torch.float32", "torch.float32", "torch.int32"]}
-    assert row["rounds_ms"]["BLOCK=32, num_warps=4, num_ctas=1, num_stages=3"] == [1.0, 1.2, 0.9]
+    monkeypatch.setattr(flash_v2, "wrap_triton", wrap_triton)
+    return seen
+
+
+def test_configs_list_each_pass_with_the_default_first():
+    from fatrain.kernels import flash_v2
+    assert flash_v2.PASSES == ("fwd", "dkdv", "dkdv_atomic", "dq")
+    for name in flash_v2.PASSES:
+        for head_dim in (64, 256):
+            configs = flash_v2.configs(name, head_dim=head_dim)
+            assert configs and all(set(c) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"}
+                                   for c in configs)
+    assert flash_v2.configs("fwd")[0] == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=None)
+    assert flash_v2.configs("fwd")[1]["maxnreg"] == 128
+    assert flash_v2.configs("dkdv") == flash_v2.configs("dkdv_atomic")
+    assert flash_v2.configs("dq", head_dim=256) != flash_v2.configs("dq", head_dim=128)
+    with pytest.raises(ValueError, match="unknown flash_v2 pass 'bwd'"):
+        flash_v2.configs("bwd")
+
+
+def test_pin_launches_that_config_nests_and_restores(launches):
+    from fatrain.kernels import flash_v2
+    q, k, v = make_qkv(1, 70, 70, 2, 1, 16, dtype=torch.float32)
+    attn()(q, k, v, causal=True)
+    default = launches[-1]
+    assert default == ("_fwd_kernel", 32, 16)  # the interpreter's config
+    with flash_v2.pin("fwd", {"BLOCK_M": 16, "BLOCK_N": 32}) as pinned:
+        assert pinned["num_warps"] == flash_v2.configs("fwd")[0]["num_warps"]  # filled from the default
+        check_backend(attn(), q, k, v, causal=True)
+        assert ("_fwd_kernel", 16, 32) in launches and ("_fwd_kernel", 32, 16) not in launches[1:]
+        with flash_v2.pin("fwd", flash_v2.configs("fwd")[-1]):  # (64, 64, 4, 3)
+            attn()(q, k, v, causal=True)
+            assert launches[-1] == ("_fwd_kernel", 64, 64)
+            with flash_v2.pin("fwd", None):  # the default again
+                attn()(q, k, v, causal=True)
+                assert launches[-1] == default
+        attn()(q, k, v, causal=True)
+        assert launches[-1] == ("_fwd_kernel", 16, 32)
+        with flash_v2.pin("fwd", {"BLOCK_M": 64, "BLOCK_N": 16}, head_dim=256):  # the other head-dim class
+            attn()(q, k, v, causal=True)
+            assert launches[-1] == ("_fwd_kernel", 16, 32)
+    attn()(q, k, v, causal=True)
+    assert launches[-1] == default and not flash_v2._PINNED
+
+
+@pytest.mark.parametrize("name, deterministic", [("dq", True), ("dkdv", True), ("dkdv_atomic", False)])
+def test_pin_backward_passes_match_reference(launches, name, deterministic):
+    from fatrain.kernels import flash_v2
+    q, k, v = make_qkv(1, 50, 83, 4, 2, 16, dtype=torch.float32)
+    kernel = "_bwd_dq" if name == "dq" else "_bwd_dkdv"
+    with flash_v2.pin(name, {"BLOCK_M": 16, "BLOCK_N": 64}):
+        check_backend(functools.partial(attn(), deterministic=deterministic), q, k, v, causal=True,
+                      window_size=(20, 0))
+    assert (kernel, 16, 64) in launches
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"BLOCK_M": 16}, "a flash_v2 config is a dict with BLOCK_M and BLOCK_N"),
+    ({"BLOCK_M": 16, "BLOCK_N": 32, "warps": 4}, "a flash_v2 config is a dict"),
+    ({"BLOCK_M": 48, "BLOCK_N": 32}, "BLOCK_M must be a power of two >= 16"),
+    ({"BLOCK_M": 16, "BLOCK_N": 8}, "BLOCK_N must be a power of two >= 16"),
+])
+def test_pin_validates_the_config(config, match):
+    from fatrain.kernels import flash_v2
+    with pytest.raises(ValueError, match=match):
+        with flash_v2.pin("fwd", config):
+            pass
+    assert not flash_v2._PINNED
+
+
+def test_autotune_picks_are_empty_in_the_interpreter():
+    from fatrain.kernels import flash_v2, run_info
+    assert flash_v2.autotune_picks() == [] and run_info("flash_v2") == []
 
 
 def test_deterministic_is_validated():
@@ -546,7 +586,7 @@ def test_gpu_matches_reference(shape, dtype, causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["fwd", "dkdv", "dkdv_atomic", "dq"])
-def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
+def test_gpu_every_autotune_config_is_exact(name):
     """Each configuration the autotuner may pick, pinned in turn (the other passes autotuned),
     at d=64 and d=128, causal, rows a multiple of 4 (the dK/dV pass reads LSE and Delta through
     descriptors from 32-row steps) and not. dkdv_atomic: deterministic=False, whose dK/dV pass
@@ -554,18 +594,15 @@ def test_gpu_every_autotune_config_is_exact(monkeypatch, name):
     import triton
 
     from fatrain.kernels import flash_v2
-    configs = getattr(flash_v2, {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dkdv_atomic": "_DKDV_CONFIGS",
-                                 "dq": "_DQ_CONFIGS"}[name])
-    kernel = flash_v2._KERNELS[name]
     fn = functools.partial(attn(), deterministic=name != "dkdv_atomic")
     tested = 0
     for shape in [(2, 1000, 1000, 4, 2, 64), (1, 257, 257, 2, 2, 128)]:
         q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+        configs = flash_v2.configs(name, head_dim=shape[-1])
         for config in configs:
-            pinned = triton.autotune([config], key=["Nq"])(kernel)
-            monkeypatch.setitem(flash_v2._LAUNCHERS, name, (pinned, pinned))
             try:
-                check_backend(fn, q, k, v, causal=True)
+                with flash_v2.pin(name, config, head_dim=shape[-1]):
+                    check_backend(fn, q, k, v, causal=True)
             except triton.runtime.errors.OutOfResources:
                 # the autotuner skips a config that needs more shared memory than the GPU has
                 # (dQ's 128 x 128 with 3 stages at d=128); one that fits must be exact

@@ -1,9 +1,9 @@
 """Compile fatrain's Triton kernels for an H100 (sm_90a) on a machine without a GPU.
 
-    TRITON_INTERPRET=0 python experiments/compile_check.py [--only NAME ...]
+    TRITON_INTERPRET=0 python scripts/compile_check.py [--only NAME ...]
 
-Catches compile errors (API gaps between Triton versions, type errors) before any device
-time is spent, and prints what ``ptxas -v`` reports per kernel variant: registers per
+Catches compile errors (API gaps between Triton versions, type errors) before a GPU run,
+and prints what ``ptxas -v`` reports per kernel variant: registers per
 thread, spill bytes and shared memory. Run it under the Triton version of the GPU machine
 (3.6 there) with e.g. ``pip install --target /tmp/t36 triton==3.6.0`` and
 ``PYTHONPATH=/tmp/t36``. Kernel arguments are typed from their names (pointers bf16 or
@@ -69,7 +69,7 @@ def ptxas_report(ptx: str) -> str:
     return f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}"
 
 
-def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None):
+def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None, maxnreg=None):
     constexprs = dict(constexprs)
     sig = signature(fn, constexprs, pointer_types or {})
     # NOTE: like a launch on real tensors: pointers and other strides divisible by 16.
@@ -78,13 +78,14 @@ def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=num_warps, num_stages=num_stages))
+                           options=dict(num_warps=num_warps, num_stages=num_stages,
+                                        **({"maxnreg": maxnreg} if maxnreg else {})))
     except Exception as err:  # noqa: BLE001
         print(f"FAIL {label}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
         return False
     ttgir = k.asm["ttgir"]
     # NOTE: waits on TMA barriers per key/query loop: one per step (K and V, or Q and dO, behind
-    # one barrier) keeps the step one basic block, which ptxas schedules as a whole (session 6).
+    # one barrier) keeps the step one basic block, which ptxas schedules as a whole.
     waits = f" tma_waits={ttgir.count('ttng.wait_barrier')} loops={ttgir.count('scf.for ')}" \
         if "async_tma_copy" in ttgir else ""
     print(f"ok   {label}: shared={k.metadata.shared} {ptxas_report(k.asm['ptx'])}{waits}", flush=True)
@@ -100,22 +101,25 @@ def v2_cases():
         # tma: tiles through tensor descriptors (the H100 default), else pointer tiles
         tag = ("+".join(k for k, v in f.items() if v) or "plain") + (" tma" if tma else "")
         f = dict(f, USE_TMA=tma)
-        for bm, bn, w, s in [tuple(c.kwargs.values()) + (c.num_warps, c.num_stages)
-                             for c in flash_v2._FWD_CONFIGS[:3]]:
-            yield (f"v2 fwd d={d} {tag} {bm}x{bn} w{w} s{s}", flash_v2._fwd_kernel,
-                   dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=bm, BLOCK_N=bn, **f), w, s)
-        for name, kernel, configs, extra in (
-                ("dkdv", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
-                 dict(ATOMIC_DQ=False, STATS_TMA=tma, DQ_TMA=False)),
-                ("dkdv+atomic-dq", flash_v2._bwd_dkdv, flash_v2._DKDV_CONFIGS[:2],
-                 dict(ATOMIC_DQ=True, STATS_TMA=tma, DQ_TMA=tma)),
-                ("dq", flash_v2._bwd_dq, flash_v2._DQ_CONFIGS[:2], {})):
-            for c in configs:
-                yield (f"v2 {name} d={d} {tag} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
-                       f"s{c.num_stages}", kernel,
-                       dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c.kwargs["BLOCK_M"],
-                            BLOCK_N=c.kwargs["BLOCK_N"], **f, **extra), c.num_warps, c.num_stages,
-                       {"DQ": "*fp32"} if extra.get("ATOMIC_DQ") else {})
+        for c in flash_v2.configs("fwd", head_dim=d)[:3]:
+            yield (f"v2 fwd d={d} {tag} {_label(c)}", flash_v2._fwd_kernel,
+                   dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=c["BLOCK_M"],
+                        BLOCK_N=c["BLOCK_N"], **f), c["num_warps"], c["num_stages"], {}, c["maxnreg"])
+        for name, pass_name, kernel, extra in (
+                ("dkdv", "dkdv", flash_v2._bwd_dkdv, dict(ATOMIC_DQ=False, STATS_TMA=tma, DQ_TMA=False)),
+                ("dkdv+atomic-dq", "dkdv_atomic", flash_v2._bwd_dkdv, dict(ATOMIC_DQ=True, STATS_TMA=tma, DQ_TMA=tma)),
+                ("dq", "dq", flash_v2._bwd_dq, {})):
+            for c in flash_v2.configs(pass_name, head_dim=d)[:2]:
+                yield (f"v2 {name} d={d} {tag} {_label(c)}", kernel,
+                       dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                            **f, **extra), c["num_warps"], c["num_stages"],
+                       {"DQ": "*fp32"} if extra.get("ATOMIC_DQ") else {}, c["maxnreg"])
+
+
+def _label(config: dict) -> str:
+    """128x64 w8 s3 (and r128 when the registers are capped): a config in a case's label."""
+    cap = f" r{config['maxnreg']}" if config["maxnreg"] else ""
+    return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}{cap}"
 
 
 def v1_cases():
@@ -140,10 +144,10 @@ def main():
     print("triton", triton.__version__, "dropout bits", _dropout.DROPOUT_BITS, flush=True)
     ok = compile_one("dropout mask kernel", _dropout._dropout_mask_kernel, dict(BLOCK_M=16, BLOCK_N=64), 4, 1,
                      {"Mask": "*i8"})
-    for label, fn, constexprs, w, s, *ptrs in list(v2_cases()) + list(v1_cases()):
+    for label, fn, constexprs, w, s, *rest in list(v2_cases()) + list(v1_cases()):
         if args.only and not any(o in label for o in args.only):
             continue
-        ok &= compile_one(label, fn, constexprs, w, s, *(ptrs or [None]))
+        ok &= compile_one(label, fn, constexprs, w, s, *rest)
     sys.exit(0 if ok else 1)
 
 
