@@ -551,7 +551,7 @@ def _run_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
             progress.close()
     result["status"] = "ok"
     # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
-    attention_info = run_info(cfg.attention.backend)
+    attention_info = run_info(cfg.attention.backend, cfg.data.seq_len)
     if attention_info:
         result["attention_run_info"] = attention_info
     return result

@@ -97,7 +97,7 @@ class BackendInfo:
     features: frozenset = _ALL
     devices: tuple[str, ...] = ("cpu", "cuda")
     variant_of: Optional[str] = None  # a backend run with fixed options, for benchmarks and ablations
-    run_info: Optional[str] = None  # function of the module: what a run records of it (e.g. autotune picks)
+    run_info: Optional[str] = None  # function(seq_len) of the module: what a run records of it (autotune picks)
 
     def supports(self, feature: str) -> bool:
         if feature not in FEATURES:
@@ -184,13 +184,14 @@ def all_options() -> tuple[str, ...]:
     return tuple(dict.fromkeys(o for b in _BACKENDS for o in b.options))
 
 
-def run_info(name: str) -> Any:
+def run_info(name: str, seq_len: Optional[int] = None) -> Any:
     """What the backend reports of this process for a run's record (flash_v2: the configs its
-    autotuners picked), or None for a backend with nothing to report."""
+    autotuners picked, for queries of ``seq_len`` tokens when given), or None for a backend with
+    nothing to report. The module's function takes ``seq_len`` as its one argument."""
     info = backend_info(name)
     if info.run_info is None:
         return None
-    return getattr(importlib.import_module(f".{info.module}", __name__), info.run_info)()
+    return getattr(importlib.import_module(f".{info.module}", __name__), info.run_info)(seq_len)
 
 
 __all__ = ["FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",

@@ -1162,12 +1162,15 @@ def pin(pass_name: str, config: Optional[dict], head_dim: int = 64):
             _PINNED[key] = previous
 
 
-def autotune_picks() -> list[dict]:
+def autotune_picks(seq_len: Optional[int] = None) -> list[dict]:
     """The configs flash_v2's autotuners picked in this process, one row per pass and shape key:
     kernel (one of PASSES), key ({Nq, Nk, HEAD_DIM, the mask and feature flags: their values as
     strings, dtypes: the tensor arguments' dtypes}), config, and rounds_ms (the refining rounds'
-    times in ms per candidate; empty when the list had one config). Empty in the interpreter."""
+    times in ms per candidate; empty when the list had one config). ``seq_len`` keeps only the
+    shapes with that many queries (the autotuners live in the process, so a sweep's earlier jobs
+    are there too). Empty in the interpreter."""
     if _INTERPRET:
         return []
-    return [dict(kernel=name, **row) for name, launchers in _LAUNCHERS.items()
+    rows = [dict(kernel=name, **row) for name, launchers in _LAUNCHERS.items()
             for tuner in dict.fromkeys(launchers) for row in picks(tuner)]
+    return [row for row in rows if seq_len is None or row["key"].get("Nq") == str(seq_len)]
