@@ -4,7 +4,7 @@
     fatrain-bench bench=smoke                       # tiny CPU sweep
     fatrain-bench bench=targets                     # only the cases the speed targets compare
     fatrain-bench bench=features                    # windows, packed documents, dropout
-    fatrain-bench impls=[flash_v2,sdpa_flash] headdims=[128] out_dir=experiments/results
+    fatrain-bench impls=[flash_v2,sdpa_flash] headdims=[128] out_dir=results
     fatrain-bench headdims=[64] out_dir=DIR append=true  # add to (or resume) DIR/attention_bench.csv
 
 The sweep, the timing and the FLOP formula are documented in ``fatrain.bench``. After the
