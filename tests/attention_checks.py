@@ -29,6 +29,11 @@ DEVIATIONS = {
                             "dropout": "RuntimeError"},
 }
 
+# dtypes PyTorch's pinned CUDA kernels take, where the registry lists all four: its flash and
+# cuDNN kernels run half precision only, the memory-efficient kernel has no float64.
+CUDA_DTYPES = {"sdpa_flash": ("float16", "bfloat16"), "sdpa_cudnn": ("float16", "bfloat16"),
+               "sdpa_efficient": ("float16", "bfloat16", "float32")}
+
 # Accuracy a backend gives below its inputs' dtype, per (backend, dtype): the error floor the
 # matrix allows there. naive computes the softmax in float32 whatever the input dtype.
 FLOORS = {("naive", torch.float64): 1e-5}
@@ -45,9 +50,10 @@ def features(name: str, device: str) -> set[str]:
 
 def dtypes(name: str, device: str) -> list[torch.dtype]:
     """The registry's dtypes of ``name``, less bfloat16 for a Triton backend on the CPU (the
-    interpreter computes it wrongly)."""
+    interpreter computes it wrongly), and as CUDA_DTYPES says on the GPU."""
     info = backend_info(name)
-    names = [d for d in info.dtypes if not (device == "cpu" and info.triton and d == "bfloat16")]
+    names = [d for d in info.dtypes if not (device == "cpu" and info.triton and d == "bfloat16")
+             and not (device == "cuda" and d not in CUDA_DTYPES.get(name, (d,)))]
     return [getattr(torch, d) for d in names]
 
 
