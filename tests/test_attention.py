@@ -215,7 +215,8 @@ def check_dropout_without_mask(attn, q, k, v, kwargs):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over poisoned memory
 @pytest.mark.parametrize("name, device, dtype, causal, case",
-                         matrix(CPU_CASES, "cpu", available_backends()) + matrix(GPU_CASES, "cuda", available_backends()))
+                         matrix(CPU_CASES, "cpu", available_backends())
+                         + matrix(GPU_CASES, "cuda", available_backends()))
 def test_matches_reference(poisoned_empty, name, device, dtype, causal, case):
     check_case(name, device, dtype, causal, case)
 
@@ -376,7 +377,8 @@ CPU_BACKENDS = available_backends(device="cpu")
     (dict(softmax_scale=-1.0), "softmax_scale"),
     (dict(doc_ids=torch.zeros(2, 8)), "doc_ids must hold integers"),
     (dict(doc_ids=torch.zeros(2, 7, dtype=torch.long)), "doc_ids must be an integer tensor of shape"),
-    (dict(q=torch.randn(2, 9, 4, 16), doc_ids=torch.zeros(2, 8, dtype=torch.long)), "doc_ids need seqlen_q <= seqlen_k"),
+    (dict(q=torch.randn(2, 9, 4, 16), doc_ids=torch.zeros(2, 8, dtype=torch.long)),
+     "doc_ids need seqlen_q <= seqlen_k"),
     (dict(dropout_p=0.1, dropout_seed=-2), "dropout_seed"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input_names_the_argument(name, bad, match):
