@@ -2,20 +2,59 @@
 
 As flash-attention's tests do, a backend's error against the float64 reference is
 compared with the error of the same math done plainly in the input dtype:
-err(backend) <= OUT_FACTOR * err(torch, same dtype) + floor for outputs, GRAD_FACTOR for
-gradients. The floor keeps float64/float32 cases (where PyTorch's error is ~1e-7) from
-demanding more than the dtype can give.
+err(backend) <= OUT_FACTOR * err(torch, same dtype) + floor for outputs (and the
+logsumexp), GRAD_FACTOR for gradients. The floor keeps float64/float32 cases (where
+PyTorch's error is ~1e-7) from demanding more than the dtype can give.
+
+Which features and dtypes a backend is tested with comes from its registry entry
+(``features``, ``dtypes`` below), corrected where the code is known to do otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fatrain.kernels import reference_attention
+from fatrain.kernels import backend_info, reference_attention
 
 OUT_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 _FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
+
+# What the code does where its registry entry says otherwise, per (backend, device):
+# "works" (tested by the matrix as a feature) or "RuntimeError" (PyTorch refuses the call
+# rather than the backend raising NotImplementedError). Pinned to PyTorch's CPU flash kernel,
+# sdpa_flash takes an explicit mask (windows, documents, unaligned causal) but no dropout.
+DEVIATIONS = {
+    ("sdpa_flash", "cpu"): {"window": "works", "doc_ids": "works", "unaligned_causal": "works",
+                            "dropout": "RuntimeError"},
+}
+
+# dtypes PyTorch's pinned CUDA kernels take, where the registry lists all four: its flash and
+# cuDNN kernels run half precision only, the memory-efficient kernel has no float64.
+CUDA_DTYPES = {"sdpa_flash": ("float16", "bfloat16"), "sdpa_cudnn": ("float16", "bfloat16"),
+               "sdpa_efficient": ("float16", "bfloat16", "float32")}
+
+# Accuracy a backend gives below its inputs' dtype, per (backend, dtype): the error floor the
+# matrix allows there. naive computes the softmax in float32 whatever the input dtype.
+FLOORS = {("naive", torch.float64): 1e-5}
+
+
+def features(name: str, device: str) -> set[str]:
+    """The features the matrix tests ``name`` with on ``device``: its registry entry's, as
+    corrected by DEVIATIONS."""
+    have = set(backend_info(name).features)
+    for feature, behaviour in DEVIATIONS.get((name, device), {}).items():
+        (have.add if behaviour == "works" else have.discard)(feature)
+    return have
+
+
+def dtypes(name: str, device: str) -> list[torch.dtype]:
+    """The registry's dtypes of ``name``, less bfloat16 for a Triton backend on the CPU (the
+    interpreter computes it wrongly), and as CUDA_DTYPES says on the GPU."""
+    info = backend_info(name)
+    names = [d for d in info.dtypes if not (device == "cpu" and info.triton and d == "bfloat16")
+             and not (device == "cuda" and d not in CUDA_DTYPES.get(name, (d,)))]
+    return [getattr(torch, d) for d in names]
 
 
 def make_qkv(B, Nq, Nk, H, Hkv, D, dtype, device="cpu", strided=False, seed=None):
@@ -40,8 +79,77 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def _check_close(name, got, ref, same, factor, floor):
+    assert got.shape == ref.shape, f"{name} shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err, torch_err = max_err(got, ref), max_err(same, ref)
+    # NaN anywhere makes err NaN, and NaN <= x is False: an unwritten element fails here.
+    assert err <= factor * torch_err + floor, f"{name} error {err:.3e} > {factor} x torch's {torch_err:.3e}"
+
+
+def check_attention(attn, q, k, v, *, kernel_kwargs=None, grads=True, out_factor=OUT_FACTOR,
+                    grad_factor=GRAD_FACTOR, floor=None, **kwargs):
+    """Compare attn(q, k, v, **kwargs, **kernel_kwargs) and its gradients with the float64
+    reference given ``kwargs`` (causal, window_size, doc_ids, softmax_scale, dropout_p,
+    return_lse: the arguments both take). ``kernel_kwargs`` go to the kernel only
+    (dropout_seed, return_dropout_mask); with return_dropout_mask the reference gets the
+    kernel's own keep-mask. With return_lse the logsumexp is compared too.
+    ``floor`` replaces the dtype's floor. Returns (out, lse or None, dropout mask or None)."""
+    dtype = q.dtype
+    floor = _FLOOR[dtype] if floor is None else floor
+    kernel_kwargs = dict(kernel_kwargs or {})
+    result = attn(q, k, v, **kwargs, **kernel_kwargs)
+    parts = list(result) if isinstance(result, tuple) else [result]
+    out = parts.pop(0)
+    lse = parts.pop(0) if kwargs.get("return_lse") else None
+    mask = parts.pop(0) if kernel_kwargs.get("return_dropout_mask") else None
+    assert not parts, f"{len(parts)} unexpected extra outputs"
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), "backend output has NaN/Inf"
+    ref_kwargs = dict(kwargs, dropout_mask=mask) if mask is not None else kwargs
+    ref = reference_attention(q, k, v, upcast=True, **ref_kwargs)
+    same = reference_attention(q, k, v, upcast=False, **ref_kwargs)
+    if lse is not None:
+        (ref, ref_lse), (same, same_lse) = ref, same
+        assert lse.dtype == torch.float32 and torch.isfinite(lse).all(), "logsumexp has NaN/Inf"
+        _check_close("lse", lse, ref_lse, same_lse, out_factor, floor)
+    _check_close("output", out, ref, same, out_factor, floor)
+    if grads:
+        dout = torch.randn_like(out)
+        g = torch.autograd.grad(out, (q, k, v), dout)
+        g_ref = torch.autograd.grad(ref, (q, k, v), dout.double())
+        g_same = torch.autograd.grad(same, (q, k, v), dout)
+        for name, a, r, s in zip(("dq", "dk", "dv"), g, g_ref, g_same):
+            _check_close(name, a, r, s, grad_factor, floor * 10)
+    return out, lse, mask
+
+
+def packed_doc_ids(B, N, lengths=None, device="cpu"):
+    """(B, N) non-decreasing ids (packed documents): fixed ``lengths``, or random cuts with a
+    one-token document at the end."""
+    rows = []
+    for _ in range(B):
+        if lengths is None:
+            starts = torch.zeros(N, dtype=torch.long)
+            starts[torch.randperm(max(N - 1, 1))[:3] + 1] = 1
+            starts[N - 1] = 1 if N > 1 else 0
+            starts = starts[:N]
+            rows.append(torch.cumsum(starts, 0))
+        else:
+            rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows).to(device)
+
+
+def unsorted_doc_ids(B, N, device="cpu"):
+    """(B, N) ids that do not increase along the sequence (nothing may be skipped by range),
+    with tokens 32..47 in one document (a whole 16-key block inside one document)."""
+    ids = torch.randint(0, 3, (B, N))
+    ids[:, 32:48] = 5
+    return ids.to(device)
+
+
 def check_backend(attn, q, k, v, *, grads=True, out_factor=OUT_FACTOR, grad_factor=GRAD_FACTOR, **kwargs):
-    """Compare attn(q, k, v, **kwargs) and its gradients with the float64 reference."""
+    """check_attention with every keyword given to both attn and the reference (attn must
+    accept, and may ignore, the reference's dropout_mask)."""
     dtype = q.dtype
     floor = _FLOOR[dtype]
     out = attn(q, k, v, **kwargs)
@@ -49,8 +157,7 @@ def check_backend(attn, q, k, v, *, grads=True, out_factor=OUT_FACTOR, grad_fact
     assert torch.isfinite(out).all(), "backend output has NaN/Inf"
     ref = reference_attention(q, k, v, upcast=True, **kwargs)
     same = reference_attention(q, k, v, upcast=False, **kwargs)
-    err, torch_err = max_err(out, ref), max_err(same, ref)
-    assert err <= out_factor * torch_err + floor, f"output error {err:.3e} > {out_factor} x torch's {torch_err:.3e}"
+    _check_close("output", out, ref, same, out_factor, floor)
     if not grads:
         return
     dout = torch.randn_like(out)
@@ -58,6 +165,4 @@ def check_backend(attn, q, k, v, *, grads=True, out_factor=OUT_FACTOR, grad_fact
     g_ref = torch.autograd.grad(ref, (q, k, v), dout.double())
     g_same = torch.autograd.grad(same, (q, k, v), dout)
     for name, a, r, s in zip(("dq", "dk", "dv"), g, g_ref, g_same):
-        assert a.shape == r.shape
-        e, te = max_err(a, r), max_err(s, r)
-        assert e <= grad_factor * te + floor * 10, f"{name} error {e:.3e} > {grad_factor} x torch's {te:.3e}"
+        _check_close(name, a, r, s, grad_factor, floor * 10)

@@ -11,76 +11,13 @@ import pytest
 import torch
 
 from attention_checks import check_backend, make_qkv, max_err
-from fatrain.kernels import MASKED_ROW_LSE, get_backend, reference_attention
+from fatrain.kernels import get_backend, reference_attention
 from fatrain.kernels._dropout import dropout_mask
 from fatrain.kernels.flash_v2 import _doc_ranges
-
-SHAPES = [  # (B, Nq, Nk, H, Hkv, D): lengths 1/17/97/128/257, GQA 1/4/H, Nq != Nk both ways
-    (1, 1, 1, 2, 2, 16),
-    (2, 17, 17, 4, 4, 16),
-    (1, 97, 97, 4, 1, 64),
-    (1, 128, 128, 8, 2, 64),
-    (1, 257, 257, 2, 2, 16),
-    (1, 33, 97, 4, 2, 80),
-    (1, 97, 33, 4, 4, 128),
-    (2, 1, 40, 4, 1, 16),
-]
 
 
 def attn():
     return get_backend("flash_v2")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_flash_v2_matches_reference(shape, causal, dtype):
-    q, k, v = make_qkv(*shape, dtype=dtype)
-    check_backend(attn(), q, k, v, causal=causal)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 17, 33, 4, 2, 16), (1, 70, 50, 2, 1, 80)])
-def test_non_contiguous_inputs(shape, causal):
-    q, k, v = make_qkv(*shape, dtype=torch.float32, strided=True)
-    assert not (q.is_contiguous() or v.is_contiguous())
-    check_backend(attn(), q, k, v, causal=causal, softmax_scale=0.3)
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty (which the kernel's outputs come from) returns NaN-filled memory."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        t = original(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.mark.parametrize("shape, causal", [((1, 97, 33, 2, 1, 80), True), ((2, 33, 70, 4, 2, 16), False)])
-def test_every_output_element_is_written(poisoned_empty, shape, causal):
-    q, k, v = make_qkv(*shape, dtype=torch.float32)
-    out, lse = attn()(q, k, v, causal=causal, return_lse=True)
-    assert torch.isfinite(lse).all()
-    check_backend(attn(), q, k, v, causal=causal)  # asserts finite outputs and grads
-
-
-@pytest.mark.parametrize("shape", [(1, 9, 4, 2, 2, 16), (2, 70, 33, 4, 1, 64), (1, 33, 70, 2, 2, 16)])
-def test_lse_and_fully_masked_rows(shape):
-    q, k, v = make_qkv(*shape, dtype=torch.float32)
-    Nq, Nk = shape[1], shape[2]
-    out, lse = attn()(q, k, v, causal=True, return_lse=True)
-    ref, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
-    assert lse.dtype == torch.float32 and lse.shape == (shape[0], shape[3], Nq)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
-    empty_rows = max(0, Nq - Nk)  # causal bottom-right: the first Nq - Nk rows see nothing
-    assert torch.equal(out[:, :empty_rows], torch.zeros_like(out[:, :empty_rows]))
-    assert (lse[:, :, :empty_rows] == MASKED_ROW_LSE).all()
-    out.sum().backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all()
 
 
 def test_gradients_are_deterministic():
@@ -312,105 +249,6 @@ def with_seed(attn, seed):
     return call
 
 
-DROPOUT_CASES = [  # (shape, causal, window, documents)
-    ((2, 33, 33, 2, 2, 16), False, (-1, -1), False),
-    ((1, 37, 51, 4, 2, 16), True, (-1, -1), False),   # causal, GQA, Nq < Nk
-    ((1, 51, 37, 4, 1, 16), True, (-1, -1), False),   # causal, MQA, Nq > Nk (empty rows)
-    ((1, 45, 70, 2, 2, 80), False, (-1, -1), False),  # Nq < Nk, head dim 80
-    ((2, 40, 40, 4, 2, 16), True, (9, 0), True),      # window x documents x GQA
-]
-DROPOUT_PARAMS = [(*c, torch.float32) for c in DROPOUT_CASES] + [(*DROPOUT_CASES[1], torch.float16)]
-
-
-@pytest.mark.parametrize("shape, causal, window, docs, dtype", DROPOUT_PARAMS)
-def test_dropout_matches_reference_with_the_kernels_mask(shape, causal, window, docs, dtype):
-    q, k, v = make_qkv(*shape, dtype=dtype)
-    B, Nq, Nk, H = shape[0], shape[1], shape[2], shape[3]
-    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
-    p = 0.3
-    kwargs = dict(causal=causal, window_size=window, doc_ids=doc_ids, dropout_p=p)
-    out, mask = attn()(q, k, v, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
-    assert mask.dtype == torch.bool and mask.shape == (B, H, Nq, Nk)
-    assert torch.equal(mask, dropout_mask(SEED, B, H, Nq, Nk, p, q.device))
-    check_backend(with_seed(attn(), SEED), q, k, v, dropout_mask=mask, **kwargs)
-
-
-def test_dropout_mask_inside_the_kernel_and_kept_fraction():
-    # q = 0 gives P = 1 / Nk everywhere and V = I reads P o Z / (1 - p) out row by row: the
-    # forward's own mask, compared with dropout_mask's and counted.
-    B, H, N, p = 1, 4, 64, 0.25
-    q = torch.zeros(B, N, H, N)
-    v = torch.eye(N)[None, :, None, :].expand(B, N, H, N).contiguous()
-    out = attn()(q, torch.randn(B, N, H, N), v, dropout_p=p, dropout_seed=SEED)
-    kernel_mask = (out * N * (1 - p)).round().permute(0, 2, 1, 3)  # (B, H, Nq, Nk)
-    assert torch.equal(kernel_mask.bool(), dropout_mask(SEED, B, H, N, N, p, "cpu"))
-    assert set(kernel_mask.unique().tolist()) == {0.0, 1.0}
-    n = kernel_mask.numel()
-    assert abs(kernel_mask.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
-
-
-def test_dropout_seed_reproduces_and_naive_equals_flash_v2():
-    q, k, v = make_qkv(1, 40, 56, 4, 2, 16, dtype=torch.float32)
-    kw = dict(causal=True, dropout_p=0.2)
-    a = attn()(q, k, v, dropout_seed=7, **kw)
-    assert torch.equal(a, attn()(q, k, v, dropout_seed=7, **kw))
-    assert max_err(a, attn()(q, k, v, dropout_seed=8, **kw)) > 1e-3
-    # naive and flash_v1 draw the same counter-based mask: the outputs and gradients agree.
-    dout = torch.randn_like(a)
-    grads = torch.autograd.grad(a, (q, k, v), dout)
-    for name in ("naive", "flash_v1"):
-        b = get_backend(name)(q, k, v, dropout_seed=7, **kw)
-        assert max_err(a, b) < 1e-5, name
-        for g, h in zip(grads, torch.autograd.grad(b, (q, k, v), dout)):
-            assert max_err(g, h) < 1e-4, name
-    # No seed: one is drawn from torch's default generator.
-    torch.manual_seed(5)
-    c = attn()(q, k, v, **kw)
-    torch.manual_seed(5)
-    assert torch.equal(c, attn()(q, k, v, **kw))
-    assert not torch.equal(c, attn()(q, k, v, **kw))
-
-
-def test_dropout_zero_is_exactly_no_dropout():
-    q, k, v = make_qkv(1, 33, 33, 2, 2, 16, dtype=torch.float32)
-    out, mask = attn()(q, k, v, causal=True, dropout_p=0.0, dropout_seed=3, return_dropout_mask=True)
-    assert mask.all() and mask.shape == (1, 2, 33, 33)
-    assert torch.equal(out, attn()(q, k, v, causal=True))
-
-
-WINDOW_CASES = [  # (shape, causal, window, with documents)
-    ((1, 70, 70, 2, 1, 16), True, (5, 0), False),
-    ((1, 70, 90, 4, 2, 16), False, (20, 3), False),
-    ((1, 90, 50, 2, 2, 16), False, (7, 30), False),
-    ((1, 50, 90, 2, 2, 16), False, (0, -1), False),
-    ((2, 60, 60, 4, 1, 16), True, (-1, -1), True),
-    ((2, 40, 77, 2, 1, 80), False, (-1, -1), True),
-    ((2, 40, 77, 2, 2, 16), True, (9, 0), True),
-]
-
-
-WINDOW_PARAMS = ([(*case, torch.float32) for case in WINDOW_CASES]
-                 + [(*case, torch.float16) for case in WINDOW_CASES[:2]])
-
-
-@pytest.mark.parametrize("shape, causal, window, docs, dtype", WINDOW_PARAMS)
-def test_window_and_documents_match_reference(shape, causal, window, docs, dtype):
-    q, k, v = make_qkv(*shape, dtype=dtype)
-    B, Nk = shape[0], shape[2]
-    doc_ids = torch.cumsum(torch.rand(B, Nk) < 0.1, dim=1) if docs else None
-    check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_unsorted_document_ids_match_reference(causal):
-    # Ids that do not increase along the sequence: block ranges overlap, nothing is skipped
-    # wrongly, and pairs whose ranges overlap are masked element by element.
-    q, k, v = make_qkv(2, 45, 70, 2, 1, 16, dtype=torch.float32)
-    doc_ids = torch.randint(0, 3, (2, 70))
-    doc_ids[:, 32:48] = 5  # one key block inside a single document
-    check_backend(attn(), q, k, v, causal=causal, doc_ids=doc_ids)
-
-
 def test_document_ranges_clip_packed_rows_only():
     ids = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3], [0, 1, 0, 1, 1, 1, 2, 2]])
     ranges = _doc_ranges(ids)
@@ -452,25 +290,6 @@ def test_document_blocks_between_documents_are_skipped(blocks, causal):
     assert torch.equal(out[:, rest], clean[:, rest])
     dk, dv = torch.autograd.grad(out[:, rest].sum(), (k, v))
     assert torch.isfinite(dk[:, rest]).all() and torch.isfinite(dv[:, rest]).all()
-
-
-def test_packed_documents_equal_each_document_alone():
-    lengths = [5, 23, 1, 17, 34]
-    N = sum(lengths)
-    q, k, v = make_qkv(1, N, N, 4, 2, 16, dtype=torch.float32)
-    packed = attn()(q, k, v, causal=True, doc_ids=_packed_ids(lengths))
-    start = 0
-    for length in lengths:
-        s = slice(start, start + length)
-        alone = attn()(q[:, s], k[:, s], v[:, s], causal=True)
-        assert max_err(packed[:, s], alone) < 1e-5, f"document at {start}:{start + length}"
-        start += length
-
-
-def test_documents_need_seqlen_q_at_most_seqlen_k():
-    q, k = torch.randn(1, 9, 2, 16), torch.randn(1, 4, 2, 16)
-    with pytest.raises(ValueError, match="doc_ids need seqlen_q <= seqlen_k"):
-        attn()(q, k, k, doc_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
 # (block_m, block_n): a program's owned tile larger and smaller than the looped one.
@@ -561,28 +380,6 @@ def test_bad_input_names_the_argument(bad, match):
 
 # ---------------------------------------------------------------------------- GPU only
 
-GPU_SHAPES = [  # (B, Nq, Nk, H, Hkv, D)
-    (2, 1025, 1025, 4, 1, 64),
-    (1, 2048, 2048, 4, 4, 128),
-    (1, 513, 1500, 8, 2, 96),
-    (1, 1500, 513, 4, 2, 80),
-    (1, 300, 300, 2, 1, 256),
-    (3, 77, 77, 4, 4, 32),
-]
-
-
-_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-GPU_CASES = ([(shape, torch.bfloat16) for shape in GPU_SHAPES]
-             + [(GPU_SHAPES[0], torch.float16), (GPU_SHAPES[3], torch.float32), (GPU_SHAPES[4], torch.float16)])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape, dtype", GPU_CASES, ids=[f"{s}-{_SHORT[d]}" for s, d in GPU_CASES])
-def test_gpu_matches_reference(shape, dtype, causal):
-    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
-    check_backend(attn(), q, k, v, causal=causal)
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["fwd", "dkdv", "dkdv_atomic", "dq"])
@@ -655,14 +452,6 @@ def test_gpu_deterministic_and_compiled_and_graphed():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal, window, docs", [(True, (256, 0), True), (False, (100, 50), False)])
-def test_gpu_window_and_documents(causal, window, docs):
-    q, k, v = make_qkv(2, 1000, 1100, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
-    doc_ids = torch.cumsum(torch.rand(2, 1100, device="cuda") < 0.003, dim=1) if docs else None
-    check_backend(attn(), q, k, v, causal=causal, window_size=window, doc_ids=doc_ids)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("shape, causal, dropout_p", [((2, 2048, 2048, 8, 2, 128), True, 0.0),
                                                       ((2, 1000, 1100, 12, 12, 64), False, 0.1),
                                                       ((1, 333, 333, 3, 1, 80), True, 0.0)],
@@ -711,22 +500,6 @@ def test_gpu_fixed_block_sizes_of_the_ablation(block_m, block_n):
         if "on-chip memory" not in str(err):
             raise
         pytest.skip(str(err))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("docs", [False, True], ids=["causal", "causal+docs"])
-def test_gpu_dropout(docs):
-    q, k, v = make_qkv(2, 1024, 1100, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
-    doc_ids = torch.cumsum(torch.rand(2, 1100, device="cuda") < 0.003, dim=1) if docs else None
-    p = 0.1
-    kwargs = dict(causal=True, doc_ids=doc_ids, dropout_p=p)
-    out, mask = attn()(q, k, v, dropout_seed=SEED, return_dropout_mask=True, **kwargs)
-    assert abs(mask.float().mean().item() - (1 - p)) < 2e-3
-    check_backend(with_seed(attn(), SEED), q, k, v, dropout_mask=mask, **kwargs)
-    again = attn()(q, k, v, dropout_seed=SEED, **kwargs)
-    assert torch.equal(out, again)
-    naive = get_backend("naive")(q, k, v, dropout_seed=SEED, **kwargs)
-    assert max_err(out, naive) < 2e-2
 
 
 @pytest.mark.gpu
