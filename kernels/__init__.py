@@ -73,8 +73,8 @@ _SDPA = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "dropout"})
 # NOTE: windows, documents and causal with seqlen_q != seqlen_k reach SDPA as an explicit mask,
 # which PyTorch's flash and cuDNN kernels on CUDA do not take.
 _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
-# NOTE: PyTorch's flash kernel takes dropout on CUDA, not on the CPU (sdpa.py raises there), and
-# on CUDA only float16 and bfloat16 and head dims up to 256; the entry states CUDA's limits.
+# NOTE: PyTorch's flash kernel takes dropout on CUDA, and there only float16 and bfloat16 and head
+# dims up to 256; its CPU version takes every dtype and an explicit mask but no dropout (on_cpu).
 _HALF = ("float16", "bfloat16")
 # NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
 # which tests/test_flex.py checks): registered for CUDA.
@@ -96,13 +96,24 @@ class BackendInfo:
     head_dims: tuple[int, int] = (1, 1 << 30)
     features: frozenset = _ALL
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # Where the CPU differs from the fields above (which state CUDA's limits): "dtypes", "features".
+    on_cpu: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     variant_of: Optional[str] = None  # a backend run with fixed options, for benchmarks and ablations
     run_info: Optional[str] = None  # function(seq_len) of the module: what a run records of it (autotune picks)
 
-    def supports(self, feature: str) -> bool:
+    def supports(self, feature: str, device: str = "cuda") -> bool:
         if feature not in FEATURES:
             raise ValueError(f"unknown attention feature '{feature}' (valid: {', '.join(FEATURES)})")
-        return feature in self.features
+        return feature in self.features_on(device)
+
+    def features_on(self, device: str) -> frozenset:
+        """The features this backend has on ``device`` ('cpu' or 'cuda')."""
+        return frozenset(self.on_cpu.get("features", self.features)) if device == "cpu" else self.features
+
+    def dtypes_on(self, device: str) -> tuple[str, ...]:
+        """The input dtypes this backend takes on ``device`` ('cpu' or 'cuda'). Triton backends on
+        the CPU list bfloat16 too, though the interpreter computes it wrongly (tests leave it out)."""
+        return tuple(self.on_cpu.get("dtypes", self.dtypes)) if device == "cpu" else self.dtypes
 
 
 _BACKENDS: tuple[BackendInfo, ...] = (
@@ -117,7 +128,8 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
-                fixed={"kernel": "flash"}, dtypes=_HALF, head_dims=(1, 256), features=_SDPA_NO_MASK),
+                fixed={"kernel": "flash"}, dtypes=_HALF, head_dims=(1, 256), features=_SDPA_NO_MASK,
+                on_cpu={"dtypes": ("float16", "bfloat16", "float32", "float64"), "features": _SDPA - {"dropout"}}),
     BackendInfo("sdpa_cudnn", "PyTorch's SDPA pinned to cuDNN's fused attention", "sdpa", "sdpa_attention",
                 fixed={"kernel": "cudnn"}, dtypes=_HALF, features=_SDPA_NO_MASK, devices=("cuda",)),
     BackendInfo("sdpa_efficient", "PyTorch's SDPA pinned to its memory-efficient kernel", "sdpa",

@@ -1,7 +1,7 @@
 """Standard attention, the baseline FlashAttention is measured against.
 
     S = softmax_scale * Q K^T     materialised, (B, Hkv, G, Nq, Nk) in the input dtype
-    P = softmax(S)                materialised, computed in float32, stored in the input dtype
+    P = softmax(S)                materialised, computed in float32 (float64 for float64 inputs), stored in the input dtype
     P = P * Z / (1 - p)           Z: the bool keep-mask, materialised when dropout_p > 0
     O = P V
 
@@ -60,7 +60,8 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
         mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
         mask = mask[:, None, None] if mask.dim() == 3 else mask
         scores = scores.masked_fill(~mask, float("-inf"))
-    scores32 = scores.float()
+    # NOTE: the softmax in float32 at least (float64 inputs keep float64).
+    scores32 = scores.to(torch.promote_types(scores.dtype, torch.float32))
     lse = torch.logsumexp(scores32, dim=-1)
     row_empty = torch.isneginf(lse)
     probs = torch.exp(scores32 - torch.where(row_empty, 0.0, lse)[..., None])

@@ -65,7 +65,8 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
                           "use torch.manual_seed, or naive/flash_v1 for the counter-based mask")
     if kernel == "flash" and p > 0.0 and q.device.type == "cpu":
         raise unsupported(name, "dropout_p > 0 on the CPU", "PyTorch's CPU flash kernel has no dropout")
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    # NOTE: PyTorch's fused kernels need the head dim contiguous; other strides are read in place.
+    qh, kh, vh = (t.transpose(1, 2) if t.stride(-1) == 1 else t.contiguous().transpose(1, 2) for t in (q, k, v))
     if Hkv != H:
         # NOTE: expanded to full heads (a copy) because not every SDPA kernel takes enable_gqa.
         kh = kh.repeat_interleave(H // Hkv, dim=1)

@@ -6,8 +6,8 @@ err(backend) <= OUT_FACTOR * err(torch, same dtype) + floor for outputs (and the
 logsumexp), GRAD_FACTOR for gradients. The floor keeps float64/float32 cases (where
 PyTorch's error is ~1e-7) from demanding more than the dtype can give.
 
-Which features and dtypes a backend is tested with comes from its registry entry
-(``features``, ``dtypes`` below), corrected where the code is known to do otherwise.
+Which features and dtypes a backend is tested with comes from its registry entry alone
+(``features``, ``dtypes`` below).
 """
 
 from __future__ import annotations
@@ -20,41 +20,17 @@ OUT_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 _FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 
-# What the code does where its registry entry says otherwise, per (backend, device):
-# "works" (tested by the matrix as a feature) or "RuntimeError" (PyTorch refuses the call
-# rather than the backend raising NotImplementedError). Pinned to PyTorch's CPU flash kernel,
-# sdpa_flash takes an explicit mask (windows, documents, unaligned causal) but no dropout.
-DEVIATIONS = {
-    ("sdpa_flash", "cpu"): {"window": "works", "doc_ids": "works", "unaligned_causal": "works",
-                            "dropout": "RuntimeError"},
-}
-
-# dtypes PyTorch's pinned CUDA kernels take, where the registry lists all four: its flash and
-# cuDNN kernels run half precision only, the memory-efficient kernel has no float64.
-CUDA_DTYPES = {"sdpa_flash": ("float16", "bfloat16"), "sdpa_cudnn": ("float16", "bfloat16"),
-               "sdpa_efficient": ("float16", "bfloat16", "float32")}
-
-# Accuracy a backend gives below its inputs' dtype, per (backend, dtype): the error floor the
-# matrix allows there. naive computes the softmax in float32 whatever the input dtype.
-FLOORS = {("naive", torch.float64): 1e-5}
-
-
 def features(name: str, device: str) -> set[str]:
-    """The features the matrix tests ``name`` with on ``device``: its registry entry's, as
-    corrected by DEVIATIONS."""
-    have = set(backend_info(name).features)
-    for feature, behaviour in DEVIATIONS.get((name, device), {}).items():
-        (have.add if behaviour == "works" else have.discard)(feature)
-    return have
+    """The features the matrix tests ``name`` with on ``device``: its registry entry's."""
+    return set(backend_info(name).features_on(device))
 
 
 def dtypes(name: str, device: str) -> list[torch.dtype]:
-    """The registry's dtypes of ``name``, less bfloat16 for a Triton backend on the CPU (the
-    interpreter computes it wrongly), and as CUDA_DTYPES says on the GPU."""
+    """The registry's dtypes of ``name`` on ``device``, less bfloat16 for a Triton backend on the
+    CPU (the interpreter computes it wrongly)."""
     info = backend_info(name)
-    names = [d for d in info.dtypes if not (device == "cpu" and info.triton and d == "bfloat16")
-             and not (device == "cuda" and d not in CUDA_DTYPES.get(name, (d,)))]
-    return [getattr(torch, d) for d in names]
+    return [getattr(torch, d) for d in info.dtypes_on(device)
+            if not (device == "cpu" and info.triton and d == "bfloat16")]
 
 
 def make_qkv(B, Nq, Nk, H, Hkv, D, dtype, device="cpu", strided=False, seed=None):

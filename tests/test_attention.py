@@ -25,7 +25,7 @@ import dataclasses
 import pytest
 import torch
 
-from attention_checks import (DEVIATIONS, FLOORS, check_attention, dtypes, features, make_qkv, max_err,
+from attention_checks import (check_attention, dtypes, features, make_qkv, max_err,
                               packed_doc_ids, unsorted_doc_ids)
 from fatrain.kernels import (FEATURES, MASKED_ROW_LSE, available_backends, backend_info, check_options,
                              get_backend)
@@ -188,8 +188,7 @@ def check_case(name, device, dtype, causal, case):
     if case.dropout:
         kwargs["dropout_p"] = DROPOUT_P
         kernel_kwargs = dict(dropout_seed=SEED, return_dropout_mask=True)
-    out, lse, mask = check_attention(attn, q, k, v, kernel_kwargs=kernel_kwargs, floor=FLOORS.get((name, dtype)),
-                                     **kwargs)
+    out, lse, mask = check_attention(attn, q, k, v, kernel_kwargs=kernel_kwargs, **kwargs)
     if case.dropout:
         # The counter-based mask: the one fatrain.kernels._dropout documents, whatever the backend.
         assert mask.dtype == torch.bool and torch.equal(mask, dropout_mask(SEED, B, H, Nq, Nk, DROPOUT_P, device))
@@ -275,10 +274,6 @@ def test_missing_feature_raises_naming_backend_and_feature(name, feature):
     for kwargs, match in _feature_calls(feature):
         kwargs = dict(kwargs)
         q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
-        if DEVIATIONS.get((name, "cpu"), {}).get(feature) == "RuntimeError":
-            with pytest.raises(RuntimeError):
-                attn(q, k, v, **kwargs)
-            continue
         with pytest.raises(NotImplementedError, match=f"'{name}'.*({match})"):
             attn(q, k, v, **kwargs)
 
@@ -313,19 +308,10 @@ def test_packed_documents_equal_each_document_alone(name, causal, window):
 
 
 STRIDED = [Case("strided", (2, 17, 33, 4, 2, 16)), Case("strided", (1, 70, 50, 2, 1, 80))]
-# PyTorch's flash kernel needs the head dim contiguous: "No available kernel" for q[..., ::2].
-STRIDED_FAILS = {"sdpa_flash"}
 
 
 def _strided_params():
-    params = []
-    for p in matrix(STRIDED, "cpu", available_backends()):
-        if p.values[2] != torch.float32:
-            continue
-        marks = [pytest.mark.xfail(strict=True, raises=RuntimeError, reason="head dim not contiguous")] \
-            if p.values[0] in STRIDED_FAILS else []
-        params.append(pytest.param(*p.values, marks=marks, id=p.id))
-    return params
+    return [p for p in matrix(STRIDED, "cpu", available_backends()) if p.values[2] == torch.float32]
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
