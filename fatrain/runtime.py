@@ -64,6 +64,8 @@ def classify(exc: BaseException) -> str:
         return "unavailable"
     if isinstance(exc, NotImplementedError) or any(m in str(exc) for m in _NO_KERNEL_MESSAGES):
         return "unsupported"
+    if isinstance(exc, ValueError) and "is not supported by" in str(exc):  # a dtype or head dim (check_qkv)
+        return "unsupported"
     return "error"
 
 

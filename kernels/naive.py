@@ -72,7 +72,7 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
     out = out.permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
     results = [out]
     if return_lse:
-        lse = torch.where(row_empty, torch.full_like(lse, MASKED_ROW_LSE), lse)
+        lse = torch.where(row_empty, torch.full_like(lse, MASKED_ROW_LSE), lse).float()  # float32, as every backend
         results.append(lse.reshape(B, H, Nq))
     if return_dropout_mask:
         results.append(keep)

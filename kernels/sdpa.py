@@ -20,6 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import backend_info
 from ._common import allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale, unsupported
 
 _PINNED = {
@@ -52,7 +53,9 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     not take. GQA expands K and V to full heads (a copy). sdpa_flash has no dropout on the CPU.
     """
     name = "sdpa" if kernel is None else f"sdpa_{kernel}"
-    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name)
+    info = backend_info(name)  # the limits of the pinned kernel on this device
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name, head_dims=info.head_dims,
+                                     dtypes=tuple(getattr(torch, d) for d in info.dtypes_on(q.device.type)))
     check_doc_ids(doc_ids, B, Nk, q.device)
     scale = default_scale(softmax_scale, D)
     p = check_dropout(dropout_p)
