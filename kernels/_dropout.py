@@ -16,7 +16,7 @@ other way round), and two rows' products differ by (R_r - R_r') C_c, a shift tha
 with every column, so no row, column, head or seed pattern repeats: neighbouring rows,
 columns (lags 1 to 256), heads and seeds are uncorrelated and the 16 keep patterns of 2 x 2
 neighbourhoods are equally frequent, within sampling error over 200 keys
-(tests/test_features.py checks one). The top 16 bits of the product are the element's random
+(tests/test_dropout.py checks one). The top 16 bits of the product are the element's random
 bits, so dropout_p is applied in steps of 2**-16 (|error| <= 7.6e-6; the scale 1 / (1 - p)
 is not changed; p >= 1 - 2**-17 keeps 1 element in 2**16). The ``| 1`` can give two rows (or
 columns) of one head the same factor, with probability 2**-31 per pair: such a pair shares its

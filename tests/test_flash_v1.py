@@ -130,7 +130,7 @@ def test_deterministic_backward_is_bit_identical():
 
 
 def test_unsupported_features_and_bad_input():
-    # dropout, window_size and doc_ids are supported (tests/test_features.py); bad values raise.
+    # dropout, window_size and doc_ids are supported (tests/test_attention.py); bad values raise.
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="dropout_seed"):
         flash_v1_attention(q, q, q, dropout_p=0.1, dropout_seed=-1)
