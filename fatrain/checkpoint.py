@@ -13,14 +13,25 @@ Two kinds, one folder, one step numbering:
 A rename within a folder is atomic, so a crash mid-write leaves the previous checkpoints
 intact and at worst a stray ``*.tmp`` file or folder, which is ignored and cleaned up on
 the next save. ``load_checkpoint`` reads either kind into one plain dict on the CPU, with
-no process group (a ``.dcp`` folder is converted through ``dcp_to_torch_save``), so the
-evaluation tools need not know how a run was trained.
+no process group, so the evaluation tools need not know how a run was trained.
+
+Loading never runs code from the file. A checkpoint holds only tensors and plain containers
+(dicts, lists, tuples, numbers, strings; the RNG states are stored that way too, see
+``fatrain.trainer.rng_state``), so every ``.pt`` file is read with ``torch.load(...,
+weights_only=True)``. A ``.dcp`` folder is read through DCP with two guards: its ``.metadata``
+pickle is first unpickled against an allow-list of DCP's own metadata classes
+(``_DCP_METADATA_GLOBALS``), and every non-tensor entry is read with ``weights_only=True``
+(``SafeLoadPlanner``). A file that needs anything else (a crafted pickle, or a checkpoint of
+an older fatrain that pickled numpy's RNG state) is refused with a one-line CheckpointError
+naming the file and the global it asked for; there is no unsafe fallback.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -80,12 +91,122 @@ def list_checkpoints(folder: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+# torch's weights_only messages: "Unsupported global: GLOBAL numpy...", "unsupported GLOBAL posix.system whose ..."
+_UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
+
+
+def _refuse_unsafe(path: str, e: Exception) -> CheckpointError:
+    """The one-line error for a file whose unpickling asks for a global outside the allow-list."""
+    m = _UNSAFE_GLOBAL.search(str(e))
+    name = m.group(1) if m else "a global outside the allow-list"
+    if name.startswith("numpy"):
+        why = (f"it needs {name}: the format of an older fatrain version, which pickled numpy objects and "
+               "cannot be loaded safely (only with torch.load(weights_only=False), i.e. trusting the file)")
+    else:
+        why = f"it needs {name}, which is not a tensor or plain container (loading it could run code from the file)"
+    return CheckpointError(f"checkpoint {path} refused: {why}")
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights_only message that says what failed ("Unsupported operand 110")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _read(path: str, map_location) -> dict:
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _UNSAFE_GLOBAL.search(str(e)):
+            raise _refuse_unsafe(path, e) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
+                              f"{_unpickler_reason(e)}") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
                               f"{type(e).__name__}: {e}") from None
+
+
+# The globals a DCP ``.metadata`` pickle names (torch 2.x): DCP's metadata dataclasses, the
+# storage index, dtype/layout/memory-format constants and the saved checkpoint path.
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module in _DCP_METADATA_MODULES or (module, name) in _DCP_METADATA_GLOBALS:
+            obj = super().find_class(module, name)
+            if module != "torch.serialization" and not isinstance(obj, type):
+                raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def check_dcp_metadata(path: str) -> None:
+    """Unpickle a ``.dcp`` folder's ``.metadata`` against the allow-list before DCP reads it."""
+    meta_path = os.path.join(path, ".metadata")
+    try:
+        with open(meta_path, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if _UNSAFE_GLOBAL.search(str(e)):
+            raise _refuse_unsafe(meta_path, e) from None
+        raise CheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
+    except Exception as e:  # missing, truncated, ...
+        raise CheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
+
+
+def _safe_planner(base):
+    """``base`` (a DCP load planner) whose non-tensor entries must pass ``torch.load(weights_only=True)``."""
+
+    class SafeLoadPlanner(base):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            data = value.read()
+            try:
+                torch.load(io.BytesIO(data), weights_only=True)
+            except pickle.UnpicklingError as e:
+                where = f"{self._fatrain_path} (entry {read_item.dest_index.fqn})"
+                if _UNSAFE_GLOBAL.search(str(e)):
+                    raise _refuse_unsafe(where, e) from None
+                raise CheckpointError(f"checkpoint {where} is unreadable: {_unpickler_reason(e)}") from None
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return SafeLoadPlanner
+
+
+def dcp_exception_type() -> type[BaseException]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def dcp_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a BaseException), else ``e``."""
+    if isinstance(e, dcp_exception_type()) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
+
+
+def safe_load_planner(path: str):
+    """A DefaultLoadPlanner for ``dcp.load`` that reads non-tensor entries only with ``weights_only=True``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    planner = _safe_planner(DefaultLoadPlanner)()
+    planner._fatrain_path = path
+    return planner
 
 
 def _check(state, path: str, keys=("model", "spec", "step", "config")) -> dict:
@@ -113,20 +234,40 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """
     if is_sharded(path):
         state = load_metadata(path)
-        with tempfile.TemporaryDirectory(prefix="fatrain-dcp-") as tmp:
-            full_path = os.path.join(tmp, "full.pt")
-            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        check_dcp_metadata(path)
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-            try:
-                dcp_to_torch_save(path, full_path)
-            except Exception as e:
-                raise CheckpointError(f"checkpoint {path}: the sharded tensors are unreadable: "
-                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-            tensors = torch.load(full_path, map_location=map_location, weights_only=False)
+        # What dcp_to_torch_save does (torch 2.13: these two private names), without its temporary
+        # file and its torch.load(weights_only=False), and with the safe planner.
+        planner = _safe_planner(_EmptyStateDictLoadPlanner)()
+        planner._fatrain_path = path
+        tensors: dict = {}
+        try:
+            _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=planner, no_dist=True)
+        except (Exception, dcp_exception_type()) as e:
+            e = dcp_cause(e)
+            if isinstance(e, CheckpointError):
+                raise e from None
+            raise CheckpointError(f"checkpoint {path}: the sharded tensors are unreadable: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if map_location not in (None, "cpu"):
+            tensors = _to(tensors, map_location)
         return {**state, **tensors}
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     return _check(_read(path, map_location), path)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def _remove(path: str) -> None:

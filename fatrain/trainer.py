@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from fatrain import distributed
 from fatrain.checkpoint import (CheckpointError, CheckpointManager, is_sharded, list_checkpoints, load_checkpoint,
                                 load_metadata)
+from fatrain.checkpoint import check_dcp_metadata, dcp_cause, dcp_exception_type, safe_load_planner
 from fatrain.config import validate_train_config
 from fatrain.data import BlockLoader, build_data
 from fatrain.distributed import DistEnv
@@ -125,7 +126,18 @@ def learning_rate(step: int, cfg, max_steps: int) -> float:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain values, so a checkpoint loads with ``weights_only=True``.
+
+    numpy's legacy state is a tuple holding an ndarray (624 uint32 words); the words are
+    stored as an int64 tensor, the rest as a string and numbers.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,7 +146,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -296,12 +310,18 @@ class Trainer:
         if self.dist.strategy != "fsdp":
             raise CheckpointError(f"resume from {path}: a .dcp checkpoint (trainer.strategy=fsdp) resumes only with "
                                   f"trainer.strategy=fsdp, not {self.dist.strategy}")
+        check_dcp_metadata(path)  # before DCP unpickles it
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         sharded = {"model": model_sd, "optimizer": optim_sd}
         try:
-            dcp.load(sharded, checkpoint_id=path)
+            try:
+                dcp.load(sharded, checkpoint_id=path, planner=safe_load_planner(path))
+            except dcp_exception_type() as e:  # a BaseException: unwrap the rank's own error
+                raise dcp_cause(e) from None
             set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
                            optim_state_dict=sharded["optimizer"])
+        except CheckpointError:
+            raise
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"resume from {path}: the checkpoint does not fit this model: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
