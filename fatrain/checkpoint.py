@@ -48,6 +48,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, foreign or does not fit the run."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling needs a global outside the allow-list: it could run code.
+
+    Not a damaged file but a foreign or tampered one, so a resume stops at it rather than
+    falling back to an older checkpoint.
+    """
+
+
 def atomic_save(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -95,7 +103,7 @@ def list_checkpoints(folder: str) -> list[str]:
 _UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
 
 
-def _refuse_unsafe(path: str, e: Exception) -> CheckpointError:
+def _refuse_unsafe(path: str, e: Exception) -> UnsafeCheckpointError:
     """The one-line error for a file whose unpickling asks for a global outside the allow-list."""
     m = _UNSAFE_GLOBAL.search(str(e))
     name = m.group(1) if m else "a global outside the allow-list"
@@ -104,7 +112,7 @@ def _refuse_unsafe(path: str, e: Exception) -> CheckpointError:
                "cannot be loaded safely (only with torch.load(weights_only=False), i.e. trusting the file)")
     else:
         why = f"it needs {name}, which is not a tensor or plain container (loading it could run code from the file)"
-    return CheckpointError(f"checkpoint {path} refused: {why}")
+    return UnsafeCheckpointError(f"checkpoint {path} refused: {why}")
 
 
 def _unpickler_reason(e: Exception) -> str:

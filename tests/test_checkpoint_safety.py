@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fatrain.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from fatrain.checkpoint import FORMAT, UnsafeCheckpointError, load_checkpoint
 from fatrain.config import register_configs
 from fatrain.trainer import rng_state, run_training, set_rng_state
 
@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
 def test_crafted_pickle_is_refused_without_running(tmp_path, payload):
     marker = tmp_path / "pwned"
     path = crafted_checkpoint(tmp_path / "evil.pt", marker, payload)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(UnsafeCheckpointError) as err:
         load_checkpoint(path)
     assert not marker.exists()
     message = str(err.value)
@@ -106,7 +106,7 @@ def test_checkpoint_of_an_older_version_is_refused_with_the_reason(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"format": FORMAT, "model": {}, "spec": {}, "step": 1, "config": {},
                 "rng": {"numpy": np.random.get_state()}}, path)
-    with pytest.raises(CheckpointError, match=r"refused: it needs numpy\S* .*older fatrain version"):
+    with pytest.raises(UnsafeCheckpointError, match=r"refused: it needs numpy\S* .*older fatrain version"):
         load_checkpoint(str(path))
 
 
@@ -129,13 +129,13 @@ def test_sharded_checkpoint_loads_and_crafted_parts_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     # A non-tensor entry (DCP stores it as torch.save bytes) that carries the payload.
     evil_entry = _dcp_folder(tmp_path / "entry.dcp", {"model": {"w": torch.zeros(2), "x": SystemPayload(marker)}})
-    with pytest.raises(CheckpointError, match=r"entry\.dcp \(entry model\.x\) refused: .*system"):
+    with pytest.raises(UnsafeCheckpointError, match=r"entry\.dcp \(entry model\.x\) refused: .*system"):
         load_checkpoint(evil_entry)
     # DCP's own .metadata pickle replaced by the payload.
     evil_meta = _dcp_folder(tmp_path / "meta.dcp", {"model": {"w": torch.zeros(2)}})
     with open(os.path.join(evil_meta, ".metadata"), "wb") as f:
         pickle.dump(SystemPayload(marker), f)
-    with pytest.raises(CheckpointError, match=r"meta\.dcp/\.metadata refused: .*system"):
+    with pytest.raises(UnsafeCheckpointError, match=r"meta\.dcp/\.metadata refused: .*system"):
         load_checkpoint(evil_meta)
     assert not marker.exists()
 
@@ -185,7 +185,7 @@ def test_fsdp_resume_refuses_crafted_dcp_metadata(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     with open(evil / ".metadata", "wb") as f:
         pickle.dump(SystemPayload(marker), f)
-    with pytest.raises(CheckpointError, match=r"\.metadata refused: it needs posix\.system"):
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata refused: it needs posix\.system"):
         run_training(compose_train([*fsdp, f"resume={evil}", "trainer.max_steps=4"]), str(tmp_path / "resumed"))
     assert not marker.exists()
     assert not torch.distributed.is_initialized()
