@@ -110,6 +110,9 @@ class TrainerConfig:
     keep_last: int = 3
     peak_tflops: Optional[float] = None  # None: from the table of known GPUs
     progress_bar: bool = True
+    # A step whose loss or gradient norm is not finite: stop (exit 2, status "nonfinite", no checkpoint of
+    # it) | skip_step (its update is not applied; counted as train/skipped_steps).
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -147,6 +150,7 @@ STRATEGIES = ("single", "ddp", "fsdp")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_SOURCES = ("text", "hf")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+NONFINITE_ACTIONS = ("stop", "skip_step")
 
 
 def _choice(value, allowed, key):
@@ -187,6 +191,7 @@ def validate_train_config(cfg) -> None:
     _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
     _choice(t.precision, PRECISIONS, "trainer.precision")
     _choice(t.strategy, STRATEGIES, "trainer.strategy")
+    _choice(t.on_nonfinite, NONFINITE_ACTIONS, "trainer.on_nonfinite")
     _choice(t.dist_backend, ("auto", "nccl", "gloo"), "trainer.dist_backend")
     _positive(t.dist_timeout_s, "trainer.dist_timeout_s")
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "keep_last"):

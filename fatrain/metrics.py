@@ -102,12 +102,26 @@ class StepTimer:
         return out
 
 
+def _number(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
 def _jsonable(v):
-    if isinstance(v, torch.Tensor):
-        v = v.item()
+    """A metric as a plain value: a tensor's number, and None (JSON null) for NaN and infinities."""
+    v = _number(v)
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     return v
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float (at any depth) made None, so ``json.dumps(allow_nan=False)``
+    writes it: NaN and Infinity are not JSON, and strict parsers refuse them."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return _jsonable(obj)
 
 
 class JsonlLogger:
@@ -118,8 +132,8 @@ class JsonlLogger:
         self._f = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int):
-        row = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._f.write(json.dumps(row) + "\n")
+        row = strict_json({"step": step, "time": time.time(), **metrics})
+        self._f.write(json.dumps(row, allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self):
@@ -139,7 +153,7 @@ class ConsoleLogger:
         parts = []
         for key in self.KEYS:
             if key in metrics:
-                v = _jsonable(metrics[key])
+                v = _number(metrics[key])  # NaN prints as nan
                 short = key.split("/")[-1]
                 parts.append(f"{short} {v:.4g}" if isinstance(v, float) else f"{short} {v}")
         if parts:
@@ -167,7 +181,7 @@ class WandbLogger:
         return self.run.id
 
     def log(self, metrics: dict, step: int):
-        self.run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+        self.run.log({k: _number(v) for k, v in metrics.items()}, step=step)  # W&B takes NaN
 
     def close(self):
         self.run.finish()

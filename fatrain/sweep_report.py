@@ -120,7 +120,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _number(value) -> Optional[float]:
-    # JsonlLogger writes non-finite floats as strings ("nan", "inf").
+    # JsonlLogger writes non-finite floats as null (older runs: as strings, "nan", "inf").
     try:
         value = float(value)
     except (TypeError, ValueError):

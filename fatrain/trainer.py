@@ -6,9 +6,10 @@ backend takes and what it reports of a run come from the registry (``fatrain.ker
 
 The step loop reads top to bottom like nanoGPT's: set the learning rate -> periodic
 validation and checkpoint -> micro-steps with gradient accumulation -> clip -> optimizer
-step -> zero_grad -> timing, tokens/s, MFU -> loggers. Sinks (loggers, checkpoint
-manager) live outside; the trainer's own state is ``state_dict()``: step, tokens seen,
-RNG states and the data loader's position, so a resumed run continues the same curve.
+step (left out where the loss or gradient norm is not finite: trainer.on_nonfinite stops the
+run there or skips the step) -> zero_grad -> timing, tokens/s, MFU -> loggers. Sinks (loggers,
+checkpoint manager) live outside; the trainer's own state is ``state_dict()``: step, tokens
+seen, RNG states and the data loader's position, so a resumed run continues the same curve.
 
 Distributed (``trainer.strategy=ddp|fsdp``, see fatrain.distributed): every rank runs this
 same loop on its own shard of each global batch (``trainer.batch_size`` is per rank). The
@@ -243,6 +244,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep_last=t.keep_last)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0  # updates left out for a non-finite loss or gradient norm (on_nonfinite=skip_step)
+        # Fused AdamW skips its whole update on the device when handed a found_inf flag (the path
+        # GradScaler uses); elsewhere the flag is read before the step (see optimizer_step).
+        self.masked_step = (bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+                            and self.dist.strategy != "fsdp")
         self.wandb_id = None
         self.progress = progress
         # Global: all ranks together. (FSDP2's DTensor parameters report their full size, so the
@@ -260,6 +266,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "rng": rng_ranks[0],
             "rng_ranks": rng_ranks,
             "world_size": self.dist.world_size,
@@ -277,6 +284,7 @@ class Trainer:
     def _restore_meta(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.train_loader.load_state_dict(state["data"])
         saved_ranks = state.get("rng_ranks") or [state["rng"]]
         if len(saved_ranks) == self.dist.world_size:
@@ -383,6 +391,58 @@ class Trainer:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
 
+    def nonfinite_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """[loss, gradient norm]: 1.0 where this step's value is not finite on some rank, else 0.0.
+
+        Stays on the device (no sync); the maximum over ranks, so every rank takes the same decision.
+        With fp16 the GradScaler owns overflowing gradients (it skips those steps and lowers the scale,
+        a normal part of loss scaling), so only the loss counts there.
+        """
+        grad_bad = torch.zeros_like(loss, dtype=torch.bool) if self.scaler.is_enabled() else ~torch.isfinite(grad_norm)
+        flags = torch.stack([~torch.isfinite(loss), grad_bad.to(loss.device)]).float()
+        return distributed.all_reduce(flags, self.dist, op="max")
+
+    def optimizer_step(self, flags: torch.Tensor) -> None:
+        """The optimizer step, unless a flag is set: then neither the weights nor the optimizer state change.
+
+        Fused AdamW (the default on CUDA, and optim.fused=true): the flag goes in as ``found_inf``, and the
+        kernel leaves parameters, moments and the step count as they were, so the loop does not wait for
+        the device here; it reads the flag after StepTimer.stop, which synchronises every step already.
+        Otherwise (optim.fused=false, fp16's GradScaler, FSDP's sharded parameters) the flag is read before
+        the step: one more sync there (GradScaler with an unfused optimizer makes it anyway; on the CPU
+        nothing runs ahead to wait for).
+        """
+        skip = flags.max()
+        if self.masked_step:
+            self.optimizer.found_inf = skip
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not skip.item():
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # fp16: halves the scale after an overflow, whether or not the step ran
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (a sync: before saves and after a skipped step)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.stack([(~torch.isfinite(p)).any() for p in local]).any().float()
+        return not distributed.all_reduce(bad, self.dist, op="max").item()
+
+    def nonfinite_result(self, what: list[str]) -> dict:
+        """The result of a run stopped at this step; no checkpoint of this state is written."""
+        t = self.cfg.trainer
+        last = self.checkpoints.latest()
+        error = (f"non-finite {describe_nonfinite(what)} at step {self.step} (trainer.on_nonfinite={t.on_nonfinite}): "
+                 f"stopped without saving it; last good checkpoint: {last or 'none'}")
+        return {"status": "nonfinite", "error": error, "nonfinite": what, "step": self.step,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, "checkpoint": last}
+
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:
+            (self.progress.write if self.progress is not None else print)(msg)
+
     def global_metrics(self, losses: list[torch.Tensor]) -> dict:
         """Mean loss over steps and ranks and the peak memory of the fullest rank: one collective each."""
         loss = distributed.all_reduce(torch.stack(losses).mean().float(), self.dist, op="mean")
@@ -408,6 +468,9 @@ class Trainer:
             if t.eval_every and self.step > start_step and self.step % t.eval_every == 0:
                 self.logger.log({"val/loss": self.evaluate()}, self.step)
             if t.ckpt_every and self.step > start_step and self.step % t.ckpt_every == 0:
+                # A finite gradient can still overflow the weights (say lr x weight decay > 1): never save them.
+                if not self.weights_finite():
+                    return self.nonfinite_result(["parameters"])
                 self.save_checkpoint()
 
             timer.start()
@@ -424,8 +487,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = self.clip_gradients(max_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            flags = self.nonfinite_flags(step_loss, grad_norm)
+            self.optimizer_step(flags)
             self.optimizer.zero_grad(set_to_none=True)
             timer.stop(self.tokens_per_step)
 
@@ -434,25 +497,47 @@ class Trainer:
             losses.append(step_loss)
             if self.progress is not None:
                 self.progress.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            # StepTimer.stop synchronised the device, so this read waits for nothing; the bad update was
+            # already left out before the read (optimizer_step), so reading here lets none through.
+            nonfinite = [name for name, bad in zip(("loss", "grad_norm"), flags.tolist()) if bad]
+            if nonfinite and t.on_nonfinite == "skip_step":
+                self.skipped_steps += 1
+            # A bad step is logged at once (its loss and norm as null), whatever log_every says.
+            if nonfinite or self.step % t.log_every == 0 or self.step == t.max_steps:
                 # .item() syncs the device once per log step, not once per step; on several ranks
-                # these are the only collectives outside the backward and the checkpoints.
+                # these and the non-finite flags are the only collectives outside the backward and the
+                # checkpoints.
                 metrics = {
                     **self.global_metrics(losses),
                     "train/lr": lr,
                     "train/grad_norm": grad_norm.item(),
                     "train/tokens_seen": self.tokens_seen,
+                    "train/skipped_steps": self.skipped_steps,
                     **timer.read_and_reset(),
                 }
                 losses = []
                 if self.peak_flops and "perf/tokens_per_sec" in metrics:
                     metrics["perf/mfu"] = metrics["perf/tokens_per_sec"] * self.flops_per_token / self.peak_flops
                 self.logger.log(metrics, self.step)
+            if nonfinite:
+                # Skipping cannot mend weights that are already non-finite (a finite update overflowed them).
+                if t.on_nonfinite == "stop" or not self.weights_finite():
+                    return self.nonfinite_result(nonfinite if t.on_nonfinite == "stop" else ["parameters"])
+                self._say(f"step {self.step}: non-finite {describe_nonfinite(nonfinite)}: update skipped "
+                          f"({self.skipped_steps} so far)")
 
+        if not self.weights_finite():
+            return self.nonfinite_result(["parameters"])
         val_loss = self.evaluate()
         self.logger.log({"val/loss": val_loss}, self.step)
         path = self.save_checkpoint() if t.save_final else None
-        return {"final_val_loss": val_loss, "step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": path}
+        return {"final_val_loss": val_loss, "step": self.step, "tokens_seen": self.tokens_seen, "checkpoint": path,
+                "skipped_steps": self.skipped_steps}
+
+
+def describe_nonfinite(what: list[str]) -> str:
+    names = {"loss": "loss", "grad_norm": "gradient norm", "parameters": "parameters after the update"}
+    return " and ".join(names[w] for w in what)
 
 
 def resolve_resume(resume: str | None, checkpoints: CheckpointManager) -> str | None:
@@ -519,8 +604,10 @@ def make_loggers(cfg, run_dir: str, trainer: Trainer, progress) -> MultiLogger:
 
 def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
     """Train one run in ``run_dir`` (metrics.jsonl, checkpoints/, wandb/); returns its result:
-    status "ok", final_val_loss, step, tokens_seen, checkpoint, and ``attention_run_info`` where the
-    backend reports something of the run (``fatrain.kernels.run_info``: e.g. its autotuners' picks).
+    status "ok", final_val_loss, step, tokens_seen, skipped_steps, checkpoint, and ``attention_run_info``
+    where the backend reports something of the run (``fatrain.kernels.run_info``: e.g. its autotuners'
+    picks). A run stopped by a non-finite step returns status "nonfinite", that step, what was not
+    finite, an ``error`` line and the last good checkpoint (Trainer.nonfinite_result).
 
     A fresh run refuses a folder that holds checkpoints; ``resume=auto`` continues from the latest.
     Without ``dist_env``, joins (and at the end leaves) the process group that ``trainer.strategy``
@@ -569,6 +656,8 @@ def _run_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
         logger.close()
         if progress is not None:
             progress.close()
+    if result.get("status") == "nonfinite":
+        return result
     result["status"] = "ok"
     # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
     attention_info = run_info(cfg.attention.backend, cfg.data.seq_len)

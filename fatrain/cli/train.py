@@ -7,7 +7,8 @@
 
 ``attention=<name>`` is one of configs/attention/ (one file per registry backend). Each run
 directory holds the composed config (.hydra/), metrics.jsonl, checkpoints/, the W&B run
-(wandb/) and result.json. A bad setting exits with one line naming it. Under torchrun every
+(wandb/) and result.json. A bad setting exits 2 with one line naming it; so does a run stopped at a
+non-finite step (trainer.on_nonfinite=stop; result.json status "nonfinite"). Under torchrun every
 rank runs this entry point; all use rank 0's run directory, and only rank 0 writes metrics,
 W&B, the console lines and result.json.
 """
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 from fatrain import distributed
 from fatrain.config import register_configs, validate_train_config
 from fatrain.distributed import DistEnv
+from fatrain.metrics import strict_json
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, free_memory, report_user_error, select_device
 from fatrain.trainer import run_training
 
@@ -52,7 +54,7 @@ def write_result(run_dir: str, result: dict) -> None:
     path = os.path.join(run_dir, "result.json")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        json.dump(strict_json(result), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -85,6 +87,12 @@ def main(cfg: DictConfig) -> float:
     free_memory(select_device("auto"))
     if dist_env is None or dist_env.is_main:
         write_result(run_dir, result)
+    if result["status"] == "nonfinite":
+        # Like a bad setting: one line and exit 2; a sweep records the point (result.json) and goes on.
+        if dist_env is None or dist_env.is_main:
+            print(f"error: {result['error']}", file=sys.stderr)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(USER_ERROR_EXIT)
     return result.get("final_val_loss", float("inf"))
 
 
