@@ -293,3 +293,12 @@ def test_max_context_cli_bad_search_arguments_exit_2_with_one_line(tmp_path, cap
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in available_backends(variants=True)
+                                  if backend_info(n).module == "sdpa" and "cpu" not in backend_info(n).devices])
+def test_cuda_only_sdpa_kernel_on_cpu_names_the_device(name):
+    q = torch.randn(1, 32, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"device cpu is not supported by {name} \(supported: cuda\): q, k and v "
+                                         r"must be CUDA tensors"):
+        get_backend(name)(q, q, q)
