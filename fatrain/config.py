@@ -4,11 +4,14 @@ Each group in ``configs/`` (model, attention, data, optim, trainer, logger) is v
 against one dataclass here, registered in Hydra's ConfigStore as ``<group>/schema``. A
 misspelt key or a wrong type therefore fails at composition, before any work starts.
 Value checks that a type cannot express (a precision name, a positive length) live in
-``validate_train_config`` so that the trainer, the evaluator and the tests share them.
+``validate_train_config`` (and its eval, sample and bench siblings) so that the trainer, the
+evaluator and the tests share them: every numeric setting has a ``Range`` in one table per
+entry point (``TRAIN_RANGES``, ...), which also says what its sentinels (-1, 0, null) mean.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional, get_type_hints
 
@@ -158,14 +161,126 @@ def _choice(value, allowed, key):
         raise ValueError(f"{key}={value!r} is not allowed (choose from: {', '.join(allowed)})")
 
 
-def _positive(value, key, allow_zero=False):
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: ``lo``..``hi`` (None: unbounded at that end), each end
+    closed unless marked open, always finite (inf and nan are refused), optionally powers of two;
+    ``special`` lists the values with a meaning of their own (``(-1, "unlimited")``, ``(None,
+    "autotune")``), allowed whether or not they fall in the range and named in the message."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    pow2: bool = False
+    special: tuple = ()
+
+    def allows(self, value) -> bool:
+        return value in [special for special, _ in self.special] or self._in_range(value)
+
+    def _in_range(self, value) -> bool:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return False
+        return not self.pow2 or (value == int(value) and int(value) & (int(value) - 1) == 0)
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {self.hi}"
+        else:
+            text = "a finite number"
+        if self.pow2:
+            text = f"a power of two {text}"
+        # A special value inside the range is a note on its meaning; outside it, an alternative.
+        for value, meaning in self.special:
+            name = "null" if value is None else value
+            text += f" ({name}: {meaning})" if self._in_range(value) else f", or {name} ({meaning})"
+        return text
+
+
+def check_ranges(cfg, ranges: dict[str, Range]) -> None:
+    """Check every ``key: Range`` of ``ranges`` in ``cfg`` (a dotted key; a list is checked element by
+    element, a mapping value by value); a key that is absent or null where null has no meaning of
+    its own is skipped (the schema decides whether null is allowed). Raise ValueError naming the key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    for key, allowed in ranges.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if isinstance(value, (dict, DictConfig)):
+            items = [(v, f"{key}.{name}={v}") for name, v in value.items()]
+        elif isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+            items = [(v, f"{key}={list(value)} holds {v}, but each value") for v in value]
+        else:
+            items = [(value, f"{key}={value}")]
+        for v, what in items:
+            if not allowed.allows(v):
+                finite = "finite and " if isinstance(v, float) and not math.isfinite(v) else ""
+                raise ValueError(f"{what} must be {finite}{allowed.describe()}")
+
+
+POSITIVE = Range(lo=0, lo_open=True)  # > 0
+NON_NEGATIVE = Range(lo=0)  # >= 0
+PROBABILITY = Range(lo=0.0, hi=1.0, hi_open=True)  # a dropout rate, an Adam beta: [0, 1)
+#: numpy's seed range (np.random.seed, SeedSequence); torch's is wider.
+SEED = Range(lo=0, hi=2**32 - 1)
+
+#: Every numeric setting of fatrain-train and its allowed values.
+TRAIN_RANGES: dict[str, Range] = {
+    "model.n_layer": POSITIVE,
+    "model.n_head": POSITIVE,
+    "model.n_kv_head": Range(lo=0, lo_open=True, special=((None, "same as model.n_head"),)),
+    "model.n_embd": POSITIVE,
+    "model.vocab_size": Range(lo=0, lo_open=True, special=((None, "the tokenizer's"),)),
+    "model.mlp_hidden": Range(lo=0, lo_open=True, special=((None, "from model.n_embd"),)),
+    "model.dropout": PROBABILITY,
+    "model.attn_dropout": PROBABILITY,
+    "model.rope_theta": POSITIVE,
+    "model.init_std": POSITIVE,
+    "attention.window_left": Range(lo=0, special=((-1, "unlimited"),)),
+    "attention.window_right": Range(lo=0, special=((-1, "unlimited"),)),
+    "attention.block_m": Range(lo=16, hi=256, pow2=True, special=((None, "autotune"),)),
+    "attention.block_n": Range(lo=16, hi=256, pow2=True, special=((None, "autotune"),)),
+    "attention.sram_bytes": Range(lo=0, lo_open=True, special=((None, "the GPU's shared memory"),)),
+    "attention.num_splits": Range(lo=0, special=((0, "from the GPU's SM count"), (None, "the backend's default"))),
+    "data.seq_len": POSITIVE,
+    "data.val_fraction": Range(lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": PROBABILITY,
+    "optim.beta2": PROBABILITY,
+    "optim.eps": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.grad_clip": Range(lo=0, special=((0, "no clipping"),)),
+    "trainer.max_steps": POSITIVE,
+    "trainer.batch_size": POSITIVE,
+    "trainer.tokens_per_step": Range(lo=0, lo_open=True, special=((None, "from trainer.batch_size"),)),
+    "trainer.grad_accum_steps": POSITIVE,
+    "trainer.dist_timeout_s": POSITIVE,
+    "trainer.seed": SEED,
+    "trainer.log_every": POSITIVE,
+    "trainer.eval_every": Range(lo=0, special=((0, "only the final validation"),)),
+    "trainer.eval_batches": POSITIVE,
+    "trainer.ckpt_every": Range(lo=0, special=((0, "only the final checkpoint"),)),
+    "trainer.keep_last": POSITIVE,
+    "trainer.peak_tflops": Range(lo=0, lo_open=True, special=((None, "from the table of known GPUs"),)),
+}
 
 
 def validate_train_config(cfg) -> None:
     """Check the values that types cannot; raise ValueError naming the key and what is allowed."""
-    from fatrain.kernels import available_backends
+    from fatrain.kernels import all_options, available_backends, check_options
 
     m, a, d, o, t = cfg.model, cfg.attention, cfg.data, cfg.optim, cfg.trainer
     _choice(a.backend, available_backends(), "attention.backend")
@@ -173,31 +288,20 @@ def validate_train_config(cfg) -> None:
     _choice(m.mlp, MLPS, "model.mlp")
     _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
     _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
-    for key in ("n_layer", "n_head", "n_embd"):
-        _positive(getattr(m, key), f"model.{key}")
+    check_ranges(cfg, TRAIN_RANGES)
     if m.n_embd % m.n_head:
         raise ValueError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
         raise ValueError(f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}")
-    for key in ("dropout", "attn_dropout"):
-        if not 0.0 <= getattr(m, key) < 1.0:
-            raise ValueError(f"model.{key}={getattr(m, key)} must be in [0, 1)")
+    if o.min_lr > o.lr:
+        raise ValueError(f"optim.min_lr={o.min_lr} must be <= optim.lr={o.lr} (the schedule decays to it)")
+    check_options(a.backend, {key: a[key] for key in all_options() if key in a})
     _choice(d.source, DATA_SOURCES, "data.source")
-    _positive(d.seq_len, "data.seq_len")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
-    _positive(o.lr, "optim.lr")
-    _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
     _choice(t.precision, PRECISIONS, "trainer.precision")
     _choice(t.strategy, STRATEGIES, "trainer.strategy")
     _choice(t.on_nonfinite, NONFINITE_ACTIONS, "trainer.on_nonfinite")
     _choice(t.dist_backend, ("auto", "nccl", "gloo"), "trainer.dist_backend")
-    _positive(t.dist_timeout_s, "trainer.dist_timeout_s")
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "keep_last"):
-        _positive(getattr(t, key), f"trainer.{key}")
-    if t.tokens_per_step is not None:
-        _positive(t.tokens_per_step, "trainer.tokens_per_step")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 
@@ -308,6 +412,34 @@ class SampleConfig:
     attention: Any = None  # attention.backend=<name>: another backend (the checkpoint's otherwise)
 
 
+#: The model, attention and data overrides of fatrain-eval and fatrain-sample allow what training does.
+_OVERRIDE_RANGES = {key: r for key, r in TRAIN_RANGES.items() if key.split(".")[0] in ("model", "attention", "data")}
+
+EVAL_RANGES: dict[str, Range] = {
+    **_OVERRIDE_RANGES,
+    "eval.seq_lens": POSITIVE,
+    "eval.batch_size": Range(lo=0, lo_open=True, special=((None, "the checkpoint's trainer.batch_size"),)),
+    "eval.batches": Range(lo=0, lo_open=True, special=((None, "the whole split"),)),
+    "eval.bucket_size": POSITIVE,
+    "eval.agreement_batches": POSITIVE,
+    "eval.agreement_tolerance": NON_NEGATIVE,
+    "passkey.context_lens": POSITIVE,
+    "passkey.depths": Range(lo=0.0, hi=1.0),  # a fraction of the context: 0 first, 1 right before the question
+    "passkey.trials": POSITIVE,
+    "passkey.seed": SEED,
+    "passkey.key_digits": Range(lo=1, hi=18),  # NOTE: the key is drawn as a numpy int64
+}
+
+SAMPLE_RANGES: dict[str, Range] = {
+    **{key: r for key, r in _OVERRIDE_RANGES.items() if key.startswith("attention.")},
+    "max_new_tokens": POSITIVE,
+    "temperature": Range(lo=0, special=((0, "greedy"),)),
+    "top_k": Range(lo=0, lo_open=True, special=((None, "no top-k filter"),)),
+    "seed": SEED,
+    "num_samples": POSITIVE,
+}
+
+
 def validate_eval_config(cfg) -> None:
     """Value checks before any work; raise ValueError naming the key and what is allowed."""
     from omegaconf import OmegaConf
@@ -316,26 +448,13 @@ def validate_eval_config(cfg) -> None:
 
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ValueError("ckpt_path is required: a checkpoint file, a run folder or a sweep folder")
-    e, p = cfg.eval, cfg.passkey
+    e = cfg.eval
     _choice(e.split, EVAL_SPLITS, "eval.split")
     _choice(e.precision, PRECISIONS, "eval.precision")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
     for name in e.backends:
         _choice(name, available_backends(), "eval.backends")
-    for length in list(e.seq_lens) + list(p.context_lens):
-        if length <= 0:
-            raise ValueError(f"eval.seq_lens / passkey.context_lens: {length} must be > 0")
-    for key in ("batch_size", "batches"):
-        if e[key] is not None and e[key] <= 0:
-            raise ValueError(f"eval.{key}={e[key]} must be > 0 (or null)")
-    for key in ("bucket_size", "agreement_batches"):
-        if e[key] <= 0:
-            raise ValueError(f"eval.{key}={e[key]} must be > 0")
-    if p.trials <= 0 or p.key_digits <= 0:
-        raise ValueError(f"passkey.trials={p.trials} and passkey.key_digits={p.key_digits} must be > 0")
-    for depth in p.depths:
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"passkey.depths: {depth} is not a fraction of the context (allowed: 0.0 .. 1.0)")
+    check_ranges(cfg, EVAL_RANGES)
 
 
 def validate_sample_config(cfg) -> None:
@@ -344,12 +463,7 @@ def validate_sample_config(cfg) -> None:
 
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ValueError("ckpt_path is required: a checkpoint file or a run folder")
-    if cfg.max_new_tokens <= 0 or cfg.num_samples <= 0:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} and num_samples={cfg.num_samples} must be > 0")
-    if cfg.temperature < 0:
-        raise ValueError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
-    if cfg.top_k is not None and cfg.top_k <= 0:
-        raise ValueError(f"top_k={cfg.top_k} must be > 0 (or null for no filter)")
+    check_ranges(cfg, SAMPLE_RANGES)
     _choice(cfg.precision, PRECISIONS, "precision")
 
 
@@ -408,6 +522,24 @@ class BenchConfig:
     summary: BenchSummaryConfig = field(default_factory=BenchSummaryConfig)
 
 
+BENCH_RANGES: dict[str, Range] = {
+    "seqlens": POSITIVE,
+    "headdims": POSITIVE,
+    "tokens_per_batch": POSITIVE,
+    "hidden": POSITIVE,
+    "windows": Range(lo=0, special=((-1, "unlimited"),)),
+    "doc_lens": Range(lo=0, special=((0, "one document"),)),
+    "dropout_ps": PROBABILITY,
+    "warmup_ms": NON_NEGATIVE,
+    "rep_ms": POSITIVE,
+    "rounds": POSITIVE,
+    "cpu_reps": POSITIVE,
+    "seed": SEED,
+    "summary.targets": POSITIVE,
+    "summary.target_min_seqlen": NON_NEGATIVE,
+}
+
+
 def validate_bench_config(cfg) -> None:
     """Check the values a type cannot; raise ValueError naming the key and what is allowed."""
     from fatrain.kernels import available_backends
@@ -421,19 +553,10 @@ def validate_bench_config(cfg) -> None:
     for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps"):
         if not cfg[key]:
             raise ValueError(f"{key} must list at least one value")
-    if min(cfg.seqlens) <= 0 or min(cfg.headdims) <= 0:
-        raise ValueError(f"seqlens={list(cfg.seqlens)} and headdims={list(cfg.headdims)} must be > 0")
+    check_ranges(cfg, BENCH_RANGES)
     for d in cfg.headdims:
         if cfg.hidden % d:
             raise ValueError(f"hidden={cfg.hidden} must be divisible by every head dim, got {d}")
-    if cfg.tokens_per_batch <= 0:
-        raise ValueError(f"tokens_per_batch={cfg.tokens_per_batch} must be > 0")
-    if min(cfg.windows) < -1 or min(cfg.doc_lens) < 0:
-        raise ValueError(f"windows must be >= -1 and doc_lens >= 0, got {list(cfg.windows)}, {list(cfg.doc_lens)}")
-    if not all(0.0 <= p < 1.0 for p in cfg.dropout_ps):
-        raise ValueError(f"dropout_ps={list(cfg.dropout_ps)} must be in [0, 1)")
-    if isinstance(cfg.rounds, bool) or not isinstance(cfg.rounds, int) or cfg.rounds < 1:
-        raise ValueError(f"rounds={cfg.rounds!r} must be an integer >= 1")
     # NOTE: the summary's names are not checked against the registry: one the sweep did not time
     # is a blank column, as when a backend failed.
     untargeted = [name for name in cfg.summary.targets if name not in cfg.summary.denominators]

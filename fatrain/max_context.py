@@ -142,8 +142,12 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
 def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, granularity: int, limit: int,
                      log: Callable[[str], None] = print) -> dict:
     """Search every backend; write max_context.json and max_context.csv into out_dir; return the JSON."""
+    if granularity <= 0:
+        raise ValueError(f"--granularity={granularity} must be > 0")
     if start % granularity or start <= 0:
         raise ValueError(f"--start={start} must be a positive multiple of --granularity={granularity}")
+    if limit < start:
+        raise ValueError(f"--limit={limit} must be >= --start={start}")
     device = select_device(cfg.trainer.device)
     for backend in backends:
         with open_dict(cfg):

@@ -163,6 +163,21 @@ class ConsoleLogger:
         pass
 
 
+def wandb_setting_error(exc: BaseException, settings: dict) -> str:
+    """One line for a W&B UsageError, naming the logger.wandb.* settings whose values its message
+    quotes (else those it mentions by name)."""
+    message = " ".join(str(exc).split())
+
+    def quoted(value) -> bool:
+        values = value if isinstance(value, list) else [value]
+        return any(v not in (None, "") and (f"'{v}'" in message or f'"{v}"' in message) for v in values)
+
+    keys = [key for key, value in settings.items() if quoted(value)]
+    keys = keys or [key for key in settings if key.rstrip("s") in message.lower()]
+    named = ", ".join(f"logger.wandb.{key}={settings[key]!r}" for key in keys) or "logger.wandb.*"
+    return f"{named} refused by W&B: {message}"
+
+
 class WandbLogger:
     """Weights & Biases run; offline by default (no account needed), synced later with ``wandb sync``."""
 
@@ -172,9 +187,14 @@ class WandbLogger:
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(mode=mode, project=project, entity=entity, name=name, group=group, tags=list(tags),
-                              dir=run_dir, config=config, job_type=job_type, id=resume_id,
-                              resume="allow" if resume_id else None, reinit="finish_previous")
+        settings = {"mode": mode, "project": project, "entity": entity, "name": name, "group": group,
+                    "tags": list(tags)}
+        try:
+            self.run = wandb.init(mode=mode, project=project, entity=entity, name=name, group=group, tags=list(tags),
+                                  dir=run_dir, config=config, job_type=job_type, id=resume_id,
+                                  resume="allow" if resume_id else None, reinit="finish_previous")
+        except wandb.errors.UsageError as exc:  # a setting W&B refuses (a project name with '/', ...)
+            raise ValueError(wandb_setting_error(exc, settings)) from None
 
     @property
     def run_id(self):

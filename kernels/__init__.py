@@ -16,7 +16,9 @@ Arguments:
                                                1 0
                                                1 1
         (a row of zeros attends to nothing and returns zeros)
-    softmax_scale: defaults to 1 / sqrt(headdim)
+    softmax_scale: a finite number > 0; defaults to 1 / sqrt(headdim). S is formed in
+        float32 (or the input dtype), so a scale that takes |S| past float32's range overflows
+        (NaN output) like any float32 softmax; see _common.default_scale
     dropout_p: dropout on P; kept entries are scaled by 1 / (1 - dropout_p). The backends
         with the ``dropout_seed`` feature draw the counter-based mask of ``_dropout.py``, so
         one seed gives one mask in all of them and the backward regenerates it.

@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -91,12 +92,32 @@ def check_doc_ids(doc_ids, B: int, Nk: int, device) -> None:
 
 
 def default_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale``, or 1 / sqrt(head_dim) for None; it must be a finite number > 0.
+
+    NOTE: S = softmax_scale * Q K^T is formed in float32 (in the input dtype in naive), so a
+    finite scale large enough that |S| exceeds float32's range (about 3.4e38, e.g. a scale of
+    1e38 with unit-size rows) overflows to inf and the output is NaN, as any float32 softmax
+    would be; only the float64 reference computes such scales. Which scales overflow depends on
+    the data, so they are not refused here.
+    """
     if softmax_scale is None:
         return head_dim ** -0.5
-    scale = float(softmax_scale)
-    if not scale > 0:
-        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"softmax_scale must be a finite number > 0 (or None: 1/sqrt(headdim)), "
+                         f"got {softmax_scale!r}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be a finite number > 0 (or None: 1/sqrt(headdim)), got {softmax_scale}")
     return scale
+
+
+def check_triton_device(q: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (q.device.type == "cuda" or (interpret and q.device.type == "cpu")):
+        raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
+                         f"got {q.device}")
 
 
 def check_deterministic(deterministic) -> bool:

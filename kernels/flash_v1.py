@@ -59,7 +59,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import _dropout
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      default_scale, normalize_window)
+                      check_triton_device, default_scale, normalize_window)
 from ._dropout import dropout_keep
 
 BACKEND = "flash_v1"
@@ -612,7 +612,7 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
-    16..256. Its own options:
+    16..256, CUDA tensors (CPU tensors under the Triton interpreter). Its own options:
         sram_bytes: the on-chip budget M in bytes that sets the block sizes
             (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
         num_splits: programs per (batch, head). 1 is the paper's grid (parallel over
@@ -628,6 +628,7 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     through the CPU interpreter); without a dropout_seed the seed is drawn on the host.
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
+    check_triton_device(q)
     check_doc_ids(doc_ids, B, Nk, q.device)
     if doc_ids is not None and Nq > Nk:
         raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")

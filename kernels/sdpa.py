@@ -54,6 +54,10 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     """
     name = "sdpa" if kernel is None else f"sdpa_{kernel}"
     info = backend_info(name)  # the limits of the pinned kernel on this device
+    if isinstance(q, torch.Tensor) and q.device.type not in info.devices:
+        # NOTE: worded "is not supported by" so that a benchmark records the case as unsupported.
+        raise ValueError(f"device {q.device.type} is not supported by {name} (supported: {', '.join(info.devices)}): "
+                         f"q, k and v must be CUDA tensors")
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=name, head_dims=info.head_dims,
                                      dtypes=tuple(getattr(torch, d) for d in info.dtypes_on(q.device.type)))
     check_doc_ids(doc_ids, B, Nk, q.device)
