@@ -195,6 +195,9 @@ def label_variants(jobs: list[Job]) -> None:
 def load_sweep(sweep_dir: str, warmup_steps: int = 10) -> list[Job]:
     if not os.path.isdir(sweep_dir):
         raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    if os.path.isfile(os.path.join(sweep_dir, ".hydra", "config.yaml")):
+        raise ValueError(f"{sweep_dir} is one run's folder (it holds .hydra/config.yaml), not a sweep: "
+                         "pass the folder a multirun wrote (hydra.sweep.dir)")
     jobs = [summarize_job(p, warmup_steps) for p in find_job_dirs(sweep_dir)]
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (none has .hydra/config.yaml): "
@@ -430,9 +433,9 @@ def plot_max_context(rows: list[dict], path: str) -> None:
 def write_report(sweep_dir: str, out_dir: Optional[str] = None, *, warmup_steps: int = 10,
                  baseline: Optional[str] = None, max_context_path: Optional[str] = None) -> list[str]:
     """Write the report files for ``sweep_dir`` into ``out_dir`` (default: the sweep dir); return their paths."""
+    jobs = load_sweep(sweep_dir, warmup_steps)  # before anything is written: a folder that is not a sweep
     out_dir = out_dir or sweep_dir
     os.makedirs(out_dir, exist_ok=True)
-    jobs = load_sweep(sweep_dir, warmup_steps)
     if max_context_path is None and os.path.exists(os.path.join(sweep_dir, "max_context.json")):
         max_context_path = os.path.join(sweep_dir, "max_context.json")
     max_context = load_max_context(max_context_path) if max_context_path else None

@@ -46,6 +46,7 @@ from fatrain.kernels import check_options, run_info
 from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
                              peak_flops)
 from fatrain.model import GPT, GPTSpec
+from fatrain.runlock import RunDirLocked, RunLock
 from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
 
 # attention.* settings that every backend takes; the others are the backend's own options.
@@ -610,6 +611,7 @@ def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
     finite, an ``error`` line and the last good checkpoint (Trainer.nonfinite_result).
 
     A fresh run refuses a folder that holds checkpoints; ``resume=auto`` continues from the latest.
+    Any run refuses a folder that another live run holds (``fatrain.runlock``).
     Without ``dist_env``, joins (and at the end leaves) the process group that ``trainer.strategy``
     asks for; an entry point that set one up passes its own.
     """
@@ -622,6 +624,25 @@ def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
 
 
 def _run_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
+    """Hold ``run_dir``'s lock (rank 0, the one rank that writes) while the run writes there; a folder
+    another live run holds is refused on every rank, before anything is written."""
+    lock = RunLock(run_dir)
+    refused = None
+    if dist_env.is_main:
+        try:
+            lock.acquire()
+        except RunDirLocked as e:
+            refused = str(e)
+    refused = distributed.broadcast_object(refused, dist_env)
+    if refused is not None:
+        raise RunDirLocked(refused)
+    try:
+        return _train_in(cfg, run_dir, dist_env)
+    finally:
+        lock.release()
+
+
+def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if cfg.resume is None and list_checkpoints(ckpt_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass resume=auto to continue that run, "

@@ -5,8 +5,8 @@
     fatrain-report multirun/ablate_backends/<date> --baseline sdpa_flash  # + throughput relative to it
     fatrain-report multirun/ablate_backends/<date> --max-context max_context/<date>/max_context.json
 
-What is read and written is described in ``fatrain.sweep_report``. A folder without jobs
-exits with one line and code 2.
+What is read and written is described in ``fatrain.sweep_report``. A folder without jobs, or
+one run's folder (not a sweep), exits with one line and code 2, and nothing is written.
 """
 
 from __future__ import annotations
