@@ -30,6 +30,7 @@ from fatrain import distributed
 from fatrain.config import register_configs, validate_train_config
 from fatrain.distributed import DistEnv
 from fatrain.metrics import strict_json
+from fatrain.runlock import RunDirLocked
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, free_memory, report_user_error, select_device
 from fatrain.trainer import run_training
 
@@ -79,6 +80,8 @@ def main(cfg: DictConfig) -> float:
         report_user_error(e, dist_env.rank if dist_env is not None else int(os.environ.get("RANK", "0") or 0))
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             sys.exit(USER_ERROR_EXIT)
+        if isinstance(e, RunDirLocked):
+            return float("inf")  # the folder is another run's: nothing of this job is written into it
         # In a sweep, a point a backend cannot run (a length, a block size) is recorded like an OOM.
         result = {"status": "error", "error": str(e).splitlines()[0]}
     # Freed here, not in the except block: until it ends, the traceback keeps the run's frames (model,
