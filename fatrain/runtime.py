@@ -36,7 +36,9 @@ USER_ERROR_EXIT = 2
 
 def report_user_error(exc: BaseException, rank: int = 0) -> None:
     """The one line a user error prints (ranks other than 0 say which rank they are)."""
-    print(f"error: {exc}" if rank == 0 else f"error: [rank {rank}] {exc}", file=sys.stderr)
+    # NOTE: one write of the whole line, so the lines of several ranks sharing stderr do not interleave.
+    sys.stderr.write((f"error: {exc}" if rank == 0 else f"error: [rank {rank}] {exc}") + "\n")
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager
