@@ -18,7 +18,10 @@ from fatrain.kernels import backend_info, reference_attention
 
 OUT_FACTOR = 2.0
 GRAD_FACTOR = 3.0
-_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
+# NOTE: half precision's floor is two units in the last place at 1.0 (float16 2 x 2^-10, bfloat16
+# 2 x 2^-7): on the small CPU shapes PyTorch's own maximum error is sometimes far below one ulp by
+# chance, and an exact kernel then failed a test that only measured the luck of the draw.
+_FLOOR = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -10, torch.bfloat16: 2 * 2.0 ** -7, torch.float64: 1e-12}
 
 def features(name: str, device: str) -> set[str]:
     """The features the matrix tests ``name`` with on ``device``: its registry entry's."""
