@@ -38,6 +38,8 @@ import tempfile
 
 import torch
 
+from fatrain.files import RunWriteError, as_write_error, default_mode
+
 _NAME = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
 DCP_SUFFIX = ".dcp"
 DCP_META = "fatrain_meta.pt"  # inside a .dcp folder: step, spec, config, RNG, data position, ...
@@ -46,6 +48,11 @@ FORMAT = "fatrain-checkpoint"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, foreign or does not fit the run."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint that cannot be read whole: truncated, half-written, missing its parts or not
+    fatrain's. ``resume=auto`` falls back to the one before it."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -57,19 +64,29 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def atomic_save(obj, path: str) -> None:
+    """torch.save into a temporary file, fsync, rename: ``path`` is the old file or the whole new one.
+
+    A write that fails (full disk, quota) removes the temporary file and raises RunWriteError naming
+    ``path`` and the OS error (torch reports it as ``[enforce fail at inline_container.cc]``).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        default_mode(fd)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        error = as_write_error(path, e) if isinstance(e, Exception) else e
+        if not isinstance(error, RunWriteError):
+            raise
+        raise error from None
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -130,11 +147,11 @@ def _read(path: str, map_location) -> dict:
     except pickle.UnpicklingError as e:
         if _UNSAFE_GLOBAL.search(str(e)):
             raise _refuse_unsafe(path, e) from None
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
-                              f"{_unpickler_reason(e)}") from None
+        raise DamagedCheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
+                                     f"{_unpickler_reason(e)}") from None
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
-                              f"{type(e).__name__}: {e}") from None
+        raise DamagedCheckpointError(f"checkpoint {path} is unreadable (truncated or not a fatrain checkpoint): "
+                                     f"{type(e).__name__}: {e}") from None
 
 
 # The globals a DCP ``.metadata`` pickle names (torch 2.x): DCP's metadata dataclasses, the
@@ -172,9 +189,9 @@ def check_dcp_metadata(path: str) -> None:
     except pickle.UnpicklingError as e:
         if _UNSAFE_GLOBAL.search(str(e)):
             raise _refuse_unsafe(meta_path, e) from None
-        raise CheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
+        raise DamagedCheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
     except Exception as e:  # missing, truncated, ...
-        raise CheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
+        raise DamagedCheckpointError(f"checkpoint {meta_path} is unreadable: {type(e).__name__}: {e}") from None
 
 
 def _safe_planner(base):
@@ -189,7 +206,7 @@ def _safe_planner(base):
                 where = f"{self._fatrain_path} (entry {read_item.dest_index.fqn})"
                 if _UNSAFE_GLOBAL.search(str(e)):
                     raise _refuse_unsafe(where, e) from None
-                raise CheckpointError(f"checkpoint {where} is unreadable: {_unpickler_reason(e)}") from None
+                raise DamagedCheckpointError(f"checkpoint {where} is unreadable: {_unpickler_reason(e)}") from None
             super().load_bytes(read_item, io.BytesIO(data))
 
     return SafeLoadPlanner
@@ -219,10 +236,10 @@ def safe_load_planner(path: str):
 
 def _check(state, path: str, keys=("model", "spec", "step", "config")) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a fatrain checkpoint (no 'format' marker)")
+        raise DamagedCheckpointError(f"checkpoint {path} is not a fatrain checkpoint (no 'format' marker)")
     for key in keys:
         if key not in state:
-            raise CheckpointError(f"checkpoint {path} lacks '{key}'")
+            raise DamagedCheckpointError(f"checkpoint {path} lacks '{key}'")
     return state
 
 
@@ -230,7 +247,7 @@ def load_metadata(path: str) -> dict:
     """A ``.dcp`` checkpoint's metadata (everything but the model and optimizer tensors)."""
     meta_path = os.path.join(path, DCP_META)
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"checkpoint {path} lacks {DCP_META} (an unfinished or foreign DCP folder)")
+        raise DamagedCheckpointError(f"checkpoint {path} lacks {DCP_META} (an unfinished or foreign DCP folder)")
     return _check(_read(meta_path, "cpu"), path, keys=("spec", "step", "config"))
 
 
@@ -258,8 +275,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             e = dcp_cause(e)
             if isinstance(e, CheckpointError):
                 raise e from None
-            raise CheckpointError(f"checkpoint {path}: the sharded tensors are unreadable: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise DamagedCheckpointError(f"checkpoint {path}: the sharded tensors are unreadable: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         if map_location not in (None, "cpu"):
             tensors = _to(tensors, map_location)
         return {**state, **tensors}
@@ -338,7 +355,13 @@ class CheckpointManager:
             _remove(tmp)  # left by a crash mid-save
             os.makedirs(self.folder, exist_ok=True)
         _barrier()
-        dcp.save(sharded, checkpoint_id=tmp)
+        try:
+            dcp.save(sharded, checkpoint_id=tmp)
+        except (Exception, dcp_exception_type()) as e:
+            error = as_write_error(path, dcp_cause(e))
+            if not isinstance(error, RunWriteError):
+                raise
+            raise error from None
         _barrier()  # NOTE: dcp.save ends with its own collective; this one orders it before the rename
         if main:
             atomic_save({"format": FORMAT, **meta}, os.path.join(tmp, DCP_META))

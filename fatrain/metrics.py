@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from fatrain.files import RunWriteError, append_line
+
 # Dense (no sparsity) peak tensor-core FLOP/s by GPU name and precision, from the vendors'
 # datasheets. MFU divides achieved FLOP/s by these; trainer.peak_tflops overrides.
 PEAK_TFLOPS = {
@@ -125,19 +127,43 @@ def strict_json(obj):
 
 
 class JsonlLogger:
-    """One JSON object per log call, appended to ``path`` (flushed each time, so a crash loses nothing)."""
+    """One JSON object per log call, appended to ``path`` as one whole line (unbuffered, so a crash
+    loses nothing; a write that fails part-way is cut back off and raises RunWriteError)."""
 
     def __init__(self, path: str):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunWriteError(path, e) from None
 
     def log(self, metrics: dict, step: int):
         row = strict_json({"step": step, "time": time.time(), **metrics})
-        self._f.write(json.dumps(row, allow_nan=False) + "\n")
-        self._f.flush()
+        append_line(self._fd, self.path, json.dumps(row, allow_nan=False) + "\n")
 
     def close(self):
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_jsonl(path: str, keep_lines: bool = False) -> list:
+    """The rows of a metrics.jsonl (with ``keep_lines``, (row, line) pairs). A line that is not whole
+    JSON (a process killed mid-write, a disk that filled) is dropped with a warning on stderr naming
+    the file and the line: not fatal."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or "step" not in row:
+                if line.strip():
+                    sys.stderr.write(f"warning: {path}: line {number} is torn or not a metrics row; dropped\n")
+                continue
+            rows.append((row, line if line.endswith("\n") else line + "\n") if keep_lines else row)
+    return rows
 
 
 class ConsoleLogger:
@@ -150,14 +176,16 @@ class ConsoleLogger:
         self.write = write or (lambda s: print(s, flush=True))
 
     def log(self, metrics: dict, step: int):
-        parts = []
-        for key in self.KEYS:
-            if key in metrics:
-                v = _number(metrics[key])  # NaN prints as nan
-                short = key.split("/")[-1]
-                parts.append(f"{short} {v:.4g}" if isinstance(v, float) else f"{short} {v}")
-        if parts:
-            self.write(f"step {step:>6} | " + " | ".join(parts))
+        """One line per kind of row: ``train step N | loss ... | lr ...`` and ``val   step N | loss ...``."""
+        for kind in ("train", "val"):
+            parts = []
+            for key in self.KEYS:
+                if key in metrics and (key.startswith(kind + "/") or (kind == "train" and not key.startswith("val/"))):
+                    v = _number(metrics[key])  # NaN prints as nan
+                    short = key.split("/")[-1]
+                    parts.append(f"{short} {v:.4g}" if isinstance(v, float) else f"{short} {v}")
+            if parts and any(key.startswith(kind + "/") for key in metrics):
+                self.write(f"{kind:<5} step {step:>6} | " + " | ".join(parts))
 
     def close(self):
         pass
@@ -201,7 +229,10 @@ class WandbLogger:
         return self.run.id
 
     def log(self, metrics: dict, step: int):
-        self.run.log({k: _number(v) for k, v in metrics.items()}, step=step)  # W&B takes NaN
+        try:
+            self.run.log({k: _number(v) for k, v in metrics.items()}, step=step)  # W&B takes NaN
+        except OSError as e:  # its run folder's files are written from this process too
+            raise RunWriteError(os.path.join(self.run.dir, ""), e) from None
 
     def close(self):
         self.run.finish()
