@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import sys
+import time
 import warnings
 from dataclasses import asdict, fields
 
@@ -36,15 +38,17 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fatrain import distributed
-from fatrain.checkpoint import (CheckpointError, CheckpointManager, is_sharded, list_checkpoints, load_checkpoint,
-                                load_metadata)
+from fatrain.checkpoint import (CheckpointError, CheckpointManager, DamagedCheckpointError, is_sharded,
+                                list_checkpoints, load_checkpoint, load_metadata)
 from fatrain.checkpoint import check_dcp_metadata, dcp_cause, dcp_exception_type, safe_load_planner
 from fatrain.config import validate_train_config
 from fatrain.data import BlockLoader, build_data
 from fatrain.distributed import DistEnv
+from fatrain.interrupt import StopSignals, signal_name
 from fatrain.kernels import check_options, run_info
+from fatrain.files import RunWriteError, append_line
 from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
-                             peak_flops)
+                             peak_flops, read_jsonl, strict_json)
 from fatrain.model import GPT, GPTSpec
 from fatrain.runlock import RunDirLocked, RunLock
 from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
@@ -251,6 +255,8 @@ class Trainer:
         self.masked_step = (bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
                             and self.dist.strategy != "fsdp")
         self.wandb_id = None
+        self.resumed = False  # set by resume_from
+        self.resumed_config: dict | None = None  # the settings the checkpoint was written with
         self.progress = progress
         # Global: all ranks together. (FSDP2's DTensor parameters report their full size, so the
         # parameter counts and FLOPs are the whole model's on every rank.)
@@ -296,6 +302,7 @@ class Trainer:
             set_rng_state(saved_ranks[0])
             seed_everything(self.cfg.trainer.seed + 1_000_003 * self.step + self.dist.rank)
         self.wandb_id = state.get("wandb_id")
+        self.resumed_config = state.get("config")
 
     def load_state_dict(self, state: dict, source: str) -> None:
         check_spec_compatible(state["spec"], self.spec, f"resume from {source}")
@@ -341,6 +348,7 @@ class Trainer:
             self.load_sharded(path)
         else:
             self.load_state_dict(load_checkpoint(path), path)
+        self.resumed = True
 
     def save_checkpoint(self) -> str:
         if self.dist.strategy == "fsdp":
@@ -392,19 +400,21 @@ class Trainer:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
 
-    def nonfinite_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """[loss, gradient norm]: 1.0 where this step's value is not finite on some rank, else 0.0.
+    def step_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> torch.Tensor:
+        """[loss, gradient norm, stop]: 1.0 where this step's loss or norm is not finite on some rank,
+        and where some rank received a stop signal (fatrain.interrupt), else 0.0.
 
         Stays on the device (no sync); the maximum over ranks, so every rank takes the same decision.
         With fp16 the GradScaler owns overflowing gradients (it skips those steps and lowers the scale,
         a normal part of loss scaling), so only the loss counts there.
         """
         grad_bad = torch.zeros_like(loss, dtype=torch.bool) if self.scaler.is_enabled() else ~torch.isfinite(grad_norm)
-        flags = torch.stack([~torch.isfinite(loss), grad_bad.to(loss.device)]).float()
+        stop_flag = torch.full_like(loss, float(stop), dtype=torch.float32)
+        flags = torch.stack([(~torch.isfinite(loss)).float(), grad_bad.to(loss.device).float(), stop_flag])
         return distributed.all_reduce(flags, self.dist, op="max")
 
     def optimizer_step(self, flags: torch.Tensor) -> None:
-        """The optimizer step, unless a flag is set: then neither the weights nor the optimizer state change.
+        """The optimizer step, unless a non-finite flag is set: then neither the weights nor the optimizer state change.
 
         Fused AdamW (the default on CUDA, and optim.fused=true): the flag goes in as ``found_inf``, and the
         kernel leaves parameters, moments and the step count as they were, so the loop does not wait for
@@ -413,7 +423,7 @@ class Trainer:
         the step: one more sync there (GradScaler with an unfused optimizer makes it anyway; on the CPU
         nothing runs ahead to wait for).
         """
-        skip = flags.max()
+        skip = flags[:2].max()
         if self.masked_step:
             self.optimizer.found_inf = skip
             try:
@@ -440,6 +450,16 @@ class Trainer:
         return {"status": "nonfinite", "error": error, "nonfinite": what, "step": self.step,
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, "checkpoint": last}
 
+    def interrupted_result(self, signum: int | None) -> dict:
+        """A stop signal at this step boundary: checkpoint this step (unless its weights are not finite)."""
+        if not self.weights_finite():
+            return self.nonfinite_result(["parameters"])
+        path = self.save_checkpoint()
+        # Another rank may have received the signal; this one stops with it.
+        name = signal_name(signum) if signum is not None else "a stop signal on another rank"
+        return {"status": "interrupted", "signal": name, "signum": signum, "step": self.step,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, "checkpoint": path}
+
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
             (self.progress.write if self.progress is not None else print)(msg)
@@ -456,12 +476,21 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Run the steps to trainer.max_steps (stop signals: see fatrain.interrupt)."""
+        with StopSignals(announce=self._say) as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopSignals) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         timer = StepTimer(self.device)
         batches = iter(self.train_loader)
         self.model.train()
         losses = []
         start_step = self.step  # a resumed run already evaluated and saved at this step
+        if self.resumed and self.step >= t.max_steps:
+            # A finished run resumed: its final validation and checkpoint are in the folder already.
+            return {"final_val_loss": self.evaluate(), "step": self.step, "tokens_seen": self.tokens_seen,
+                    "checkpoint": self.checkpoints.latest(), "skipped_steps": self.skipped_steps}
         while self.step < t.max_steps:
             lr = learning_rate(self.step, cfg.optim, t.max_steps)
             for group in self.optimizer.param_groups:
@@ -488,7 +517,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = self.clip_gradients(max_norm)
-            flags = self.nonfinite_flags(step_loss, grad_norm)
+            flags = self.step_flags(step_loss, grad_norm, stop.requested)
             self.optimizer_step(flags)
             self.optimizer.zero_grad(set_to_none=True)
             timer.stop(self.tokens_per_step)
@@ -500,7 +529,8 @@ class Trainer:
                 self.progress.update(1)
             # StepTimer.stop synchronised the device, so this read waits for nothing; the bad update was
             # already left out before the read (optimizer_step), so reading here lets none through.
-            nonfinite = [name for name, bad in zip(("loss", "grad_norm"), flags.tolist()) if bad]
+            loss_bad, norm_bad, stop_now = flags.tolist()
+            nonfinite = [name for name, bad in (("loss", loss_bad), ("grad_norm", norm_bad)) if bad]
             if nonfinite and t.on_nonfinite == "skip_step":
                 self.skipped_steps += 1
             # A bad step is logged at once (its loss and norm as null), whatever log_every says.
@@ -526,6 +556,10 @@ class Trainer:
                     return self.nonfinite_result(nonfinite if t.on_nonfinite == "stop" else ["parameters"])
                 self._say(f"step {self.step}: non-finite {describe_nonfinite(nonfinite)}: update skipped "
                           f"({self.skipped_steps} so far)")
+            # A signal that came after this step's all-reduce stops the next step on every rank; a
+            # single process stops here.
+            if stop_now or (stop.requested and not (self.dist.distributed and self.dist.world_size > 1)):
+                return self.interrupted_result(stop.signum)
 
         if not self.weights_finite():
             return self.nonfinite_result(["parameters"])
@@ -569,20 +603,100 @@ def rewind_metrics(path: str, step: int) -> None:
     """On resume, move metrics rows past the checkpoint's step aside, so the series stays one curve."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        rows = f.readlines()
-    keep = [r for r in rows if json.loads(r)["step"] <= step]
-    if len(keep) == len(rows):
-        return
-    with open(path + ".rewound", "a", encoding="utf-8") as f:
-        f.writelines(r for r in rows if json.loads(r)["step"] > step)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    rows = read_jsonl(path, keep_lines=True)  # a torn line (killed mid-write, full disk) is dropped
+    keep = [line for row, line in rows if row["step"] <= step]
+    with open(path, "rb") as f:
+        if f.read() == "".join(keep).encode("utf-8"):
+            return
+    try:
+        with open(path + ".rewound", "a", encoding="utf-8") as f:
+            f.writelines(line for row, line in rows if row["step"] > step)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RunWriteError(path, e) from None
 
 
 # ----- one run in its folder -----------------------------------------------------------------
+
+
+def _shown(path: str, run_dir: str) -> str:
+    """``path`` relative to the run folder when it lies inside it (``checkpoints/ckpt_00000200.pt``)."""
+    rel = os.path.relpath(path, run_dir)
+    return path if rel.startswith("..") else rel
+
+
+def resume_newest_whole(trainer: Trainer, path: str, *, auto: bool) -> str:
+    """Resume from ``path``; with ``resume=auto``, a damaged newest checkpoint (truncated, half-written:
+    DamagedCheckpointError) is skipped, with a line saying so, for the one before it. A checkpoint that
+    is refused as unsafe or does not fit the model stops the resume: an older one would not be better.
+    Returns the checkpoint resumed from."""
+    candidates = [path]
+    if auto:
+        older = [c for c in list_checkpoints(trainer.checkpoints.folder) if c != path]
+        candidates += older[::-1]
+    skipped = []
+    for candidate in candidates:
+        try:
+            trainer.resume_from(candidate)
+            return candidate
+        except DamagedCheckpointError as e:
+            if not auto:
+                raise
+            skipped.append(str(e))
+            if trainer.dist.is_main:
+                print(f"warning: {e}; skipped: trying the checkpoint before it", file=sys.stderr, flush=True)
+    raise DamagedCheckpointError(f"resume=auto: none of the {len(candidates)} checkpoints in "
+                                 f"{trainer.checkpoints.folder} can be read whole (first: {skipped[0]})")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict | None, new: dict) -> dict:
+    """Settings that differ between a checkpoint's config and this run's: {key: [old, new]}.
+    ``resume`` itself is left out (it is how the run was started, not what it trains)."""
+    if old is None:
+        return {}
+    a, b = _flat(old), _flat(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if k != "resume" and a.get(k) != b.get(k)}
+
+
+def record_resume(cfg, run_dir: str, trainer: Trainer, resume_path: str) -> None:
+    """Say which settings changed since the checkpoint, keep the first run's settings as
+    config.original.yaml (once) and append one row per resume to resumes.jsonl."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changes = config_changes(trainer.resumed_config, current)
+    if changes:
+        shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in list(changes.items())[:8])
+        more = f" and {len(changes) - 8} more (resumes.jsonl)" if len(changes) > 8 else ""
+        print(f"settings changed since the checkpoint: {shown}{more}", flush=True)
+    try:
+        original = os.path.join(run_dir, "config.original.yaml")
+        if trainer.resumed_config is not None and not os.path.exists(original):
+            tmp = original + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.create(trainer.resumed_config)))
+            os.replace(tmp, original)
+        row = {"step": trainer.step, "checkpoint": _shown(resume_path, run_dir), "changed": changes,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path = os.path.join(run_dir, "resumes.jsonl")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            append_line(fd, path, json.dumps(strict_json(row), allow_nan=False) + "\n")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise RunWriteError(getattr(e, "filename", None) or run_dir, e) from None
 
 
 def make_loggers(cfg, run_dir: str, trainer: Trainer, progress) -> MultiLogger:
@@ -651,9 +765,11 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
     trainer = Trainer(cfg, run_dir, logger=None, dist_env=dist_env)
     resume_path = resolve_resume(cfg.resume, trainer.checkpoints)
     if resume_path is not None:
-        trainer.resume_from(resume_path)
+        resume_path = resume_newest_whole(trainer, resume_path, auto=cfg.resume == "auto")
         if dist_env.is_main:
             rewind_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
+            print(f"resumed from {_shown(resume_path, run_dir)} at step {trainer.step}", flush=True)
+            record_resume(cfg, run_dir, trainer, resume_path)
     elif dist_env.is_main:
         set_aside_metrics(os.path.join(run_dir, "metrics.jsonl"))
     t = cfg.trainer
@@ -677,7 +793,7 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
         logger.close()
         if progress is not None:
             progress.close()
-    if result.get("status") == "nonfinite":
+    if result.get("status") in ("nonfinite", "interrupted"):
         return result
     result["status"] = "ok"
     # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
