@@ -30,6 +30,17 @@ kernels), in the interpreter opaque custom ops. Configs are autotuned per shape 
 (``_autotune.py``, lists in ``_flash_v2_configs.py``); ``configs``/``pin`` choose one,
 ``block_m``/``block_n`` fix the tiles for ablations.
 
+VARLEN mode (``flash_v2_varlen_attention``): sequences packed without padding, q
+(total_q, H, D) and k, v (total_k, Hkv, D) with their own offsets cu_seqlens_q and
+cu_seqlens_k. The grid is (cdiv(max_seqlen_q, BLOCK_M), batch * H) (dK/dV: max_seqlen_k,
+batch * Hkv); a program reads its sequence's offsets and lengths (``_sequence``), moves its
+row pointers there, and exits at once if its block lies past the sequence's own length. Each
+sequence then runs exactly the dense kernel with its own Nq, Nk (causal and windows aligned
+bottom-right per sequence, GQA, the same block skipping), so no block of another sequence is
+loaded; LSE, Delta and LSE2 are (H, total_q) as in flash-attn. No dropout or doc_ids there,
+and the statistics and dQ reduce-add never use tensor descriptors (a sequence's rows start at
+any packed offset, not 16-byte aligned).
+
 Caution / known limits: ids that are not non-decreasing get no loop clipping and skip
 little. P and dS are rounded to the input dtype before their second matmul (as in FA);
 float32 uses IEEE dots (no TF32). The backward computes Q K^T twice, the price of a dQ
