@@ -24,8 +24,14 @@ arguments differ between triton versions; the attributes used here, ``cache``,
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
 import statistics
+import time
+import warnings
+from pathlib import Path
 
 import triton
 
@@ -108,6 +114,8 @@ def picks(tuner) -> list[dict]:
     """The configs ``tuner`` picked in this process, one row per shape key: key ({key name:
     value as a string, dtypes: the tensor arguments' dtypes}), config (its label) and rounds_ms
     (the refining rounds' times in ms per candidate; empty when the list had one config)."""
+    if isinstance(tuner, ShapeClassTuner):
+        return list(tuner.rows.values())
     rows = []
     names = [n for n in tuner.keys if n in tuner.arg_names]
     for key, config in getattr(tuner, "cache", {}).items():
@@ -115,3 +123,151 @@ def picks(tuner) -> list[dict]:
         named["dtypes"] = [str(k) for k in key[len(names):]]
         rows.append(dict(key=named, config=config_label(config), rounds_ms=getattr(tuner, "refined", {}).get(key, {})))
     return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Shape classes, picks kept across processes
+# ----------------------------------------------------------------------------------------
+
+#: FATRAIN_AUTOTUNE_CACHE=0: keep shape-class picks in the process only (no files read or written).
+PERSIST = os.environ.get("FATRAIN_AUTOTUNE_CACHE", "1") != "0"
+#: Query counts up to this form one class (decoding steps, whatever the cache length).
+DECODE_MAX_Q = 16
+_TUNING = {"seconds": 0.0}
+
+
+def autotune_seconds() -> float:
+    """Seconds this process spent timing configs in shape-class tuners (0 when every pick came
+    from memory or from the cache folder)."""
+    return _TUNING["seconds"]
+
+
+def shape_class(nq: int, nk: int) -> str:
+    """``decode-k1024``, ``q512-k2048``: Nq (or the decode class, Nq <= DECODE_MAX_Q) and Nk
+    rounded up to powers of two."""
+    q = "decode" if nq <= DECODE_MAX_Q else f"q{triton.next_power_of_2(nq)}"
+    return f"{q}-k{triton.next_power_of_2(max(nk, 1))}"
+
+
+def cache_folder() -> Path:
+    """$FATRAIN_CACHE/autotune, else ~/.cache/fatrain/autotune (the root fatrain's data cache uses)."""
+    return Path(os.environ.get("FATRAIN_CACHE") or "~/.cache/fatrain").expanduser() / "autotune"
+
+
+def _kernel_source(fn) -> str:
+    """The source of the module that defines ``fn`` (its kernel and every helper it calls)."""
+    while not hasattr(fn, "__module__") or not inspect.isfunction(fn):
+        fn = fn.fn
+    return inspect.getsource(inspect.getmodule(fn))
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+class ShapeClassTuner(RefiningAutotuner):
+    """A RefiningAutotuner that tunes once per shape class (``shape_class`` of the Nq and Nk
+    arguments, the other key arguments and dtypes exact) and keeps each class's pick as a JSON
+    file under ``cache_folder()``, named by a hash of the GPU name, the Triton version, the
+    kernel module's source, the tuner's name and configs, and the class: a later process with
+    the same kernel on the same GPU reads the pick and times nothing. A file that does not
+    parse or names a config outside the list is ignored with a warning (only matched against
+    the list, never executed)."""
+
+    name: str
+    class_picks: dict
+    rows: dict
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) < 2:  # FATRAIN_AUTOTUNE=0 or a one-config list: nothing to tune
+            return super().run(*args, **kwargs)
+        nargs = dict(zip(self.arg_names, args))
+        all_args = {**nargs, **kwargs}
+        names = [n for n in self.keys if n in all_args]
+        exact = tuple(all_args[n] for n in names) + tuple(str(a.dtype) for a in all_args.values()
+                                                          if hasattr(a, "dtype"))
+        config = self.class_picks.get(exact)
+        if config is not None:
+            return self._launch(config, args, kwargs)
+        class_key = self._class_key(all_args, names, exact[len(names):])
+        config, cached, tune_s, rounds = self.class_picks.get(class_key), True, 0.0, {}
+        if config is None:
+            config = self._load(class_key)
+        if config is None:
+            cached = False
+            start = time.perf_counter()
+            ret = super().run(*args, **kwargs)
+            tune_s = time.perf_counter() - start
+            _TUNING["seconds"] += tune_s
+            config = self.best_config
+            rounds = getattr(self, "refined", {}).get(exact, {})
+            self._store(class_key, config)
+        else:
+            ret = self._launch(config, args, kwargs)
+        self.class_picks[class_key] = self.class_picks[exact] = config
+        key = {n: str(all_args[n]) for n in names}
+        key["dtypes"] = list(exact[len(names):])
+        self.rows[exact] = dict(key=key, shape_class=class_key[0], config=config_label(config), rounds_ms=rounds,
+                                tune_s=round(tune_s, 4), cached=cached)
+        return ret
+
+    def _launch(self, config, args, kwargs):
+        """The launch with a known pick, as triton's autotuner launches a cached one."""
+        self.best_config = config
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
+        return self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    def _class_key(self, all_args, names, dtypes) -> tuple:
+        exact = [f"{n}={all_args[n]}" for n in names if n not in ("Nq", "Nk")]
+        return (shape_class(int(all_args.get("Nq", 1)), int(all_args.get("Nk", 1))), *exact, *dtypes)
+
+    def cache_path(self, class_key: tuple) -> Path:
+        ident = [_device_name(), triton.__version__, hashlib.sha256(_kernel_source(self.fn).encode()).hexdigest(),
+                 self.name, [config_label(c) for c in self.configs], list(class_key)]
+        digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+        return cache_folder() / f"{self.name}-{class_key[0]}-{digest}.json"
+
+    def _load(self, class_key: tuple):
+        if not PERSIST or len(self.configs) < 2:
+            return None
+        path = self.cache_path(class_key)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text())["config"]
+            for config in self.configs:
+                if config.all_kwargs() == stored:
+                    return config
+            reason = f"config {stored!r} is not in the tuner's list"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            reason = f"{type(err).__name__}: {err}"
+        warnings.warn(f"ignoring autotune cache file {path} ({reason}); tuning again", RuntimeWarning, stacklevel=3)
+        return None
+
+    def _store(self, class_key: tuple, config) -> None:
+        if not PERSIST or len(self.configs) < 2:
+            return
+        path = self.cache_path(class_key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(dict(config=config.all_kwargs(), shape_class=list(class_key),
+                                           tuner=self.name, triton=triton.__version__, gpu=_device_name())))
+            os.replace(tmp, path)
+        except OSError as err:
+            warnings.warn(f"could not write autotune cache file {path} ({err}); the pick is kept in this "
+                          f"process only", RuntimeWarning, stacklevel=3)
+
+
+def shape_class_autotuned(kernel, configs: list, key: list[str], name: str, reset_to_zero=None, do_bench=bench):
+    """As :func:`autotuned`, tuning once per shape class of Nq and Nk with picks kept under
+    ``cache_folder()`` (``ShapeClassTuner``); ``name`` tells this tuner's files from others'."""
+    tuner = autotuned(kernel, configs, key, reset_to_zero=reset_to_zero, do_bench=do_bench)
+    tuner.__class__ = ShapeClassTuner
+    tuner.name = name
+    tuner.class_picks = {}
+    tuner.rows = {}
+    return tuner

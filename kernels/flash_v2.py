@@ -30,6 +30,17 @@ kernels), in the interpreter opaque custom ops. Configs are autotuned per shape 
 (``_autotune.py``, lists in ``_flash_v2_configs.py``); ``configs``/``pin`` choose one,
 ``block_m``/``block_n`` fix the tiles for ablations.
 
+VARLEN mode (``flash_v2_varlen_attention``): sequences packed without padding, q
+(total_q, H, D) and k, v (total_k, Hkv, D) with their own offsets cu_seqlens_q and
+cu_seqlens_k. The grid is (cdiv(max_seqlen_q, BLOCK_M), batch * H) (dK/dV: max_seqlen_k,
+batch * Hkv); a program reads its sequence's offsets and lengths (``_sequence``), moves its
+row pointers there, and exits at once if its block lies past the sequence's own length. Each
+sequence then runs exactly the dense kernel with its own Nq, Nk (causal and windows aligned
+bottom-right per sequence, GQA, the same block skipping), so no block of another sequence is
+loaded; LSE, Delta and LSE2 are (H, total_q) as in flash-attn. No dropout or doc_ids there,
+and the statistics and dQ reduce-add never use tensor descriptors (a sequence's rows start at
+any packed offset, not 16-byte aligned).
+
 Caution / known limits: ids that are not non-decreasing get no loop clipping and skip
 little. P and dS are rounded to the input dtype before their second matmul (as in FA);
 float32 uses IEEE dots (no TF32). The backward computes Q K^T twice, the price of a dQ
@@ -159,6 +170,21 @@ def _stat_sources(LSE_row, Delta_row, N, BLOCK: tl.constexpr, USE_TMA: tl.conste
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN: tl.constexpr):
+    """(q_start, k_start, Nq, Nk) of the program's sequence: VARLEN, sequence off_b's offsets
+    into the packed rows and its own lengths from cu_seqlens_q/k; else batch entry off_b's
+    (rows from 0, the call's Nq and Nk)."""
+    if VARLEN:
+        q_lo = tl.load(CU_Q + off_b)
+        k_lo = tl.load(CU_K + off_b)
+        Nq = tl.load(CU_Q + off_b + 1) - q_lo
+        Nk = tl.load(CU_K + off_b + 1) - k_lo
+        return q_lo.to(tl.int64), k_lo.to(tl.int64), Nq, Nk
+    else:
+        return 0, 0, Nq, Nk
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
                offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -251,17 +277,17 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
+def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
                 stride_ob, stride_om, stride_oh, stride_od,
-                stride_docb, stride_docn,
+                stride_docb, stride_docn, stride_lseb, stride_lseh,
                 H, GROUP, Nq, Nk, qk_scale, win_left, win_right, seed, dropout_p, dropout_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
-                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                USE_TMA: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -277,6 +303,10 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     off_h = pid_bh % H
     off_hk = off_h // GROUP  # GQA: the key/value head this query head reads
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
+    if VARLEN:
+        if start_m >= Nq:  # the grid covers max_seqlen_q; this sequence is shorter
+            return
     seq_shift = Nk - Nq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -285,9 +315,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     d_ok = offs_d < D
     row_ok = offs_m < Nq
 
-    Q_blk = Q + off_b * stride_qb + off_h * stride_qh
-    K_blk = K + off_b * stride_kb + off_hk * stride_kh
-    V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    Q_blk = Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh
+    K_blk = K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh
+    V_blk = V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh
     K_desc, V_desc = _row_sources(K_blk, V_blk, Nk, stride_kn, stride_vn, D, BLOCK_N, HEAD_DIM, USE_TMA)
     DOC_row = DOC + off_b * stride_docb
     q = tl.load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -350,8 +380,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE,
     else:
         acc = acc / l_safe[:, None]
     lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
-    tl.store(LSE + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
-    O_blk = Out + off_b * stride_ob + off_h * stride_oh
+    tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + q_start + offs_m, lse, mask=row_ok)
+    O_blk = Out + off_b * stride_ob + q_start * stride_om + off_h * stride_oh
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
@@ -492,19 +522,20 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
+def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
               stride_dob, stride_dom, stride_doh, stride_dod,
               stride_dkb, stride_dkn, stride_dkh, stride_dkd,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-              stride_docb, stride_docn, DQ, stride_dqb, stride_dqm, stride_dqh,
+              stride_docb, stride_docn, DQ, stride_dqb, stride_dqm, stride_dqh, stride_lseb, stride_lseh,
               H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-              STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, VARLEN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -519,14 +550,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
     off_b = (pid_bh // Hkv).to(tl.int64)
     off_hk = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
+    if VARLEN:
+        if start_n >= Nk:  # the grid covers max_seqlen_k; this sequence is shorter
+            return
     seq_shift = Nk - Nq
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+    k = tl.load(K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+    v = tl.load(V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     DOC_row = DOC + off_b * stride_docb
     doc_k = 0
@@ -566,14 +601,15 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         bh = off_b * H + off_h
-        Q_blk = Q + off_b * stride_qb + off_h * stride_qh
-        DO_blk = DO + off_b * stride_dob + off_h * stride_doh
-        DQ_blk = DQ + off_b * stride_dqb + off_h * stride_dqh  # ATOMIC_DQ only
+        Q_blk = Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh
+        DO_blk = DO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh
+        DQ_blk = DQ + off_b * stride_dqb + q_start * stride_dqm + off_h * stride_dqh  # ATOMIC_DQ only
         if DQ_TMA:  # ATOMIC_DQ through the copy engine: a descriptor of (BLOCK_M, HEAD_DIM) tiles
             DQ_blk = tl.make_tensor_descriptor(DQ_blk, shape=[Nq, D], strides=[stride_dqm, 1],
                                                block_shape=[BLOCK_M, HEAD_DIM])
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
-        LSE_row, Delta_row = _stat_sources(LSE + bh * Nq, Delta + bh * Nq, Nq, BLOCK_M, STATS_DESC)
+        stat_row = off_b * stride_lseb + off_h * stride_lseh + q_start  # (B, H, Nq) or varlen (H, total_q)
+        LSE_row, Delta_row = _stat_sources(LSE + stat_row, Delta + stat_row, Nq, BLOCK_M, STATS_DESC)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
@@ -602,9 +638,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE,
         dv *= dropout_scale
     else:
         dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+    tl.store(DK + off_b * stride_dkb + k_start * stride_dkn + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(DV + off_b * stride_dvb + k_start * stride_dvn + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -675,18 +711,19 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_k
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
+def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
             stride_dob, stride_dom, stride_doh, stride_dod,
             stride_ob, stride_om, stride_oh, stride_od,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-            stride_docb, stride_docn,
+            stride_docb, stride_docn, stride_lseb, stride_lseh,
             H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
     if HAS_DROPOUT:  # NOTE: fp64 under torch.compile too; fp32 keeps the mask identical to eager's
@@ -700,6 +737,10 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
     off_h = pid_bh % H
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
+    if VARLEN:
+        if start_m >= Nq:  # the grid covers max_seqlen_q; this sequence is shorter
+            return
     seq_shift = Nk - Nq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -707,18 +748,19 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Nq
     mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+    q = tl.load(Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     bh = pid_bh.to(tl.int64)
-    lse2 = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
-    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=row_ok)  # for the dK/dV pass, which runs after this one
+    stat_rows = off_b * stride_lseb + off_h * stride_lseh + q_start + offs_m  # (B, H, Nq) or varlen (H, total_q)
+    lse2 = tl.load(LSE + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
+    tl.store(LSE2 + stat_rows, lse2, mask=row_ok)  # for the dK/dV pass, which runs after this one
     # -- Delta_i = rowsum(dO_i * O_i), stored for the dK/dV pass, which runs after this one --
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+    o = tl.load(Out + off_b * stride_ob + q_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + bh * Nq + offs_m, delta, mask=row_ok)
+    tl.store(Delta + stat_rows, delta, mask=row_ok)
     if HAS_DROPOUT:  # dS = (P * (dP o Z - Delta (1 - p))) / (1 - p), see _dkdv_block
         delta = delta * (1.0 - dropout_p)
     DOC_row = DOC + off_b * stride_docb
@@ -730,8 +772,8 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
         doc_q = doc_q[:, None]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    K_blk = K + off_b * stride_kb + off_hk * stride_kh
-    V_blk = V + off_b * stride_vb + off_hk * stride_vh
+    K_blk = K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh
+    V_blk = V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh
     K_desc, V_desc = _row_sources(K_blk, V_blk, Nk, stride_kn, stride_vn, D, BLOCK_N, HEAD_DIM, USE_TMA)
     # Key range: masked [lo, full_lo), seen whole by every row [full_lo, full_hi), masked
     # [full_hi, hi) (causal diagonal, window edges, Nk tail, documents); keys outside [lo, hi)
@@ -775,7 +817,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
         dq *= sm_scale * dropout_scale
     else:
         dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+    tl.store(DQ + off_b * stride_dqb + q_start * stride_dqm + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -788,7 +830,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE,
 PASSES = ("fwd", "dkdv", "dkdv_atomic", "dq")
 _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dkdv_atomic": _bwd_dkdv, "dq": _bwd_dq}
 _AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT", "DOT_PRECISION",
-                 "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA"]
+                 "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA", "VARLEN"]
 
 
 def _autotuned_pass(name: str, wide: bool):
@@ -929,10 +971,11 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    args = (q, k, v, out, lse, *doc, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
-            H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
+    # NOTE: the kernels read cu_seqlens only when VARLEN; q stands in for them.
+    args = (q, k, v, out, lse, *doc, q, q, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
+            lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v))
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v), VARLEN=False)
     _launch("fwd", grid, args, meta, D, (block_m, block_n))
     return out, lse
 
@@ -951,7 +994,7 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
-    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype))
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=False)
     blocks = (block_m, block_n)
     tma_dkdv = use_tma(q, do)
     tma_dq = use_tma(k, v)
@@ -965,9 +1008,9 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if deterministic:
         # The dQ pass first: it also computes Delta = rowsum(dO * O) for its rows (no preprocess
         # launch, one read of dO fewer), which the dK/dV pass then reads.
-        args = (q, k, v, do, out, lse, lse2, delta, dq, *doc,
+        args = (q, k, v, do, out, lse, lse2, delta, dq, *doc, q, q,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *doc_strides,
-                H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
+                lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
         _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks)
     else:
         wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _configs.PREPROCESS_BLOCK_M), B * H)](
@@ -981,9 +1024,9 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq_acc = torch.zeros((B, Nq, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
         torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
     dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
-    args = (q, k, v, do, lse2, delta, dk, dv, *doc,
+    args = (q, k, v, do, lse2, delta, dk, dv, *doc, q, q,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
-            dq_acc, *dq_strides,
+            dq_acc, *dq_strides, lse.stride(0), lse.stride(1),
             H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
             dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and use_tma_stats(Nq),
@@ -1007,6 +1050,108 @@ def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_lef
 
 _flash_v2_fwd_op = register_op("flash_v2_fwd", _flash_v2_fwd, _flash_v2_fwd_fake)
 _flash_v2_bwd_op = register_op("flash_v2_bwd", _flash_v2_bwd, _flash_v2_bwd_fake)
+
+
+def _varlen_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """A packed (total, nheads, headdim) tensor's strides as the kernels' (b, n, h, d): the
+    program's sequence is found through cu_seqlens, so the batch stride is 0."""
+    return (0, *t.stride())
+
+
+def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                         window_left: int, window_right: int, block_m: int,
+                         block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total_q, H, D = q.shape
+    Hkv = k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    doc, doc_strides, scalars, flags = _mask_args(q, None, window_left, window_right, 0.0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * H)
+
+    args = (q, k, v, out, lse, *doc, cu_seqlens_q, cu_seqlens_k, *_varlen_strides(q), *_varlen_strides(k),
+            *_varlen_strides(v), *_varlen_strides(out), *doc_strides, 0, lse.stride(0),
+            H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, *scalars)
+    meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v), VARLEN=True)
+    _launch("fwd", grid, args, meta, D, (block_m, block_n))
+    return out, lse
+
+
+def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
+                         window_right: int, block_m: int, block_n: int,
+                         deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    HEAD_DIM = triton.next_power_of_2(D)
+    # Every row is written: each query block of a sequence has a program, and so does each key
+    # block (keys of a sequence without queries get dK = dV = 0 from an empty loop).
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if total_q == 0 or total_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    doc, doc_strides, scalars, flags = _mask_args(q, None, window_left, window_right, 0.0, 0)
+    delta = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=True)
+    blocks = (block_m, block_n)
+
+    def grid_q(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * H)
+
+    def grid_kv(meta):
+        return (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * Hkv)
+
+    if deterministic:
+        args = (q, k, v, do, out, lse, lse2, delta, dq, *doc, cu_seqlens_q, cu_seqlens_k,
+                *_varlen_strides(q), *_varlen_strides(k), *_varlen_strides(v), *_varlen_strides(do),
+                *_varlen_strides(out), *_varlen_strides(dq), *doc_strides, 0, lse.stride(0),
+                H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars)
+        _launch("dq", grid_q, args, dict(meta, USE_TMA=use_tma(k, v)), D, blocks)
+    else:
+        # The packed rows as a batch of one with total_q queries: the (H, total_q) statistics
+        # are then the preprocess pass's own (B, H, Nq) layout.
+        wrap_triton(_bwd_preprocess)[(triton.cdiv(total_q, _configs.PREPROCESS_BLOCK_M), H)](
+            out, do, delta, lse, lse2, *_varlen_strides(out), *_varlen_strides(do), H, total_q,
+            D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=_configs.PREPROCESS_BLOCK_M)
+    dq_acc = torch.zeros((total_q, H, D), dtype=torch.float32, device=q.device) if not deterministic else \
+        torch.empty(1, dtype=torch.float32, device=q.device)  # NOTE: a dummy, never read
+    dq_strides = _varlen_strides(dq_acc)[:3] if not deterministic else (0, 0, 0)
+    args = (q, k, v, do, lse2, delta, dk, dv, *doc, cu_seqlens_q, cu_seqlens_k,
+            *_varlen_strides(q), *_varlen_strides(k), *_varlen_strides(v), *_varlen_strides(do),
+            *_varlen_strides(dk), *_varlen_strides(dv), *doc_strides, dq_acc, *dq_strides, 0, lse.stride(0),
+            H, Hkv, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars)
+    # NOTE: no tensor descriptors for the statistics or the dQ reduce-add here: a sequence's
+    # rows start at any packed offset, so its LSE row is not 16-byte aligned.
+    _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=use_tma(q, do), STATS_TMA=False, DQ_TMA=False),
+            D, blocks)
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+    return dq, dk, dv
+
+
+def _flash_v2_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                              window_left, window_right, block_m, block_n):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _flash_v2_varlen_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              softmax_scale, window_left, window_right, block_m, block_n, deterministic=True):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_flash_v2_varlen_fwd_op = register_op("flash_v2_varlen_fwd", _flash_v2_varlen_fwd, _flash_v2_varlen_fwd_fake)
+_flash_v2_varlen_bwd_op = register_op("flash_v2_varlen_bwd", _flash_v2_varlen_bwd, _flash_v2_varlen_bwd_fake)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1039,6 +1184,30 @@ class FlashV2Function(torch.autograd.Function):
                                       *ctx.dropout, *ctx.blocks, ctx.deterministic,
                                       not torch.compiler.is_compiling())
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+class FlashV2VarlenFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                window_right, block_m, block_n, deterministic):
+        out, lse = _flash_v2_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           softmax_scale, window_left, window_right, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+        ctx.softmax_scale = softmax_scale
+        ctx.window = (window_left, window_right)
+        ctx.blocks = (block_m, block_n)
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _flash_v2_varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
+                                             ctx.softmax_scale, *ctx.window, *ctx.blocks, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -1099,6 +1268,101 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if return_dropout_mask:
         results.append(_dropout.dropout_mask(seed, B, q.shape[2], Nq, Nk, p, q.device))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _check_varlen_layout(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have 3 dims (total_tokens, nheads, headdim) in the varlen layout, "
+                             f"got {shape}")
+
+
+def _check_varlen_offsets(name: str, cu_seqlens, batch: Optional[int], total: int, max_seqlen, max_name: str,
+                          device) -> torch.Tensor:
+    """cu_seqlens checked (1-D int32/int64 on ``device``, 0 .. total, non-decreasing, no
+    sequence longer than max_seqlen) and returned as int32. The values are read on the host
+    (one sync) except while torch.compile traces."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"{name} must be a 1-D integer tensor of shape (batch + 1,), got {shape}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {cu_seqlens.device}")
+    if batch is not None and cu_seqlens.numel() != batch + 1:
+        raise ValueError(f"{name} must have as many sequences as cu_seqlens_q ({batch + 1} entries), "
+                         f"got {cu_seqlens.numel()}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"{max_name} must be a positive int, got {max_seqlen!r}")
+    if not torch.compiler.is_compiling():
+        values = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        if values[0] != 0 or values[-1] != total or min(lengths) < 0:
+            shown = values if len(values) <= 8 else values[:4] + ["..."] + values[-2:]
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed length {total}, "
+                             f"got {shown}")
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
+def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                              causal: bool = False, softmax_scale=None, window_size=(-1, -1),
+                              return_lse: bool = False, block_m: Optional[int] = None,
+                              block_n: Optional[int] = None, deterministic: bool = True):
+    """FlashAttention-2 over sequences packed without padding, with their own query and key
+    packings (flash-attn's ``flash_attn_varlen_func`` layout): sequence b's queries
+    q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] attend only to its keys k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].
+
+    Arguments:
+        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads % nheads_k == 0
+            (GQA/MQA without copying K/V); float16, bfloat16 or float32, headdim 16..256
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 (or int64) cumulative lengths, from 0 to
+            total_q / total_k; sequences may be empty, and Nq_b != Nk_b
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence (size the grid; checked)
+        causal: per sequence, aligned to the bottom-right corner as in flash-attn: query i of
+            sequence b sits at key position i + Nk_b - Nq_b. For Nq_b = 2, Nk_b = 5 (1 = kept):
+                1 1 1 1 0
+                1 1 1 1 1
+            and for Nq_b = 5, Nk_b = 2 (the first rows see no key: output 0, lse 0):
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+        softmax_scale: default 1 / sqrt(headdim)
+        window_size: (left, right) per sequence around each query's aligned position; -1 means
+            infinite. causal forces right = 0.
+        return_lse: also return the float32 logsumexp, (nheads, total_q) as flash-attn's
+        block_m, block_n, deterministic: as in :func:`flash_v2_attention`
+    Returns:
+        out (total_q, nheads, headdim) [, lse (nheads, total_q)]
+
+    One program per (query block, sequence, head): blocks past a sequence's own length exit
+    at once, and no key block of another sequence is ever loaded. No dropout here (use
+    flash_v2_attention with doc_ids for dropout over packed documents).
+    """
+    _check_varlen_layout(q, k, v)
+    check_qkv(q[None], k[None], v[None], backend=BACKEND, head_dims=HEAD_DIMS,
+              dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    cu_q = _check_varlen_offsets("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], max_seqlen_q, "max_seqlen_q",
+                                 q.device)
+    cu_k = _check_varlen_offsets("cu_seqlens_k", cu_seqlens_k, cu_q.numel() - 1, k.shape[0], max_seqlen_k,
+                                 "max_seqlen_k", q.device)
+    window_left, window_right = normalize_window(window_size, causal)
+    scale = default_scale(softmax_scale, q.shape[-1])
+    blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
+    check_deterministic(deterministic)
+    if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
+        raise ValueError(f"q, k and v must be CUDA tensors (or CPU tensors under the Triton interpreter), "
+                         f"got {q.device}")
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse = FlashV2VarlenFunction.apply(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                                           window_right, *blocks, deterministic)
+    return (out, lse) if return_lse else out
 
 
 def _check_pass(pass_name: str) -> None:

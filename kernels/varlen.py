@@ -1,36 +1,41 @@
-"""flash-attn's variable-length interface on top of the per-token document-id path.
+"""flash-attn's variable-length interface over every backend.
 
     varlen_attention(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
 
 takes sequences packed without padding, q (total_q, nheads, headdim) and k, v (total_k,
 nheads_k, headdim), with cumulative lengths ``cu_seqlens`` (int32/int64, (batch + 1,),
 cu_seqlens[0] = 0, cu_seqlens[-1] = total), as flash-attn's ``flash_attn_varlen_func``.
-It turns cu_seqlens into per-token document ids on a batch of one,
+Sequence b's queries attend only to sequence b's keys; its causal mask and window are
+aligned bottom-right within the sequence (query i at key position i + Nk_b - Nq_b), so the
+result equals running each sequence alone. Three routes:
 
-    doc_ids[t] = the b with cu_seqlens[b] <= t < cu_seqlens[b + 1]
-
-and calls the backend's ``doc_ids`` path, so sequence b attends only to itself. With
-equal q and k packings the global causal mask and window restricted to one document are
-that document's own causal mask and window, so the result equals running each sequence
-alone.
+    * flash_v2 (and its variants) without dropout: its VARLEN mode,
+      ``flash_v2.flash_v2_varlen_attention``, one launch for the pack, any q and k packings.
+    * equal packings (cu_seqlens_q == cu_seqlens_k) otherwise: cu_seqlens become per-token
+      document ids on a batch of one, doc_ids[t] = the b with cu_seqlens[b] <= t < cu_seqlens[b + 1],
+      and the backend's ``doc_ids`` path runs (within one document the global causal mask and
+      window are the document's own).
+    * different packings otherwise: one ordinary backend call per sequence (correct, slower).
 
 Caution / known limits
-    * cu_seqlens_q must equal cu_seqlens_k (self-attention over packed documents);
-      anything else raises. Cross-attention with other k lengths is not implemented.
-    * Validation reads cu_seqlens on the host (one device sync per call, skipped for the
-      equality test when the same tensor is passed twice).
-    * max_seqlen_q/k are checked against the lengths (flash-attn uses them to size its
-      grid; the doc-id path does not need them).
-    * How many blocks are skipped is the backend's business: flash_v1 (and flash_v2 where it
-      does the same) skips blocks between different documents; naive and sdpa mask a full
-      total x total matrix, so they are for checking, not for long packs.
+    * Validation reads cu_seqlens on the host (one device sync per call).
+    * max_seqlen_q/k are checked against the lengths (flash_v2 sizes its grid by them).
+    * Dropout: on the doc-id path its offsets are those of the packed batch of one (row/column =
+      packed token index); on the per-sequence path each sequence is its own call, so with a
+      fixed dropout_seed every sequence draws the same mask pattern for its own positions.
+    * How many blocks are skipped is the backend's business: flash_v2's VARLEN mode never
+      visits another sequence's blocks and flash_v1 skips blocks between documents; naive and
+      sdpa on the doc-id path mask a full total x total matrix, so they are for checking, not
+      for long packs.
+    * A sequence with queries but no keys gives output 0 and logsumexp 0 (MASKED_ROW_LSE), as
+      a fully masked row does everywhere in fatrain.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import get_backend
+from . import MASKED_ROW_LSE, backend_info, get_backend
 
 
 def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device) -> torch.Tensor:
@@ -68,9 +73,11 @@ def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max
         backend_name: a registry name (``fatrain.kernels.available_backends()``)
         q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads % nheads_k == 0
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32/int64 cumulative lengths, starting at 0
-            and ending at total; must be equal (self-attention within each sequence)
+            and ending at total_q / total_k; sequences may be empty and Nq_b != Nk_b
         max_seqlen_q, max_seqlen_k: the longest sequence (checked, as flash-attn takes them)
-        causal: each sequence's own causal mask (q and k have the same lengths here)
+        causal: each sequence's own causal mask, aligned bottom-right when Nq_b != Nk_b:
+            Nq_b = 2, Nk_b = 4 (1 = kept)    1 1 1 0
+                                             1 1 1 1
         softmax_scale, dropout_p, window_size, dropout_seed: as the backend takes them; the
             window counts positions within each sequence. Dropout offsets are those of the
             packed batch of one (row/column = packed token index).
@@ -88,17 +95,49 @@ def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max
     total_q, total_k = q.shape[0], k.shape[0]
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q", q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k", q.device)
-    if cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
-        raise NotImplementedError(
-            "varlen_attention needs cu_seqlens_q == cu_seqlens_k (self-attention within each packed sequence); "
-            "different query and key packings are not supported yet")
-    doc_ids = cu_seqlens_to_doc_ids(cu_seqlens_q, total_q)[None]
+    info = backend_info(backend_name)
+    if info.module == "flash_v2" and dropout_p == 0.0:
+        from .flash_v2 import flash_v2_varlen_attention
+
+        return flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                         return_lse=return_lse, **info.fixed)
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, window_size=window_size,
-                  doc_ids=doc_ids, return_lse=return_lse)
+                  return_lse=return_lse)
     if dropout_seed is not None:
         kwargs["dropout_seed"] = dropout_seed
-    result = attn(q[None], k[None], v[None], **kwargs)
-    if return_lse:
-        out, lse = result
-        return out[0], lse[0]
-    return result[0]
+    if cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k):
+        doc_ids = cu_seqlens_to_doc_ids(cu_seqlens_q, total_q)[None]
+        result = attn(q[None], k[None], v[None], doc_ids=doc_ids, **kwargs)
+        if return_lse:
+            out, lse = result
+            return out[0], lse[0]
+        return result[0]
+    return _per_sequence(attn, q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), return_lse, kwargs)
+
+
+def _per_sequence(attn, q, k, v, offsets_q: list[int], offsets_k: list[int], return_lse: bool, kwargs: dict):
+    """One ordinary call per sequence, outputs (and logsumexps) concatenated in packed order.
+    A sequence without keys gives zeros and MASKED_ROW_LSE (a fully masked row's values)."""
+    if len(offsets_q) != len(offsets_k):
+        raise ValueError(f"cu_seqlens_k must have as many sequences as cu_seqlens_q ({len(offsets_q)} entries), "
+                         f"got {len(offsets_k)}")
+    H = q.shape[1]
+    outs, lses = [], []
+    bounds = zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])
+    for q_lo, q_hi, k_lo, k_hi in bounds:
+        if q_hi == q_lo:
+            continue
+        if k_hi == k_lo:
+            outs.append(q.new_zeros((q_hi - q_lo, H, v.shape[-1])))
+            lses.append(torch.full((H, q_hi - q_lo), MASKED_ROW_LSE, dtype=torch.float32, device=q.device))
+            continue
+        result = attn(q[None, q_lo:q_hi], k[None, k_lo:k_hi], v[None, k_lo:k_hi], **kwargs)
+        out, lse = result if return_lse else (result, None)
+        outs.append(out[0])
+        if return_lse:
+            lses.append(lse[0].float())
+    out = torch.cat(outs) if outs else q.new_zeros((0, H, v.shape[-1]))
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, dim=1) if lses else torch.zeros((H, 0), dtype=torch.float32, device=q.device)

@@ -28,7 +28,7 @@ from fatrain.kernels import _dropout, flash_v1, flash_v2  # noqa: E402
 
 FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale"}
 FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc"}
-INT_POINTERS = {"DOC", "DOC_RANGE", "Mask"}
+INT_POINTERS = {"DOC", "DOC_RANGE", "Mask", "CU_Q", "CU_K"}
 BF16_POINTERS = {"Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"}
 
 
@@ -96,18 +96,22 @@ def v2_cases():
     flags = [dict(MASK_LEFT=False, MASK_RIGHT=False, HAS_DOCS=False, HAS_DROPOUT=False),
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False),
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=True),
-             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True)]
+             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True),
+             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, VARLEN=True)]
     for d, f, tma in ((d, f, tma) for d in (64, 128) for f in flags for tma in (False, True)):
         # tma: tiles through tensor descriptors (the H100 default), else pointer tiles
         tag = ("+".join(k for k, v in f.items() if v) or "plain") + (" tma" if tma else "")
-        f = dict(f, USE_TMA=tma)
+        varlen = f.get("VARLEN", False)
+        f = dict(f, USE_TMA=tma, VARLEN=varlen)
+        stats_tma = tma and not varlen  # VARLEN: a sequence's statistics rows are not 16-byte aligned
         for c in flash_v2.configs("fwd", head_dim=d)[:3]:
             yield (f"v2 fwd d={d} {tag} {_label(c)}", flash_v2._fwd_kernel,
                    dict(D=d, HEAD_DIM=d, DOT_PRECISION="tf32", MASKED_LSE=0.0, BLOCK_M=c["BLOCK_M"],
                         BLOCK_N=c["BLOCK_N"], **f), c["num_warps"], c["num_stages"], {}, c["maxnreg"])
         for name, pass_name, kernel, extra in (
-                ("dkdv", "dkdv", flash_v2._bwd_dkdv, dict(ATOMIC_DQ=False, STATS_TMA=tma, DQ_TMA=False)),
-                ("dkdv+atomic-dq", "dkdv_atomic", flash_v2._bwd_dkdv, dict(ATOMIC_DQ=True, STATS_TMA=tma, DQ_TMA=tma)),
+                ("dkdv", "dkdv", flash_v2._bwd_dkdv, dict(ATOMIC_DQ=False, STATS_TMA=stats_tma, DQ_TMA=False)),
+                ("dkdv+atomic-dq", "dkdv_atomic", flash_v2._bwd_dkdv,
+                 dict(ATOMIC_DQ=True, STATS_TMA=stats_tma, DQ_TMA=stats_tma)),
                 ("dq", "dq", flash_v2._bwd_dq, {})):
             for c in flash_v2.configs(pass_name, head_dim=d)[:2]:
                 yield (f"v2 {name} d={d} {tag} {_label(c)}", kernel,

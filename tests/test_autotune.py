@@ -65,3 +65,100 @@ def test_autotuning_off_keeps_the_first_config(monkeypatch):
     tuner = _autotune.autotuned(_accumulate_twice, configs, key=["Nq"])
     assert [c.kwargs for c in tuner.configs] == [{"BLOCK": 16}]
     assert isinstance(tuner, _autotune.RefiningAutotuner)
+
+
+# ---- shape classes and picks kept across processes ----
+
+@triton.jit
+def _copy_rows(X, Y, PICKED, Nq, Nk, BLOCK: tl.constexpr):
+    """Y = X over Nq rows (Nk only keys the tuner); PICKED = the BLOCK that ran."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < Nq
+    tl.store(Y + offs, tl.load(X + offs, mask=ok), mask=ok)
+    tl.store(PICKED + tl.program_id(0) * 0, BLOCK)
+
+
+def _class_tuner(bench_calls, fastest=32):
+    def counting_bench(kernel_call, quantiles):
+        kernel_call()
+        bench_calls.append(1)
+        return [0.5 if kernel_call_block() == fastest else 1.0] * 3
+
+    picked = torch.zeros(1, dtype=torch.int32)
+
+    def kernel_call_block():
+        return int(picked.item())
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    tuner = _autotune.shape_class_autotuned(_copy_rows, configs, key=["Nq", "Nk"], name="copy_rows",
+                                            do_bench=counting_bench)
+    return tuner, picked
+
+
+def _launch(tuner, picked, n, nk):
+    x = torch.arange(n, dtype=torch.float32)
+    y = torch.full_like(x, float("nan"))
+    tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, picked, n, nk)
+    assert torch.equal(x, y)
+    return int(picked.item())
+
+
+def test_shape_class_tuner_tunes_once_per_class_and_a_fresh_one_reads_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(_autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(_autotune, "PERSIST", True)
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path))
+    assert _autotune.shape_class(300, 1000) == "q512-k1024" and _autotune.shape_class(1, 4097) == "decode-k8192"
+    calls = []
+    tuner, picked = _class_tuner(calls)
+    before = _autotune.autotune_seconds()
+    assert _launch(tuner, picked, 300, 1000) == 32
+    tuned = len(calls)
+    assert tuned >= 3  # every config timed once, then the refining rounds
+    assert _launch(tuner, picked, 400, 900) == 32  # same class (q512-k1024): no timing
+    assert len(calls) == tuned
+    rows = _autotune.picks(tuner)
+    assert [(r["key"]["Nq"], r["shape_class"], r["cached"]) for r in rows] == \
+        [("300", "q512-k1024", False), ("400", "q512-k1024", True)]
+    assert rows[0]["tune_s"] > 0 and rows[1]["tune_s"] == 0
+    assert _autotune.autotune_seconds() > before
+    assert len(list((tmp_path / "autotune").glob("copy_rows-q512-k1024-*.json"))) == 1
+    # A new tuner (as in a second process) reads the pick: nothing is timed.
+    fresh_calls = []
+    fresh, picked = _class_tuner(fresh_calls, fastest=64)
+    assert _launch(fresh, picked, 500, 1024) == 32 and fresh_calls == []
+    assert _autotune.picks(fresh)[0]["cached"] is True
+    # Another class is tuned.
+    assert _launch(fresh, picked, 5, 1024) == 64 and fresh_calls
+
+
+def test_shape_class_cache_key_follows_the_kernel_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path))
+    tuner, _ = _class_tuner([])
+    key = ("q512-k1024", "float32")
+    path = tuner.cache_path(key)
+    assert path.parent == tmp_path / "autotune"
+    monkeypatch.setattr(_autotune, "_kernel_source", lambda fn: "changed kernel source")
+    assert tuner.cache_path(key) != path
+
+
+def test_corrupt_cache_file_is_ignored_with_a_warning(monkeypatch, tmp_path):
+    import pytest
+
+    monkeypatch.setattr(_autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(_autotune, "PERSIST", True)
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path))
+    calls = []
+    tuner, picked = _class_tuner(calls)
+    assert _launch(tuner, picked, 300, 1000) == 32  # writes the class's file
+    [path] = (tmp_path / "autotune").glob("copy_rows-q512-k1024-*.json")
+    marker = tmp_path / "executed"
+    texts = ("{not json", '{"config": {"BLOCK": 48}}',
+             f'{{"config": "__import__(\'pathlib\').Path({str(marker)!r}).touch()"}}')
+    for n, text in zip((301, 302, 303), texts):  # new lengths of the class: the tuner's own cache misses
+        path.write_text(text)
+        tuner.class_picks.clear()
+        calls.clear()
+        with pytest.warns(RuntimeWarning, match="ignoring autotune cache file"):
+            assert _launch(tuner, picked, n, 1000) == 32
+        assert calls  # tuned again
+        assert not marker.exists()
