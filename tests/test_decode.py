@@ -132,3 +132,45 @@ def test_gpu_decode_matches_reference(dtype, nk):
             same = reference_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=causal,
                                        window_size=window, upcast=False)
             assert max_err(out[b:b + 1], ref) <= OUT_FACTOR * max_err(same, ref) + _FLOOR[dtype]
+
+
+def test_decode_bench_smoke_writes_a_row_per_impl_and_shape(tmp_path):
+    import csv
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    from fatrain.bench.decode import run_decode_bench
+    from fatrain.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="fatrain.configs", version_base=None):
+        cfg = compose(config_name="bench", overrides=[
+            "bench=decode", "device=cpu", "cpu_reps=1", "decode.impls=[flash_v2,sdpa_math]",
+            "decode.cache_lens=[33,64]", "decode.batches=[2]", "decode.nheads=4", "decode.nheads_k=2",
+            "decode.headdim=16", "decode.dtype=fp32", "decode.copy_mib=1"])
+    path = run_decode_bench(cfg, str(tmp_path), log=lambda line: None)
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["impl"], r["cache_len"]) for r in rows] == [("flash_v2", "33"), ("sdpa_math", "33"),
+                                                          ("flash_v2", "64"), ("sdpa_math", "64")]
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 and float(r["kv_gb_per_s"]) > 0 for r in rows), rows
+    row = rows[0]
+    # kv bytes = 2 (K and V) x batch 2 x 33 keys x 2 heads x 16 dims x 4 bytes
+    expected = 2 * 2 * 33 * 2 * 16 * 4 / (float(row["ms"]) * 1e-3) / 1e9
+    assert abs(float(row["kv_gb_per_s"]) / expected - 1) < 1e-2
+    assert abs(float(row["fraction_of_copy"]) * float(row["copy_gb_per_s"]) / float(row["kv_gb_per_s"]) - 1) < 1e-2
+    jsonl = [json.loads(line) for line in open(tmp_path / "decode_bench.jsonl")]
+    assert len(jsonl) == 4 and jsonl[0]["impl"] == "flash_v2"
+
+
+def test_decode_bench_bad_setting_names_it(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from fatrain.bench.decode import run_decode_bench
+    from fatrain.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="fatrain.configs", version_base=None):
+        cfg = compose(config_name="bench", overrides=["bench=decode", "device=cpu", "decode.nheads_k=5"])
+    with pytest.raises(ValueError, match="decode.nheads=32 must be a multiple of decode.nheads_k=5"):
+        run_decode_bench(cfg, str(tmp_path))
