@@ -564,6 +564,10 @@ def validate_bench_config(cfg) -> None:
 
     if cfg.get("kind", "attention") not in ("attention", "decode"):
         raise ValueError(f"kind={cfg.kind!r} must be attention or decode")
+    if cfg.get("kind") == "decode":
+        from fatrain.bench.decode import validate_decode_config
+        validate_decode_config(cfg.decode)
+        return
     impls = available_backends(variants=True)
     for key, values, allowed in [("impls", cfg.impls, impls), ("modes", cfg.modes, BENCH_MODES),
                                  ("dtypes", cfg.dtypes, PRECISIONS)]:
