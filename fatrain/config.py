@@ -493,7 +493,25 @@ class BenchSummaryConfig:
 
 
 @dataclass
+class DecodeBenchConfig:
+    """``bench=decode``: one query per sequence against a KV cache (fatrain.bench.decode)."""
+
+    impls: list[str] = field(default_factory=lambda: ["flash_v2", "sdpa_flash", "sdpa_cudnn"])
+    cache_lens: list[int] = field(default_factory=lambda: [4096, 16384, 32768, 65536, 131072])
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    nheads: int = 32
+    nheads_k: int = 8
+    headdim: int = 128
+    dtype: str = "bf16"
+    num_splits: int = 0  # flash_v2's decode kernel; 0: its heuristic
+    copy_mib: int = 1024  # size of the copy that measures the device bandwidth
+    name: str = "decode_bench"  # file stem of the CSV and JSONL
+
+
+@dataclass
 class BenchConfig:
+    kind: str = "attention"  # attention: the sweep below | decode: the decode benchmark (decode.*)
+    decode: DecodeBenchConfig = field(default_factory=DecodeBenchConfig)
     impls: list[str] = field(default_factory=list)  # registry names (variants too); the presets list them
     modes: list[str] = field(default_factory=lambda: list(BENCH_MODES))
     seqlens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768])
@@ -544,6 +562,12 @@ def validate_bench_config(cfg) -> None:
     """Check the values a type cannot; raise ValueError naming the key and what is allowed."""
     from fatrain.kernels import available_backends
 
+    if cfg.get("kind", "attention") not in ("attention", "decode"):
+        raise ValueError(f"kind={cfg.kind!r} must be attention or decode")
+    if cfg.get("kind") == "decode":
+        from fatrain.bench.decode import validate_decode_config
+        validate_decode_config(cfg.decode)
+        return
     impls = available_backends(variants=True)
     for key, values, allowed in [("impls", cfg.impls, impls), ("modes", cfg.modes, BENCH_MODES),
                                  ("dtypes", cfg.dtypes, PRECISIONS)]:

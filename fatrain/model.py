@@ -9,7 +9,10 @@ kernels take, so the projection output is never transposed or copied.
 Rotary embeddings (no learned positions) let evaluation run past the training length.
 With ``rope_reset_per_document`` positions restart at each document of a packed sequence.
 A ``KVCache`` serves incremental decoding: new queries attend to every cached key
-through the backends' bottom-right-aligned causal mask (seqlen_q != seqlen_k).
+through the backends' bottom-right-aligned causal mask (seqlen_q != seqlen_k). On CUDA the
+cache goes through ``fatrain.kernels.flash_attn.flash_attn_with_kvcache``: the new keys are
+written into the preallocated buffers in place and flash_v2 decodes with its split-K kernel
+(``kernels/decode.py``); elsewhere the backend is called on views of the valid prefix.
 """
 
 from __future__ import annotations
@@ -124,14 +127,17 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: (B, max_len, Hkv, D) each."""
+    """Keys and values of every layer for incremental decoding: (B, max_len, Hkv, D) each,
+    preallocated. ``fused``: attend through ``flash_attn_with_kvcache`` (append in place, then
+    the decode kernel); None picks it for CUDA tensors."""
 
-    def __init__(self, spec: GPTSpec, batch: int, max_len: int, device, dtype):
+    def __init__(self, spec: GPTSpec, batch: int, max_len: int, device, dtype, fused: bool | None = None):
         shape = (batch, max_len, spec.kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
         self.length = 0
         self.max_len = max_len
+        self.fused = torch.device(device).type == "cuda" if fused is None else fused
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.length, self.length + k.shape[1]
@@ -162,6 +168,13 @@ class CausalSelfAttention(nn.Module):
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and cache.fused:
+            from fatrain.kernels.flash_attn import flash_attn_with_kvcache
+            dtype = cache.k[self.layer].dtype
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            y = flash_attn_with_kvcache(q, cache.k[self.layer], cache.v[self.layer], k, v, cache_seqlens=cache.length,
+                                        causal=True, window_size=self.spec.window_size, backend=self.spec.attention)
+            return self.proj(y.reshape(B, T, H * D))
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         kwargs = dict(self.spec.attention_options)
@@ -293,14 +306,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
-        """Sample continuations of idx (B, T); with use_cache, one KV cache step per new token."""
+                 generator: torch.Generator | None = None, use_cache: bool = True, fused_cache: bool | None = None):
+        """Sample continuations of idx (B, T); with use_cache, one KV cache step per new token
+        (``fused_cache``: through flash_attn_with_kvcache, see KVCache; None: on CUDA)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         cache = None
         if use_cache:
             dtype = self.wte.weight.dtype
-            cache = KVCache(self.spec, idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, dtype)
+            if torch.is_autocast_enabled(idx.device.type):
+                # The keys and values come out of the projections in the autocast dtype: so does the cache.
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            cache = KVCache(self.spec, idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, dtype, fused_cache)
         logits, _ = self(idx, cache=cache)
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :]

@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import fatrain  # noqa: E402,F401
-from fatrain.kernels import _dropout, flash_v1, flash_v2  # noqa: E402
+from fatrain.kernels import _dropout, decode, flash_v1, flash_v2  # noqa: E402
 
 FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale"}
 FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc"}
@@ -141,6 +141,20 @@ def v1_cases():
                                {"O": "*bf16", "DQ": "*fp32"})
 
 
+def decode_cases():
+    """The split pass with every mask and per-sequence lengths on, at each autotune config, and
+    the combine pass; the scratch O_part / LSE_part are float32 and SEQLENS int32."""
+    pointers = {"SEQLENS": "*i32", "O_part": "*fp32", "LSE_part": "*fp32"}
+    for d in (64, 128):
+        for block_m in (16, 64):
+            for block_n, w, s in decode.SPLIT_CONFIGS:
+                yield (f"decode split d={d} m{block_m} n{block_n} w{w} s{s}", decode._decode_split_kernel,
+                       dict(D=d, HEAD_DIM=d, HAS_SEQLENS=True, MASK_LEFT=True, MASK_RIGHT=True,
+                            DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n), w, s, pointers)
+        yield (f"decode combine d={d}", decode._decode_combine_kernel,
+               dict(D=d, HEAD_DIM=d, MASKED_LSE=0.0, BLOCK_S=64), 4, 1, {"O_part": "*fp32", "LSE_part": "*fp32"})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=[], help="substrings of the labels to compile")
@@ -148,7 +162,7 @@ def main():
     print("triton", triton.__version__, "dropout bits", _dropout.DROPOUT_BITS, flush=True)
     ok = compile_one("dropout mask kernel", _dropout._dropout_mask_kernel, dict(BLOCK_M=16, BLOCK_N=64), 4, 1,
                      {"Mask": "*i8"})
-    for label, fn, constexprs, w, s, *rest in list(v2_cases()) + list(v1_cases()):
+    for label, fn, constexprs, w, s, *rest in list(v2_cases()) + list(v1_cases()) + list(decode_cases()):
         if args.only and not any(o in label for o in args.only):
             continue
         ok &= compile_one(label, fn, constexprs, w, s, *rest)

@@ -56,3 +56,16 @@ def test_each_flash_v2_step_waits_once_for_its_tma_tiles(tmp_path):
     # the 1-D LSE and Delta loads one each (triton 3.6, the GPU machine's) or one for both (3.9)
     assert waits.pop("dkdv", None) in (2, 3), out[-4000:]
     assert waits == {"fwd": 2, "dq": 2}, out[-4000:]
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton install has no NVIDIA backend (ptxas)")
+def test_decode_kernels_compile_for_sm90(tmp_path):
+    """The split pass at headdim 128 with every mask on, at each of its autotune configs, and the
+    combine pass."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
+    res = subprocess.run([sys.executable, SCRIPT, "--only", "decode split d=128 m16", "decode combine d=128"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    compiled = [line for line in res.stdout.splitlines() if line.startswith("ok   decode")]
+    assert len(compiled) == 9, out[-4000:]  # 8 split-pass configs and the combine pass

@@ -4,6 +4,7 @@
     fatrain-bench bench=smoke                       # tiny CPU sweep
     fatrain-bench bench=targets                     # only the cases the speed targets compare
     fatrain-bench bench=features                    # windows, packed documents, dropout
+    fatrain-bench bench=decode                      # decoding against a KV cache (fatrain.bench.decode)
     fatrain-bench impls=[flash_v2,sdpa_flash] headdims=[128] out_dir=results
     fatrain-bench headdims=[64] out_dir=DIR append=true  # add to (or resume) DIR/attention_bench.csv
 
@@ -37,6 +38,14 @@ def output_dir(cfg) -> str:
 
 @hydra.main(version_base=None, config_path="pkg://fatrain.configs", config_name="bench")
 def main(cfg: DictConfig) -> str:
+    if cfg.kind != "attention":
+        from fatrain.bench.decode import run_decode_bench
+        with user_errors():
+            validate_bench_config(cfg)  # the kind, then the decode bench's settings
+            print(OmegaConf.to_yaml(cfg.decode))
+            csv_path = run_decode_bench(cfg, output_dir(cfg))
+        print(f"\nwrote {csv_path}")
+        return csv_path
     with user_errors():
         validate_bench_config(cfg)  # a bad value fails before any work
         print(OmegaConf.to_yaml(cfg))
