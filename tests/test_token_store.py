@@ -292,3 +292,36 @@ def test_two_gloo_ranks_read_disjoint_blocks_whose_union_is_the_epoch(tmp_path):
         assert r0[2 * step:2 * step + 2] + r1[2 * step:2 * step + 2] == expected[4 * step:4 * step + 4]
     assert sorted(map(tuple, r0 + r1)) == sorted(map(tuple, expected))
     assert len(set(map(tuple, r0)) & set(map(tuple, r1))) == 0
+
+
+def test_sigkill_and_resume_on_the_store_path_is_exact(tmp_path):
+    path = corpus(tmp_path, docs_of(np.random.default_rng(11), 300, lo=20, hi=200))
+    common = [f"data.path={path}", "data.document_separator='\\n<doc>\\n'",  # escapes as typed on a command line
+              "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.seq_len=32", "trainer.max_steps=40",
+              "trainer.batch_size=2", "trainer.log_every=1", "trainer.eval_every=20", "trainer.eval_batches=2",
+              "trainer.ckpt_every=10", "trainer.progress_bar=false", "logger.wandb.mode=disabled",
+              "optim.warmup_steps=1", "data=text", "attention=sdpa"]
+    env = {**os.environ, "FATRAIN_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+
+    def cli(run_dir, *extra):
+        return [sys.executable, "-m", "fatrain.cli.train", f"hydra.run.dir={run_dir}", *common, *extra]
+
+    full = tmp_path / "full"
+    subprocess.run(cli(full), check=True, capture_output=True, timeout=300, env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not glob.glob(str(killed / "checkpoints" / "ckpt_*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cli(killed, "resume=auto"), check=True, capture_output=True, timeout=300, env=env)
+
+    def curve(run_dir):
+        with open(run_dir / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+    assert [s for s, _ in curve(killed)] == list(range(1, 41))
+    assert curve(killed) == curve(full)
