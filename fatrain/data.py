@@ -376,6 +376,16 @@ class BlockLoader:
                          world_size=self.world_size, device=self.device)
 
 
+def make_train_loader(train, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, device=None):
+    """The training loader for ``DataBundle.train``: a BlockLoader over packed blocks, or a
+    StreamingLoader over a streamed corpus (data.streaming=true)."""
+    from fatrain.streaming import StreamingCorpus, StreamingLoader
+
+    if isinstance(train, StreamingCorpus):
+        return StreamingLoader(train, batch_size, rank=rank, world_size=world_size, device=device)
+    return BlockLoader(train, batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
+
+
 def iter_once(blocks: PackedBlocks, batch_size: int, *, max_batches: Optional[int] = None,
               rank: int = 0, world_size: int = 1, device=None) -> Iterator[dict[str, torch.Tensor]]:
     """One deterministic, sequential pass over ``blocks``, for validation.

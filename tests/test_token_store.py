@@ -325,3 +325,78 @@ def test_sigkill_and_resume_on_the_store_path_is_exact(tmp_path):
 
     assert [s for s, _ in curve(killed)] == list(range(1, 41))
     assert curve(killed) == curve(full)
+
+
+# ----- streaming ---------------------------------------------------------------------------------
+
+
+def jsonl_folder(tmp_path, docs, files=2):
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for f in range(files):
+        with open(folder / f"part-{f}.jsonl", "w") as out:
+            for doc in docs[f::files]:
+                out.write(json.dumps({"text": doc}) + "\n")
+    return folder
+
+
+def streaming_config(folder, **overrides):
+    settings = dict(name="s", source="hf", hf_name=str(folder), streaming=True, seq_len=8, streaming_val_tokens=40)
+    settings.update(overrides)
+    return DataConfig(**settings)
+
+
+def rows(batches):
+    return [row.tolist() for batch in batches for row in batch["input_ids"]]
+
+
+def test_streaming_packs_the_documents_after_validation(tmp_path):
+    from fatrain.data import make_train_loader
+
+    docs = docs_of(np.random.default_rng(12), 40, lo=5, hi=30)
+    data = build_data(streaming_config(jsonl_folder(tmp_path, docs, files=1)), seed=0)
+    assert data.val.num_tokens >= 40
+    loader = make_train_loader(data.train, 2, seed=0)
+    got = rows([next(loader) for _ in range(3)])
+    ids = encoded(docs)
+    val_docs = next(n for n in range(1, len(ids) + 1) if sum(map(len, ids[:n])) >= 40)
+    stream = np.concatenate(ids[val_docs:])
+    assert got == [stream[i * 8:(i + 1) * 8].tolist() for i in range(6)]
+
+
+def test_streaming_resume_continues_at_the_same_token(tmp_path):
+    from fatrain.data import make_train_loader
+
+    docs = docs_of(np.random.default_rng(13), 60, lo=3, hi=25)
+    data = build_data(streaming_config(jsonl_folder(tmp_path, docs)), seed=0)
+    loader = make_train_loader(data.train, 3, seed=0)
+    for _ in range(4):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))  # plain data, as a checkpoint keeps it
+    expected = rows([next(loader) for _ in range(5)])  # long enough to wrap around the stream once
+    resumed = make_train_loader(data.train, 3, seed=0)
+    resumed.load_state_dict(state)
+    assert rows([next(resumed) for _ in range(5)]) == expected
+
+
+def test_streaming_ranks_read_disjoint_examples(tmp_path):
+    from fatrain.data import make_train_loader
+
+    docs = [f"doc{i:03d} " * 3 for i in range(40)]
+    data = build_data(streaming_config(jsonl_folder(tmp_path, docs, files=4), seq_len=4, streaming_val_tokens=5), seed=0)
+    seen = []
+    for rank in (0, 1):
+        loader = make_train_loader(data.train, 1, seed=0, rank=rank, world_size=2)
+        text = "".join(bytes([t for t in row if t < 256]).decode() for row in rows([next(loader) for _ in range(20)]))
+        seen.append({word for word in text.split() if len(word) == 6})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_streaming_bad_settings(tmp_path):
+    folder = jsonl_folder(tmp_path, ["short"] * 4, files=1)
+    with pytest.raises(ValueError, match=r"data.streaming=true needs data.source=hf"):
+        build_data(config(corpus(tmp_path, ["a" * 40]), streaming=True), seed=0)
+    with pytest.raises(ValueError, match=r"data.packing='doc_start' is not offered with data.streaming=true"):
+        build_data(streaming_config(folder, packing="doc_start"), seed=0)
+    with pytest.raises(ValueError, match=r"the stream has 24 tokens in documents of at least data.min_doc_tokens=0"):
+        build_data(streaming_config(folder, seq_len=30, streaming_val_tokens=100), seed=0)
