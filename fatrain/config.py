@@ -74,6 +74,12 @@ class DataConfig:
     val_fraction: float = 0.1
     cache_dir: Optional[str] = None  # None: ~/.cache/fatrain
     document_masking: bool = False
+    num_proc: Optional[int] = None  # tokenisation processes; None: the CPUs available
+    shard_tokens: int = 268435456  # tokens per token-store shard file (2**28)
+    min_doc_tokens: int = 0  # keep only documents with at least this many tokens (EOT included); 0: all
+    packing: str = "concat"  # concat: blocks start anywhere | doc_start: blocks lie inside one document, from its start
+    streaming: bool = False  # data.source=hf: tokenise a streamed IterableDataset on the fly (no token store)
+    streaming_val_tokens: int = 65536  # streaming: validation is the stream's first documents up to this many tokens
 
 
 @dataclass
@@ -152,6 +158,7 @@ MLPS = ("gelu", "swiglu")
 STRATEGIES = ("single", "ddp", "fsdp")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_SOURCES = ("text", "hf")
+PACKINGS = ("concat", "doc_start")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 NONFINITE_ACTIONS = ("stop", "skip_step")
 

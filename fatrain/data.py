@@ -37,6 +37,7 @@ written to a temporary name and renamed, so the result is correct either way.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -50,10 +51,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fatrain.config import DATA_SOURCES, DataConfig
-
-#: Bump when the layout of the cached token files changes, so old caches are not reused.
-CACHE_FORMAT = 1
+from fatrain.config import DATA_SOURCES, PACKINGS, DataConfig
+from fatrain.token_store import STORE_FORMAT, Pieces, StoreDocIds, StoreTokens, TokenStore, write_store
 
 #: Special tokens tried, in order, as the end-of-text token of a Hugging Face tokenizer.
 EOT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -159,20 +158,25 @@ def load_tokenizer(spec: str):
 
 
 class PackedBlocks:
-    """One split's token stream cut into blocks of ``seq_len + 1`` tokens at stride ``seq_len``.
+    """One split's token stream cut into blocks of ``seq_len + 1`` tokens.
 
-    Block ``i`` covers stream positions ``[i * seq_len, (i + 1) * seq_len]`` (inclusive): its
-    inputs are the first ``seq_len`` tokens, its labels the last ``seq_len``, so the inputs of
-    consecutive blocks tile the stream and every token is a label exactly once.
+    By default (data.packing=concat) block ``i`` covers stream positions ``[i * seq_len, (i + 1) *
+    seq_len]`` (inclusive): its inputs are the first ``seq_len`` tokens, its labels the last
+    ``seq_len``, so the inputs of consecutive blocks tile the stream and every token is a label
+    exactly once. With ``starts`` (data.packing=doc_start) block ``i`` begins at ``starts[i]``.
+
+    ``tokens`` and ``doc_ids`` are 1-d arrays or the token store's array-like views
+    (``StoreTokens``, ``StoreDocIds``), which read the memory map only for the blocks asked for.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int):
+    def __init__(self, tokens, doc_ids, seq_len: int, *, starts: Optional[np.ndarray] = None):
         if tokens.shape != doc_ids.shape or tokens.ndim != 1:
             raise ValueError(f"tokens {tokens.shape} and doc_ids {doc_ids.shape} must be equal 1-d arrays")
         self.tokens = tokens
         self.doc_ids = doc_ids
         self.seq_len = seq_len
-        self._num_blocks = max(0, (len(tokens) - 1) // seq_len)
+        self.starts = None if starts is None else np.asarray(starts, dtype=np.int64)
+        self._num_blocks = max(0, (len(tokens) - 1) // seq_len) if starts is None else len(self.starts)
         self._offsets = np.arange(seq_len + 1)
 
     def __len__(self) -> int:
@@ -191,7 +195,9 @@ class PackedBlocks:
 
     def gather(self, indices) -> dict[str, torch.Tensor]:
         """Blocks ``indices`` as a batch: input_ids, labels, doc_ids, each int64 (len(indices), seq_len)."""
-        positions = np.asarray(indices, dtype=np.int64)[:, None] * self.seq_len + self._offsets
+        indices = np.asarray(indices, dtype=np.int64)
+        first = indices * self.seq_len if self.starts is None else self.starts[indices]
+        positions = first[:, None] + self._offsets
         block = self.tokens[positions].astype(np.int64)
         docs = self.doc_ids[positions[:, :-1]].astype(np.int64)
         # Document indices are consecutive and non-decreasing along the stream, so subtracting
@@ -222,12 +228,18 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _pinned(batch: dict[str, torch.Tensor], device: Optional[torch.device]) -> dict[str, torch.Tensor]:
+    # Pinned host memory lets the host-to-GPU copy run without blocking, overlapping GPU work.
+    if device is not None and device.type == "cuda":
+        return {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: Optional[torch.device]) -> dict[str, torch.Tensor]:
     if device is None or device.type == "cpu":
         return batch
     if device.type == "cuda":
-        # Pinned host memory lets the copy overlap with the previous step's GPU work.
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -243,6 +255,10 @@ class BlockLoader:
 
     ``state_dict()`` is ``{"epoch", "position", "num_blocks"}``: the next global sample is
     ``position`` in epoch ``epoch``'s order. It does not depend on the rank or world size.
+
+    While a step runs, one background thread reads the next step's blocks (this rank's only)
+    from the token store into pinned memory, so the next ``__next__`` only starts a
+    non-blocking copy. The prefetch never moves the state: it is the batches handed out.
     """
 
     def __init__(self, blocks: PackedBlocks, batch_size: int, *, seed: int, shuffle: bool = True,
@@ -264,6 +280,8 @@ class BlockLoader:
         self._position = 0
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
+        self._prefetch = None  # (state it was drawn from, state after it, future batch)
+        self._executor = None
 
     @property
     def epoch(self) -> int:
@@ -302,10 +320,39 @@ class BlockLoader:
     def __iter__(self) -> "BlockLoader":
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def _next_indices(self) -> np.ndarray:
         samples = self._take_global(self.batch_size * self.world_size)
-        mine = samples[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return _to_device(self.blocks.gather(mine), self.device)
+        return samples[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def _read(self, mine: np.ndarray) -> dict[str, torch.Tensor]:
+        return _pinned(self.blocks.gather(mine), self.device)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        state = (self._epoch, self._position)
+        if self._prefetch is not None and self._prefetch[0] == state:
+            batch = self._prefetch[2].result()
+            self._epoch, self._position = self._prefetch[1]
+        else:
+            batch = self._read(self._next_indices())
+        self._start_prefetch()
+        return _to_device(batch, self.device)
+
+    def _start_prefetch(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fatrain-prefetch")
+        state = (self._epoch, self._position)
+        mine = self._next_indices()  # advances the state; put back below
+        after = (self._epoch, self._position)
+        self._epoch, self._position = state
+        self._prefetch = (state, after, self._executor.submit(self._read, mine))
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it also ends with the process)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor, self._prefetch = None, None
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "position": self._position, "num_blocks": len(self.blocks)}
@@ -321,11 +368,22 @@ class BlockLoader:
         if epoch < 0 or not 0 <= position < n:
             raise ValueError(f"loader state epoch={epoch}, position={position} is invalid for {n} blocks")
         self._epoch, self._position = epoch, position
+        self._prefetch = None
 
     def eval_batches(self, max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
         """Sequential batches from the first block on (see ``iter_once``); the state is untouched."""
         return iter_once(self.blocks, self.batch_size, max_batches=max_batches, rank=self.rank,
                          world_size=self.world_size, device=self.device)
+
+
+def make_train_loader(train, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, device=None):
+    """The training loader for ``DataBundle.train``: a BlockLoader over packed blocks, or a
+    StreamingLoader over a streamed corpus (data.streaming=true)."""
+    from fatrain.streaming import StreamingCorpus, StreamingLoader
+
+    if isinstance(train, StreamingCorpus):
+        return StreamingLoader(train, batch_size, rank=rank, world_size=world_size, device=device)
+    return BlockLoader(train, batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
 
 
 def iter_once(blocks: PackedBlocks, batch_size: int, *, max_batches: Optional[int] = None,
@@ -399,86 +457,158 @@ def _hash_files(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _load_raw(cfg: DataConfig, files: Optional[list[Path]], root: Path):
+def _load_raw(cfg: DataConfig, *, streaming: bool = False):
+    """The Hugging Face dataset data.hf_name names (data.source=hf), checked for data.text_field."""
     import datasets
 
-    if cfg.source == "text":
-        try:
-            return datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
-                                         split="train", cache_dir=str(root / "datasets"))
-        except Exception as err:
-            raise ValueError(f"data.path={cfg.path!r} could not be read as UTF-8 text: {_first_line(err)}") from None
     if not cfg.hf_name:
         raise ValueError("data.hf_name must be set when data.source='hf' (a Hub dataset name or a local dataset folder)")
     try:
-        raw = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
+        raw = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=streaming)
     except Exception as err:
         raise ValueError(
             f"data.hf_name={cfg.hf_name!r} (data.hf_config={cfg.hf_config!r}, data.hf_split={cfg.hf_split!r}) "
             f"could not be loaded: {_first_line(err)}"
         ) from None
-    if cfg.text_field not in raw.column_names:
+    columns = raw.column_names
+    if columns is None:  # a streamed dataset whose columns are known only from its first row
+        columns = list(next(iter(raw.take(1)), {}).keys())
+    if cfg.text_field not in columns:
         raise ValueError(
-            f"data.text_field={cfg.text_field!r} is not a column of {cfg.hf_name!r} (columns: {', '.join(raw.column_names)})"
+            f"data.text_field={cfg.text_field!r} is not a column of {cfg.hf_name!r} (columns: {', '.join(columns)})"
         )
     return raw
+
+
+#: The escapes a separator given on the command line may use (Hydra passes '\n' as two characters).
+SEPARATOR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+
+
+def decode_separator(value: Optional[str]) -> Optional[str]:
+    """data.document_separator with its escapes (\\n, \\t, \\r, \\0, \\\\) turned into the characters."""
+    if value is None:
+        return None
+    out, i = [], 0
+    while i < len(value):
+        char = value[i]
+        if char != "\\":
+            out.append(char)
+            i += 1
+            continue
+        escape = value[i + 1:i + 2]
+        if escape not in SEPARATOR_ESCAPES:
+            shown = "\\" + escape if escape else "a trailing \\"
+            raise ValueError(f"data.document_separator={value!r} has the unknown escape {shown!r} "
+                             "(allowed: \\n, \\t, \\r, \\0, \\\\ for a backslash)")
+        out.append(SEPARATOR_ESCAPES[escape])
+        i += 2
+    if not out:
+        raise ValueError("data.document_separator='' is empty: give a string, or null for one document per file")
+    return "".join(out)
+
+
+def _file_documents(path: Path, separator: Optional[str], setting: str) -> Iterator[str]:
+    """The documents of one file, read in chunks when a separator splits it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        if separator is None:
+            text = path.read_bytes().decode("utf-8")
+            if text.strip():  # an empty or whitespace-only file is not a document
+                yield text
+            return
+        carry = ""
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                carry += decoder.decode(chunk)
+                parts = carry.split(separator)
+                carry = parts.pop()
+                yield from (p for p in parts if p.strip())
+        carry += decoder.decode(b"", final=True)
+        if carry.strip():
+            yield carry
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{setting} could not be read as UTF-8 text: {path.name}: {err.reason} at byte {err.start}") from None
+
+
+def _batched(documents: Iterator[str], batch_chars: int = 1 << 22) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _text_documents(files: Sequence[Path], separator: Optional[str], setting: str) -> Iterator[str]:
+    for file in files:
+        yield from _file_documents(file, separator, setting)
 
 
 def _split_documents(texts, separator: Optional[str]) -> list[str]:
     docs = []
     for text in texts:
         parts = [text or ""] if separator is None else (text or "").split(separator)
-        # Whitespace-only pieces (an empty file, the newline after a final separator) are not documents.
+        # Whitespace-only pieces (an empty row, the newline after a final separator) are not documents.
         docs.extend(p for p in parts if p.strip())
     return docs
 
 
-def tokenised_documents(cfg: DataConfig, tokenizer):
-    """A ``datasets.Dataset`` with one row per document: ``input_ids`` (int32, ending with EOT)."""
-    import datasets
+def _hf_batches(raw, text_field: str, separator: Optional[str]) -> Iterator[list[str]]:
+    for batch in raw.iter(batch_size=1000):
+        docs = _split_documents(batch[text_field], separator)
+        if docs:
+            yield docs
 
-    root = cache_root(cfg)
+
+def default_num_proc() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def store_key(cfg: DataConfig, tokenizer) -> tuple[dict, Optional[list[Path]], object]:
+    """(the key's parts, the text files or None, the loaded HF dataset or None) for ``cfg``."""
     files = resolve_text_files(cfg.path) if cfg.source == "text" else None
     raw = None
     if cfg.source == "text":
         corpus = {"files": _hash_files(files)}
     else:
-        raw = _load_raw(cfg, None, root)
+        raw = _load_raw(cfg)
         # NOTE: _fingerprint is datasets' own hash of the loaded dataset (builder config,
         # revision, split); it is the identity datasets itself uses for its caches.
         corpus = {"hf": raw._fingerprint, "text_field": cfg.text_field}
-    key_parts = {"format": CACHE_FORMAT, "corpus": corpus, "separator": cfg.document_separator,
+    key_parts = {"format": STORE_FORMAT, "corpus": corpus, "separator": decode_separator(cfg.document_separator),
                  "tokenizer": tokenizer.fingerprint}
+    return key_parts, files, raw
+
+
+def store_folder(cfg: DataConfig, tokenizer, key_parts: dict) -> Path:
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{cfg.name}-{tokenizer.name}")[-80:]
-    cache_file = root / "tokens" / f"{safe_name}-{key}.arrow"
-    if cache_file.exists():
-        return datasets.Dataset.from_file(str(cache_file))
-
-    if raw is None:
-        raw = _load_raw(cfg, files, root)
-    text_field = "text" if cfg.source == "text" else cfg.text_field
-    separator, eot = cfg.document_separator, np.array([tokenizer.eot_id], dtype=np.int32)
-
-    def tokenise(batch):
-        ids = tokenizer.encode_arrays(_split_documents(batch[text_field], separator))
-        return {"input_ids": [np.concatenate([x, eot]) for x in ids]}
-
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    # map writes to a temporary file in the same folder and renames it when done, so an
-    # interrupted run never leaves a partial cache file behind.
-    return raw.map(tokenise, batched=True, remove_columns=raw.column_names,
-                   features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
-                   cache_file_name=str(cache_file), new_fingerprint=key, desc="tokenising")
+    return cache_root(cfg) / "tokens" / f"{safe_name}-{key}"
 
 
-def token_stream(documents) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the documents: (tokens int32, document index int32), one entry per token."""
-    column = documents.data.column("input_ids").combine_chunks()
-    tokens = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-    doc_ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    return tokens, doc_ids
+def open_token_store(cfg: DataConfig, tokenizer) -> TokenStore:
+    """The corpus ``cfg`` names as a token store: opened when one exists, else tokenised first."""
+    key_parts, files, raw = store_key(cfg, tokenizer)
+    folder = store_folder(cfg, tokenizer, key_parts)
+    if not folder.exists():
+        separator = decode_separator(cfg.document_separator)
+        num_proc = cfg.num_proc or default_num_proc()
+        if cfg.source == "text":
+            setting = f"data.path={cfg.path!r}" if cfg.path is not None else "data.path=None (tinyshakespeare)"
+            batches = _batched(_text_documents(files, separator, setting))
+            total, unit = float(sum(f.stat().st_size for f in files)), "B"
+            progress = lambda texts: float(sum(len(t) for t in texts))  # noqa: E731 (characters ~ bytes)
+        else:
+            batches = _hf_batches(raw, cfg.text_field, separator)
+            total, unit, progress = None, "docs", None
+        write_store(folder, key_parts=key_parts, batches=batches, tokenizer=tokenizer, tokenizer_spec=cfg.tokenizer,
+                    load_tokenizer=load_tokenizer, num_proc=num_proc, shard_tokens=cfg.shard_tokens,
+                    progress=progress, total=total, unit=unit, cache_setting="data.cache_dir")
+    return TokenStore(folder, key_parts=key_parts, setting=f"data.cache_dir={str(cache_root(cfg))!r}")
 
 
 def _check_settings(cfg: DataConfig) -> None:
@@ -488,6 +618,15 @@ def _check_settings(cfg: DataConfig) -> None:
         raise ValueError(f"data.seq_len={cfg.seq_len} must be > 0")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
+    if cfg.packing not in PACKINGS:
+        raise ValueError(f"data.packing={cfg.packing!r} is not allowed (choose from: {', '.join(PACKINGS)})")
+    if cfg.min_doc_tokens < 0:
+        raise ValueError(f"data.min_doc_tokens={cfg.min_doc_tokens} must be >= 0 (0 keeps every document)")
+    if cfg.num_proc is not None and cfg.num_proc <= 0:
+        raise ValueError(f"data.num_proc={cfg.num_proc} must be > 0 (or null: the CPUs available)")
+    if cfg.shard_tokens <= 0:
+        raise ValueError(f"data.shard_tokens={cfg.shard_tokens} must be > 0")
+    decode_separator(cfg.document_separator)
 
 
 def _check_split_sizes(cfg: DataConfig, num_train: int, num_val: int) -> None:
@@ -518,8 +657,21 @@ def _check_split_sizes(cfg: DataConfig, num_train: int, num_val: int) -> None:
     )
 
 
+def _doc_start_blocks(pieces: Pieces, seq_len: int) -> np.ndarray:
+    """Block starts for data.packing=doc_start: each document gives the blocks that fit inside it,
+    the first at its first token, the next ``seq_len`` later, ...; a shorter remainder is unused."""
+    counts = (pieces.lengths() - 1) // seq_len
+    total = int(counts.sum())
+    first_of_piece = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(pieces.vstart[:-1], counts) + seq_len * (np.arange(total, dtype=np.int64) - first_of_piece)
+
+
+def _where(cfg: DataConfig) -> str:
+    return f"data.path={cfg.path!r}" if cfg.source == "text" else f"data.hf_name={cfg.hf_name!r} ({cfg.text_field!r})"
+
+
 def build_data(cfg: DataConfig, *, seed: int) -> DataBundle:
-    """Tokenise (or load from the cache), concatenate, split and pack the corpus ``cfg`` names.
+    """Tokenise into a token store (or open the existing one), select, split and pack the corpus.
 
     ``seed`` does not enter: the split is by position, so validation is the same set of
     tokens for every seed and validation losses compare across seeds. Order comes from
@@ -528,16 +680,33 @@ def build_data(cfg: DataConfig, *, seed: int) -> DataBundle:
     del seed
     _check_settings(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    tokens, doc_ids = token_stream(tokenised_documents(cfg, tokenizer))
-    if len(tokens) == 0:
-        where = f"data.path={cfg.path!r}" if cfg.source == "text" else f"data.hf_name={cfg.hf_name!r} ({cfg.text_field!r})"
-        raise ValueError(f"{where} holds no text: the dataset has no tokens")
-    num_val = int(len(tokens) * cfg.val_fraction)
-    num_train = len(tokens) - num_val
+    if cfg.streaming:
+        from fatrain.streaming import build_streaming_data
+
+        return build_streaming_data(cfg, tokenizer)
+    store = open_token_store(cfg, tokenizer)
+    if store.num_tokens == 0:
+        raise ValueError(f"{_where(cfg)} holds no text: the dataset has no tokens")
+    pieces = store.pieces(cfg.min_doc_tokens)
+    if len(pieces) == 0:
+        longest = int(store.document_lengths().max())
+        raise ValueError(f"data.min_doc_tokens={cfg.min_doc_tokens}: no document of {_where(cfg)} is that long "
+                         f"(the longest has {longest} tokens, EOT included)")
+    total = pieces.num_tokens
+    num_val = int(total * cfg.val_fraction)
+    num_train = total - num_val
     _check_split_sizes(cfg, num_train, num_val)
-    return DataBundle(
-        train=PackedBlocks(tokens[:num_train], doc_ids[:num_train], cfg.seq_len),
-        val=PackedBlocks(tokens[num_train:], doc_ids[num_train:], cfg.seq_len),
-        tokenizer=tokenizer,
-        vocab_size=tokenizer.vocab_size,
-    )
+    splits = {}
+    for name, part in (("train", pieces.slice(0, num_train)), ("val", pieces.slice(num_train, total))):
+        starts = None
+        if cfg.packing == "doc_start":
+            starts = _doc_start_blocks(part, cfg.seq_len)
+            if len(starts) == 0:
+                longest = int(part.lengths().max())
+                raise ValueError(
+                    f"data.packing=doc_start with data.seq_len={cfg.seq_len}: no document of the {name} split has "
+                    f"data.seq_len+1={cfg.seq_len + 1} tokens (the longest has {longest}); lower data.seq_len, "
+                    "or use data.packing=concat"
+                )
+        splits[name] = PackedBlocks(StoreTokens(store, part), StoreDocIds(store, part), cfg.seq_len, starts=starts)
+    return DataBundle(train=splits["train"], val=splits["val"], tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)

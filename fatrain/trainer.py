@@ -42,7 +42,7 @@ from fatrain.checkpoint import (CheckpointError, CheckpointManager, DamagedCheck
                                 list_checkpoints, load_checkpoint, load_metadata)
 from fatrain.checkpoint import check_dcp_metadata, dcp_cause, dcp_exception_type, safe_load_planner
 from fatrain.config import validate_train_config
-from fatrain.data import BlockLoader, build_data
+from fatrain.data import BlockLoader, build_data, make_train_loader
 from fatrain.distributed import DistEnv
 from fatrain.interrupt import StopSignals, signal_name
 from fatrain.kernels import check_options, run_info
@@ -223,8 +223,8 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         self.batch_size = micro_batch_size(t, cfg.data.seq_len, world)
         self.data = build_data(cfg.data, seed=t.seed)
-        self.train_loader = BlockLoader(self.data.train, self.batch_size, seed=t.seed, rank=rank, world_size=world,
-                                        device=self.device)
+        self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=rank, world_size=world,
+                                              device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
         self.model = GPT(self.spec).to(self.device)
         if world > 1:

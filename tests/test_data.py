@@ -14,9 +14,15 @@ from fatrain.data import (
     build_data,
     iter_once,
     load_tokenizer,
-    token_stream,
-    tokenised_documents,
+    open_token_store,
 )
+
+
+def token_stream(cfg, tokenizer):
+    """(tokens, document index per token) of the whole store ``cfg`` names."""
+    store = open_token_store(cfg, tokenizer)
+    owner = np.repeat(np.arange(store.num_documents), store.document_lengths())
+    return store.take(np.arange(store.num_tokens)), owner
 
 SEP = "\n<doc>\n"
 
@@ -136,7 +142,7 @@ def test_document_ids_at_boundaries(tmp_path):
     seq_len = 5
     data = build_data(text_config(write_docs(tmp_path, docs), seq_len=seq_len, val_fraction=0.25), seed=0)
     owner = np.concatenate([[i] * (len(d) + 1) for i, d in enumerate(docs)])  # EOT belongs to its document
-    tokens, doc_ids = token_stream(tokenised_documents(text_config(write_docs(tmp_path, docs)), ByteTokenizer()))
+    tokens, doc_ids = token_stream(text_config(write_docs(tmp_path, docs)), ByteTokenizer())
     assert np.array_equal(doc_ids, owner)
     assert np.array_equal(tokens[owner == 3], [100] * 4 + [256])
     offset = 0
@@ -157,7 +163,7 @@ def test_folder_and_glob_one_document_per_file(tmp_path):
     for name, text in (("b.txt", "second" * 5), ("a.txt", "first" * 5), ("c.md", "ignored")):
         (folder / name).write_text(text)
     for path in (folder, folder / "*.txt"):
-        tokens, doc_ids = token_stream(tokenised_documents(text_config(path, document_separator=None), ByteTokenizer()))
+        tokens, doc_ids = token_stream(text_config(path, document_separator=None), ByteTokenizer())
         assert ByteTokenizer().decode(tokens) == "first" * 5 + "second" * 5
         assert np.bincount(doc_ids).tolist() == [26, 31]
 
@@ -258,8 +264,8 @@ def test_loader_state_from_other_data_is_rejected():
 def test_second_build_reuses_the_token_cache(tmp_path, monkeypatch):
     path = write_docs(tmp_path, random_docs(np.random.default_rng(0), 20))
     first = build_data(text_config(path), seed=0)
-    cache_files = list((tmp_path / "cache" / "tokens").glob("*.arrow"))
-    assert len(cache_files) == 1
+    stores = [p for p in (tmp_path / "cache" / "tokens").iterdir() if not p.name.startswith(".")]
+    assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
 
     def refuse(self, texts):
         raise AssertionError("the tokenizer ran although the cache holds this corpus")
@@ -276,7 +282,7 @@ def test_second_build_reuses_the_token_cache(tmp_path, monkeypatch):
 def test_cache_dir_setting_wins_over_the_environment(tmp_path):
     path = write_docs(tmp_path, random_docs(np.random.default_rng(0), 20))
     build_data(text_config(path, cache_dir=str(tmp_path / "mine")), seed=0)
-    assert list((tmp_path / "mine" / "tokens").glob("*.arrow"))
+    assert list((tmp_path / "mine" / "tokens").glob("*/manifest.json"))
     assert not (tmp_path / "cache").exists()
 
 
