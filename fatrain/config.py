@@ -361,7 +361,7 @@ class EvalSettings:
 
 @dataclass
 class PasskeySettings:
-    enabled: bool = True
+    enabled: bool = False  # the probe runs when asked for: passkey.enabled=true
     context_lens: list[int] = field(default_factory=list)  # empty: the evaluated lengths
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 10  # tasks per (context, depth) cell
