@@ -163,6 +163,11 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
         validate_train_config(cfg)
         attention_options(cfg.attention)
         check_precision(cfg.trainer.precision, device, backend)
+    if device.type == "cpu" and cfg.trainer.precision != "fp32":
+        # On the CPU nothing runs out of memory the way a GPU does (the search would swap, then be
+        # killed), and bf16 matmuls there are slow emulations: the CPU search is a functional check.
+        raise ValueError(f"trainer.precision={cfg.trainer.precision} is not searched on the CPU "
+                         "(allowed there: trainer.precision=fp32)")
     os.makedirs(out_dir, exist_ok=True)
     info = run_info(device)
     t = cfg.trainer
