@@ -287,8 +287,10 @@ TRAIN_RANGES: dict[str, Range] = {
 
 def validate_train_config(cfg) -> None:
     """Check the values that types cannot; raise ValueError naming the key and what is allowed."""
+    from fatrain.cli_help import refuse_internal_choices
     from fatrain.kernels import all_options, available_backends, check_options
 
+    refuse_internal_choices()  # attention=schema and the like: a group's dataclass, not a choice
     m, a, d, o, t = cfg.model, cfg.attention, cfg.data, cfg.optim, cfg.trainer
     _choice(a.backend, available_backends(), "attention.backend")
     _choice(m.norm, NORMS, "model.norm")
@@ -327,6 +329,9 @@ def register_configs() -> None:
     """Register every entry point's schemas with Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from fatrain.cli_help import register_help_resolver
+
+    register_help_resolver()  # configs/hydra/help/*.yaml list each script's groups through it
     cs = ConfigStore.instance()
     register_train_configs(cs)
     register_eval_configs(cs)
@@ -368,7 +373,7 @@ class EvalSettings:
 
 @dataclass
 class PasskeySettings:
-    enabled: bool = True
+    enabled: bool = False  # the probe runs when asked for: passkey.enabled=true
     context_lens: list[int] = field(default_factory=list)  # empty: the evaluated lengths
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 10  # tasks per (context, depth) cell
@@ -451,8 +456,10 @@ def validate_eval_config(cfg) -> None:
     """Value checks before any work; raise ValueError naming the key and what is allowed."""
     from omegaconf import OmegaConf
 
+    from fatrain.cli_help import refuse_internal_choices
     from fatrain.kernels import available_backends
 
+    refuse_internal_choices()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ValueError("ckpt_path is required: a checkpoint file, a run folder or a sweep folder")
     e = cfg.eval

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf, open_dict
 from fatrain.config import validate_train_config
 from fatrain.metrics import synchronize
 from fatrain.model import GPT
+from fatrain.progress import note_interpreter, progress_bar
 from fatrain.runtime import (autocast_for, check_precision, classify, free_memory, run_info, seed_everything,
                              select_device, short)
 from fatrain.trainer import attention_options, build_spec, make_optimizer
@@ -121,17 +122,24 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
     with open_dict(cfg):
         cfg.attention.backend = backend
     attempts = []
+    if device.type == "cpu":
+        note_interpreter(backend)
+    # The number of tries is not known in advance (doubling until a length fails, then bisection).
+    bar = progress_bar(f"max context {backend}", unit="try")
 
     def fits(n: int) -> bool:
+        bar.set_postfix_str(f"seq_len {n}")
         attempt = try_seq_len(cfg, n, device)
         attempts.append(attempt)
+        bar.update()
         peak = attempt["peak_allocated_gib"]
         log(f"{backend:>12} seq_len {n:>8}: {attempt['status']}"
             + (f", peak {peak:.2f} GiB" if peak is not None else "")
             + (f" ({attempt['error']})" if attempt["status"] not in ("ok", "oom") else ""))
         return attempt["status"] == "ok"
 
-    best, first_fail = search_max_context(fits, start, granularity, limit)
+    with bar:
+        best, first_fail = search_max_context(fits, start, granularity, limit)
     at_best = next((a for a in attempts if a["seq_len"] == best), {})
     at_fail = next((a for a in attempts if a["seq_len"] == first_fail), {})
     return {"backend": backend, "max_seq_len": best, "first_fail": first_fail, "fail_status": at_fail.get("status"),
@@ -155,6 +163,11 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
         validate_train_config(cfg)
         attention_options(cfg.attention)
         check_precision(cfg.trainer.precision, device, backend)
+    if device.type == "cpu" and cfg.trainer.precision != "fp32":
+        # On the CPU nothing runs out of memory the way a GPU does (the search would swap, then be
+        # killed), and bf16 matmuls there are slow emulations: the CPU search is a functional check.
+        raise ValueError(f"trainer.precision={cfg.trainer.precision} is not searched on the CPU "
+                         "(allowed there: trainer.precision=fp32)")
     os.makedirs(out_dir, exist_ok=True)
     info = run_info(device)
     t = cfg.trainer

@@ -32,7 +32,7 @@ TRAIN = [
     "logger.wandb.mode=disabled", "logger.wandb.group=eval-tests", "optim.warmup_steps=1",
 ]
 # Evaluation settings kept small for the CPU: few batches, a short passkey grid.
-QUICK = ["logger.wandb.mode=disabled", "eval.batches=2", "passkey.trials=2", "passkey.depths=[0.0,1.0]",
+QUICK = ["logger.wandb.mode=disabled", "eval.batches=2", "passkey.enabled=true", "passkey.trials=2", "passkey.depths=[0.0,1.0]",
          "passkey.context_lens=[96]"]
 
 

@@ -131,9 +131,9 @@ def test_max_context_json_in_the_sweep_is_plotted(sweep):
 
 def test_cli_writes_to_out_dir_and_rejects_a_folder_without_jobs(sweep, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fatrain.cli.report", str(sweep), "--out", str(out),
-                           "--warmup-steps", "3", "--baseline", "sdpa_flash"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "fatrain.cli.report", f"sweep_dir={sweep}", f"out={out}",
+                           "warmup_steps=3", "baseline=sdpa_flash"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "deprecated" not in proc.stderr, proc.stderr
     assert (out / "report.md").exists() and not (sweep / "report.md").exists()
     assert "### Throughput relative to sdpa_flash" in (out / "report.md").read_text()
     empty = tmp_path / "empty"

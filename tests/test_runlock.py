@@ -121,7 +121,7 @@ def test_report_on_a_folder_that_is_not_a_sweep_exits_2_and_writes_nothing(folde
     else:
         target.mkdir()
     before = _snapshot(str(tmp_path))
-    for extra in ([], ["--out", str(tmp_path / "new_out")]):
+    for extra in ([], [f"out={tmp_path / 'new_out'}"]):
         assert report_main([str(target), *extra]) == 2
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()

@@ -39,6 +39,7 @@ from fatrain.bench.report import COLUMNS, csv_header, format_row, read_rows
 from fatrain.bench.timing import mode_fn, peak_extra_mib, time_ms
 from fatrain.config import validate_bench_config
 from fatrain.kernels import backend_info, get_backend
+from fatrain.progress import note_interpreter, progress
 from fatrain.runtime import classify, free_memory, run_info, select_device, short
 
 # ----- backends ----------------------------------------------------------------------------------
@@ -127,7 +128,10 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new_file:
             writer.writeheader()
-        for case in make_cases(cfg):
+        if device.type == "cpu":
+            for name in cfg.impls:
+                note_interpreter(name)
+        for case in progress(make_cases(cfg), desc=f"bench {cfg.name}", unit="case"):
             todo = [(name, mode) for name, mode in itertools.product(cfg.impls, cfg.modes)
                     if row_key(case_row(name, mode, case)) not in done]
             if not todo:

@@ -1,18 +1,19 @@
 """``fatrain-max-context``: the longest seq_len each attention backend can train at batch 1.
 
     fatrain-max-context                                       # experiment=max_context, its backends
-    fatrain-max-context --backends <name>,<name> trainer.activation_checkpointing=true
-    fatrain-max-context --out multirun/ablate_backends/<date>  # next to a sweep: fatrain-report shows it
+    fatrain-max-context backends=[naive,flash_v2] trainer.activation_checkpointing=true
+    fatrain-max-context out=multirun/ablate_backends/<date>   # next to a sweep: fatrain-report shows it
 
 Composes ``experiment=max_context`` plus any Hydra overrides and runs
 ``fatrain.max_context.find_max_context`` (doubling, then bisection, per backend). The
 backends searched by default are the ``attention`` values of that experiment's sweep.
-Writes ``max_context.json`` and ``max_context.csv`` into ``--out``.
+Writes ``max_context.json`` and ``max_context.csv`` into ``out``. The search's own settings
+(backends, start, granularity, limit, out) are ``key=value`` like the overrides; the old
+``--backends a,b`` spellings still work, with a line saying how to write them now.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -21,9 +22,32 @@ from typing import Optional
 from hydra.errors import HydraException
 from omegaconf import open_dict
 
+from fatrain.cli_help import Setting, parse_settings, settings_help
 from fatrain.config import register_configs
 from fatrain.max_context import find_max_context
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, report_user_error
+
+SETTINGS = [
+    Setting("backends", list, None, "backends to search, [a,b] (default: the backends of experiment=max_context's "
+            "sweep)", flag="--backends"),
+    Setting("start", int, 1024, "first seq_len tried", flag="--start"),
+    Setting("granularity", int, 1024, "bisection stops at this many tokens", flag="--granularity"),
+    Setting("limit", int, 1 << 20, "longest seq_len tried", flag="--limit"),
+    Setting("out", str, None, "output folder (default max_context/<date>); a sweep folder puts the result where "
+            "fatrain-report finds it", flag="--out"),
+]
+HELP = settings_help(
+    "fatrain-max-context",
+    "fatrain-max-context: the longest seq_len each attention backend can train (forward, backward, AdamW step)\n"
+    "at trainer.batch_size, by doubling from start until a length runs out of memory, then bisection.",
+    ["fatrain-max-context",
+     "fatrain-max-context backends=[naive,flash_v2] trainer.activation_checkpointing=true",
+     "fatrain-max-context out=multirun/ablate_backends/<date>",
+     "fatrain-max-context backends=[naive] start=32 granularity=32 limit=4096 trainer.device=cpu "
+     "trainer.precision=fp32 model=tiny"],
+    SETTINGS,
+    rest="Any other key=value is a Hydra override of the training config, on top of experiment=max_context\n"
+         "(GPT-2 small, bf16, batch 1, trainer.max_steps=2 per try; the CPU takes trainer.precision=fp32 only).")
 
 
 def compose_config(overrides: list[str]):
@@ -43,23 +67,16 @@ def compose_config(overrides: list[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fatrain-max-context", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=max_context")
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated (default: the backends of experiment=max_context's sweep)")
-    parser.add_argument("--start", type=int, default=1024, help="first seq_len tried (default 1024)")
-    parser.add_argument("--granularity", type=int, default=1024, help="bisection stops at this many tokens")
-    parser.add_argument("--limit", type=int, default=1 << 20, help="longest seq_len tried (default 1048576)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default max_context/<date>); a sweep folder puts the result "
-                             "where fatrain-report finds it")
-    args = parser.parse_args(argv)
-    out_dir = args.out or os.path.join("max_context", datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg, default_backends = compose_config(args.overrides)
-        backends = [b for b in (args.backends or default_backends).split(",") if b]
-        out = find_max_context(cfg, backends, out_dir, start=args.start, granularity=args.granularity,
-                               limit=args.limit)
+        args, overrides = parse_settings(argv, SETTINGS, prog="fatrain-max-context", help_text=HELP,
+                                         pass_through=True)
+        out_dir = args["out"] or os.path.join("max_context",
+                                              datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        cfg, default_backends = compose_config(overrides)
+        backends = args["backends"] or [b for b in default_backends.split(",") if b]
+        out = find_max_context(cfg, backends, out_dir, start=args["start"], granularity=args["granularity"],
+                               limit=args["limit"])
     except (*USER_ERRORS, HydraException) as e:
         report_user_error(e)
         return USER_ERROR_EXIT

@@ -1,41 +1,53 @@
-"""``fatrain-report <sweep dir>``: turn a training sweep into the tables and plots of a paper.
+"""``fatrain-report sweep_dir=<sweep dir>``: turn a training sweep into the tables and plots of a paper.
 
     fatrain-train -m experiment=ablate_backends
-    fatrain-report multirun/ablate_backends/<date>                      # writes into the sweep dir
-    fatrain-report multirun/ablate_backends/<date> --baseline sdpa_flash  # + throughput relative to it
-    fatrain-report multirun/ablate_backends/<date> --max-context max_context/<date>/max_context.json
+    fatrain-report sweep_dir=multirun/ablate_backends/<date>                       # writes into the sweep dir
+    fatrain-report sweep_dir=multirun/ablate_backends/<date> baseline=sdpa_flash   # + throughput relative to it
+    fatrain-report sweep_dir=multirun/ablate_backends/<date> max_context=max_context/<date>/max_context.json
 
 What is read and written is described in ``fatrain.sweep_report``. A folder without jobs, or
-one run's folder (not a sweep), exits with one line and code 2, and nothing is written.
+one run's folder (not a sweep), exits with one line and code 2, and nothing is written. The
+old spellings (``fatrain-report DIR --baseline X``) still work, with a line saying how to write
+them now.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from fatrain.cli_help import Setting, parse_settings, settings_help
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 from fatrain.sweep_report import write_report
 
+SETTINGS = [
+    Setting("sweep_dir", str, None, "the folder a multirun wrote (hydra.sweep.dir); required"),
+    Setting("out", str, None, "where to write the report (default: the sweep dir)", flag="--out"),
+    Setting("warmup_steps", int, 10, "steps excluded from tokens/s and MFU (compilation, autotuning)",
+            flag="--warmup-steps"),
+    Setting("baseline", str, None, "a row of the tables (a backend, or a backend and its variant) to divide "
+            "every row's throughput by, per seq_len (no such row: no relative table)", flag="--baseline"),
+    Setting("max_context", str, None, "a fatrain-max-context max_context.json (default: "
+            "<sweep dir>/max_context.json, if present)", flag="--max-context"),
+]
+HELP = settings_help(
+    "fatrain-report",
+    "fatrain-report: the tables (report.md, report.csv) and plots (tokens/s, peak memory, max context) of a\n"
+    "training sweep, from every job's config, metrics.jsonl and result.json; no W&B account needed.",
+    ["fatrain-report sweep_dir=multirun/ablate_backends/<date>",
+     "fatrain-report sweep_dir=multirun/ablate_backends/<date> baseline=sdpa_flash",
+     "fatrain-report sweep_dir=multirun/ablate_backends/<date> max_context=max_context/<date>/max_context.json"],
+    SETTINGS)
+
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fatrain-report", description=__doc__.split("\n\n")[0].strip("`"))
-    parser.add_argument("sweep_dir", help="the folder a multirun wrote (hydra.sweep.dir)")
-    parser.add_argument("--out", default=None, help="where to write the report (default: the sweep dir)")
-    parser.add_argument("--warmup-steps", type=int, default=10,
-                        help="steps excluded from tokens/s and MFU (compilation, autotuning; default 10)")
-    parser.add_argument("--baseline", default=None, metavar="LABEL",
-                        help="a row of the tables (a backend, or a backend and its variant) to divide every "
-                             "row's throughput by, per seq_len (default: no relative table; also left out "
-                             "when the sweep has no such row)")
-    parser.add_argument("--max-context", default=None, metavar="JSON",
-                        help="a fatrain-max-context max_context.json (default: <sweep dir>/max_context.json, "
-                             "if present)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        written = write_report(args.sweep_dir, args.out, warmup_steps=args.warmup_steps, baseline=args.baseline,
-                               max_context_path=args.max_context)
+        args, _ = parse_settings(argv, SETTINGS, prog="fatrain-report", help_text=HELP, positional="sweep_dir")
+        if not args["sweep_dir"]:
+            raise ValueError("fatrain-report: sweep_dir=<the folder a multirun wrote> is required")
+        written = write_report(args["sweep_dir"], args["out"], warmup_steps=args["warmup_steps"],
+                               baseline=args["baseline"], max_context_path=args["max_context"])
     except (*USER_ERRORS, KeyError) as e:  # KeyError: a job config without the keys a training run writes
         report_user_error(e)
         return USER_ERROR_EXIT

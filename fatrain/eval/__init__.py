@@ -31,6 +31,7 @@ from fatrain.eval.loading import LoadedCheckpoint, find_checkpoints, load_model,
 from fatrain.eval.loss import multi_length_eval, split_stream
 from fatrain.eval.passkey import run_passkey
 from fatrain.eval.report import log_to_wandb, summary_line, table_rows, write_json, write_plots, write_table
+from fatrain.progress import note_interpreter
 from fatrain.runtime import autocast_for, check_precision, run_info
 
 
@@ -59,6 +60,8 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         print(f"note: {note}")
     train_cfg, device = loaded.config, loaded.device
     check_precision(e.precision, device, loaded.spec.attention, key="eval.precision")
+    if device.type == "cpu":
+        note_interpreter(loaded.spec.attention)
     autocast = autocast_for(e.precision, device)
     saved_cfg = OmegaConf.create(loaded.saved_config)
     train_len = saved_cfg.data.seq_len

@@ -11,6 +11,7 @@ import torch
 
 from fatrain.data import PackedBlocks, iter_once
 from fatrain.eval.loading import LoadedCheckpoint, with_backend
+from fatrain.progress import note_interpreter, progress
 from fatrain.runtime import check_precision
 
 
@@ -24,9 +25,11 @@ def backend_agreement(loaded: LoadedCheckpoint, backends, blocks: PackedBlocks, 
     """
     device = loaded.device
     losses, errors, token_losses = {}, {}, {}
-    for name in backends:
+    for name in progress(list(backends), desc="backend agreement", unit="backend"):
         try:
             check_precision("fp32", device, name, key="eval.precision")
+            if device.type == "cpu":
+                note_interpreter(name)
             model = with_backend(loaded, name)
             per_token = []
             with torch.no_grad():

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from fatrain.data import PackedBlocks, build_data, iter_once
 from fatrain.model import GPT
+from fatrain.progress import progress
 
 
 def split_stream(data_cfg, split: str):
@@ -74,7 +75,7 @@ def multi_length_eval(model, tokens, doc_ids, lengths, *, train_len: int, split:
                       max_batches, bucket_size: int, device, autocast, count_bytes: bool) -> list[dict]:
     """One result per length; a length the split cannot fill once is recorded as skipped, not raised."""
     results = []
-    for length in lengths:
+    for length in progress(lengths, desc=f"evaluating {split} loss by length", unit="length"):
         blocks = PackedBlocks(tokens, doc_ids, length)
         if len(blocks) == 0:
             results.append({"seq_len": length, "skipped": f"the {split} split has {len(tokens)} tokens, "

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fatrain.progress import progress
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE_BEFORE_KEY = "The pass key is"
 NEEDLE_AFTER_KEY = ". Remember it. "
@@ -134,15 +136,17 @@ def run_passkey(model, tokenizer, *, context_lens, depths, trials: int, seed: in
     accuracy = [[None] * len(context_lens) for _ in depths]
     token_accuracy = [[None] * len(context_lens) for _ in depths]
     skipped = {}
-    for j, length in enumerate(context_lens):
-        if length < minimum_context(tokenizer, digits):
-            skipped[str(length)] = (f"{length} tokens cannot hold the task "
-                                    f"(at least {minimum_context(tokenizer, digits)} with this tokenizer)")
-            continue
-        for i, depth in enumerate(depths):
-            tasks = [make_task(tokenizer, length, depth, seed=seed, trial=t, digits=digits) for t in range(trials)]
-            cell = score_tasks(model, tasks, batch_size=batch_size, device=device, autocast=autocast)
-            accuracy[i][j], token_accuracy[i][j] = cell["accuracy"], cell["token_accuracy"]
+    shortest = minimum_context(tokenizer, digits)
+    for length in context_lens:
+        if length < shortest:
+            skipped[str(length)] = f"{length} tokens cannot hold the task (at least {shortest} with this tokenizer)"
+    cells = [(i, j) for j, length in enumerate(context_lens) if str(length) not in skipped
+             for i in range(len(depths))]
+    for i, j in progress(cells, desc=f"passkey (context x depth, {trials} trials each)", unit="cell"):
+        length, depth = context_lens[j], depths[i]
+        tasks = [make_task(tokenizer, length, depth, seed=seed, trial=t, digits=digits) for t in range(trials)]
+        cell = score_tasks(model, tasks, batch_size=batch_size, device=device, autocast=autocast)
+        accuracy[i][j], token_accuracy[i][j] = cell["accuracy"], cell["token_accuracy"]
     return {
         "context_lens": list(context_lens), "depths": list(depths), "trials": trials, "seed": seed,
         "key_digits": digits, "accuracy": accuracy, "token_accuracy": token_accuracy, "skipped": skipped,
