@@ -86,7 +86,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_m = tl.program_id(2)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)  # b * stride_kb passes 2**31 elements at batch 32 x 128k keys
     h_kv = pid_bh % Hkv
 
     # -- the M dimension: (query row, query head of the group) pairs --
@@ -173,7 +173,7 @@ def _decode_combine_kernel(O_part, LSE_part, Out, LSE,
                            BLOCK_S: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -1078,7 +1078,7 @@ def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
             *_varlen_strides(v), *_varlen_strides(out), *doc_strides, 0, lse.stride(0),
             H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, *scalars)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v), VARLEN=True)
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=False, VARLEN=True)  # packed rows: pointer loads
     _launch("fwd", grid, args, meta, D, (block_m, block_n))
     return out, lse
 
@@ -1116,7 +1116,7 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 *_varlen_strides(q), *_varlen_strides(k), *_varlen_strides(v), *_varlen_strides(do),
                 *_varlen_strides(out), *_varlen_strides(dq), *doc_strides, 0, lse.stride(0),
                 H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars)
-        _launch("dq", grid_q, args, dict(meta, USE_TMA=use_tma(k, v)), D, blocks)
+        _launch("dq", grid_q, args, dict(meta, USE_TMA=False), D, blocks)
     else:
         # The packed rows as a batch of one with total_q queries: the (H, total_q) statistics
         # are then the preprocess pass's own (B, H, Nq) layout.
@@ -1133,7 +1133,7 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     # NOTE: no tensor descriptors for the statistics or the dQ reduce-add here: a sequence's
     # rows start at any packed offset, so its LSE row is not 16-byte aligned.
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
-            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=use_tma(q, do), STATS_TMA=False, DQ_TMA=False),
+            dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=False, STATS_TMA=False, DQ_TMA=False),
             D, blocks)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
