@@ -262,6 +262,10 @@ TRAIN_RANGES: dict[str, Range] = {
     "attention.num_splits": Range(lo=0, special=((0, "from the GPU's SM count"), (None, "the backend's default"))),
     "data.seq_len": POSITIVE,
     "data.val_fraction": Range(lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    "data.num_proc": Range(lo=0, lo_open=True, special=((None, "the CPUs available"),)),
+    "data.shard_tokens": POSITIVE,
+    "data.min_doc_tokens": Range(lo=0, special=((0, "every document"),)),
+    "data.streaming_val_tokens": POSITIVE,
     "optim.lr": POSITIVE,
     "optim.min_lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE,
@@ -569,6 +573,13 @@ BENCH_RANGES: dict[str, Range] = {
     "seed": SEED,
     "summary.targets": POSITIVE,
     "summary.target_min_seqlen": NON_NEGATIVE,
+    "decode.cache_lens": POSITIVE,
+    "decode.batches": POSITIVE,
+    "decode.nheads": POSITIVE,
+    "decode.nheads_k": POSITIVE,
+    "decode.headdim": POSITIVE,
+    "decode.num_splits": Range(lo=0, special=((0, "from the SM count and the cache length"),)),
+    "decode.copy_mib": POSITIVE,
 }
 
 
@@ -580,6 +591,7 @@ def validate_bench_config(cfg) -> None:
         raise ValueError(f"kind={cfg.kind!r} must be attention or decode")
     if cfg.get("kind") == "decode":
         from fatrain.bench.decode import validate_decode_config
+        check_ranges(cfg, {k: r for k, r in BENCH_RANGES.items() if k.startswith("decode.")})
         validate_decode_config(cfg.decode)
         return
     impls = available_backends(variants=True)
