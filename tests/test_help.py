@@ -137,9 +137,11 @@ def test_max_context_key_value_search_settings(tmp_path, capsys):
 
 
 def test_max_context_on_the_cpu_refuses_half_precision_with_one_line(tmp_path, capsys):
+    # The default search (GPT-2 small in bf16) is refused before anything starts, saying what runs there.
     out = tmp_path / "mc"
-    assert max_context_cli.main(["backends=[naive]", f"out={out}", "trainer.device=cpu",
-                                 "trainer.precision=bf16"]) == 2
+    assert max_context_cli.main([f"out={out}", "trainer.device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: trainer.precision=bf16 is not searched on the CPU (allowed there: trainer.precision=fp32)"]
+    assert err == ["error: trainer.precision=bf16 with model gpt2-small is not searched on the CPU: for a functional "
+                   "check there use trainer.precision=fp32 model=tiny start=32 granularity=32 limit=4096, or run on "
+                   "a GPU"]
     assert not out.exists()

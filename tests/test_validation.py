@@ -283,13 +283,13 @@ def test_triton_backend_on_cpu_without_the_interpreter_names_the_device(name, mo
     assert os.environ["TRITON_INTERPRET"] == "0"
 
 
-@pytest.mark.parametrize("args, named", [(["--granularity", "0"], "--granularity=0"),
-                                         (["--start", "-1024"], "--start=-1024"),
-                                         (["--limit", "512"], "--limit=512")])
+@pytest.mark.parametrize("args, named", [(["granularity=0"], "granularity=0"),
+                                         (["start=-1024"], "start=-1024"),
+                                         (["limit=512"], "limit=512")])
 def test_max_context_cli_bad_search_arguments_exit_2_with_one_line(tmp_path, capsys, args, named):
     from fatrain.cli import max_context as max_context_cli
 
-    assert max_context_cli.main([*args, "--out", str(tmp_path / "out"), "trainer.device=cpu"]) == 2
+    assert max_context_cli.main([*args, f"out={tmp_path / 'out'}", "trainer.device=cpu"]) == 2
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), lines
     assert not (tmp_path / "out").exists()
