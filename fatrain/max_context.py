@@ -42,7 +42,7 @@ CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_alloc
               "batch_size", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
 #: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
-CPU_CHECK = "trainer.precision=fp32 model=tiny start=32 granularity=32 limit=4096"
+CPU_CHECK = "backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 limit=1024"
 
 
 def search_max_context(fits: Callable[[int], bool], start: int, granularity: int,

@@ -142,6 +142,6 @@ def test_max_context_on_the_cpu_refuses_half_precision_with_one_line(tmp_path, c
     assert max_context_cli.main([f"out={out}", "trainer.device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: trainer.precision=bf16 with model gpt2-small is not searched on the CPU: for a functional "
-                   "check there use trainer.precision=fp32 model=tiny start=32 granularity=32 limit=4096, or run on "
-                   "a GPU"]
+                   "check there use backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 "
+                   "limit=1024, or run on a GPU"]
     assert not out.exists()
