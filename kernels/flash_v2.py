@@ -66,7 +66,7 @@ from . import _dropout
 from . import _flash_v2_configs as _configs
 from ._autotune import autotuned, picks
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      default_scale, normalize_window, register_op)
+                      default_scale, normalize_window, refuse_variants, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
 from ._tma import use_tma, use_tma_stats
 
@@ -1217,7 +1217,8 @@ class FlashV2VarlenFunction(torch.autograd.Function):
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
                        dropout_seed: Optional[int] = None, return_dropout_mask: bool = False,
-                       block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True):
+                       block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True,
+                       alibi_slopes=None, softcap: float = 0.0, sink_logits=None):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
@@ -1240,6 +1241,7 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     torch.compile: pass a seed to compile with fullgraph=True). Under autocast the inputs are
     cast to the autocast dtype, and so is the output.
     """
+    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
     B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
