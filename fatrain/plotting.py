@@ -98,3 +98,14 @@ def describe(*parts: Optional[str]) -> str:
 def device_names(names: Iterable[Optional[str]]) -> str:
     """The distinct device names, in first-seen order, joined with ' + '."""
     return " + ".join(dict.fromkeys(n for n in names if n))
+
+
+def describe_model(params: Optional[int], model: dict, precision: Optional[str]) -> str:
+    """'124M-parameter GPT (12 layers, d_model 768), bf16' from what a job's config and metrics hold."""
+    size = ""
+    if params:
+        size = f"{params / 1e9:.3g}B-parameter " if params >= 1e9 else f"{params / 1e6:.3g}M-parameter "
+    shape = ", ".join(part for part in (f"{model['n_layer']} layers" if model.get("n_layer") else "",
+                                        f"d_model {model['n_embd']}" if model.get("n_embd") else "") if part)
+    name = f"{size}GPT" + (f" ({shape})" if shape else "")
+    return describe(name, precision)

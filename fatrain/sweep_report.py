@@ -43,8 +43,8 @@ from typing import Optional
 
 import yaml
 
-from fatrain.plotting import (date_span, describe, device_names, log_axis, plain_numbers, pyplot, seq_len_axis,
-                              spans_decade, value_axis)
+from fatrain.plotting import (date_span, describe, describe_model, device_names, log_axis, plain_numbers, pyplot,
+                              seq_len_axis, spans_decade, value_axis)
 
 REPORT_FILES = ("report.md", "report.csv", "tokens_per_sec.png", "peak_memory.png", "loss_curves.png")
 # Overrides that never distinguish two points of a sweep.
@@ -204,17 +204,6 @@ def summarize_job(path: str, warmup_steps: int) -> Job:
             job.date = datetime.datetime.fromtimestamp(min(times), datetime.timezone.utc).isoformat(timespec="seconds")
     job.model = describe_model(job.params, cfg.get("model") or {}, trainer.get("precision"))
     return job
-
-
-def describe_model(params: Optional[int], model: dict, precision: Optional[str]) -> str:
-    """'124M-parameter GPT (12 layers, d_model 768), bf16' from what a job's config and metrics hold."""
-    size = ""
-    if params:
-        size = f"{params / 1e9:.3g}B-parameter " if params >= 1e9 else f"{params / 1e6:.3g}M-parameter "
-    shape = ", ".join(part for part in (f"{model['n_layer']} layers" if model.get("n_layer") else "",
-                                        f"d_model {model['n_embd']}" if model.get("n_embd") else "") if part)
-    name = f"{size}GPT" + (f" ({shape})" if shape else "")
-    return describe(name, precision)
 
 
 def _median(rows: list[dict], key: str) -> Optional[float]:
