@@ -55,6 +55,8 @@ def log_axis(ax, axis: str = "y") -> None:
         if value <= 0 or low <= 0 or high / low > 100:
             return ""
         mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        if high / low < 3:  # under half a decade: every minor tick, or there would be one label at most
+            return plain_number(float(f"{value:.6g}"))
         return plain_number(value) if min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
 
     target.set_major_formatter(plain_numbers())
@@ -88,6 +90,13 @@ def date_span(dates: Iterable[Optional[str]]) -> str:
     if not days:
         return ""
     return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def title(what: str, where: str = "", width: int = 80) -> str:
+    """A plot title: what it shows, then what ran where, wrapped to ``width`` characters a line."""
+    import textwrap
+
+    return "\n".join([what, *textwrap.wrap(where, width)]) if where else what
 
 
 def describe(*parts: Optional[str]) -> str:

@@ -44,7 +44,7 @@ from typing import Optional
 import yaml
 
 from fatrain.plotting import (date_span, describe, describe_model, device_names, log_axis, plain_numbers, pyplot,
-                              seq_len_axis, spans_decade, value_axis)
+                              seq_len_axis, spans_decade, title, value_axis)
 
 REPORT_FILES = ("report.md", "report.csv", "tokens_per_sec.png", "peak_memory.png", "loss_curves.png")
 # Overrides that never distinguish two points of a sweep.
@@ -324,8 +324,8 @@ def memory_kind(jobs: list[Job]) -> str:
 RSS_CAVEAT = "peak RSS of the process, not comparable across jobs of one process"
 MEMORY_AXIS_LABELS = {
     "gpu": "peak GPU memory allocated (GiB)",
-    "cpu": f"{RSS_CAVEAT} (GiB)",
-    "": "peak memory (GiB): GPU allocated, or the process's peak RSS on a CPU",
+    "cpu": "peak RSS of the process (GiB),\nnot comparable across jobs of one process",
+    "": "peak memory (GiB): GPU allocated,\nor the process's peak RSS on a CPU",
 }
 MEMORY_TABLE_TITLES = {
     "gpu": "Peak GPU memory allocated (GiB)",
@@ -452,8 +452,7 @@ def _series(jobs: list[Job], label: str, value_of) -> tuple[list[int], list[floa
 
 
 def _title(ax, what: str, jobs: list[Job]) -> None:
-    where = run_description(jobs)
-    ax.set_title(what + (f"\n{where}" if where else ""), fontsize=10)
+    ax.set_title(title(what, run_description(jobs)), fontsize=10)
 
 
 def _mark_ooms(ax, jobs: list[Job], label: str, color) -> bool:
@@ -524,7 +523,7 @@ def plot_peak_memory(jobs: list[Job], path: str) -> None:
     log_axis(ax, "y")  # always log: a power of N is a straight line, its slope the power
     if high > 0:
         ax.set_ylim(low, high)
-    ax.set_ylabel(MEMORY_AXIS_LABELS[memory_kind(jobs)], fontsize=9 if memory_kind(jobs) == "cpu" else 10)
+    ax.set_ylabel(MEMORY_AXIS_LABELS[memory_kind(jobs)])
     _title(ax, "Peak memory per training step (log-log)", jobs)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -557,7 +556,7 @@ def plot_loss_curves(jobs: list[Job], path: str) -> None:
     for ax in list(axes.flat)[len(seq_lens):]:
         ax.set_visible(False)
     where = run_description(jobs)
-    fig.suptitle("Training loss: exact backends must coincide" + (f"\n{where}" if where else ""), fontsize=11)
+    fig.suptitle(title("Training loss: exact backends must coincide", where, width=40 * cols), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -579,7 +578,7 @@ def plot_max_context(rows: list[dict], path: str, where: str = "") -> None:
                     xycoords=("data", "data") if v else ("data", "axes fraction"),
                     ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("longest seq_len trained (tokens)")
-    ax.set_title("Maximum context per backend" + (f"\n{where}" if where else ""), fontsize=10)
+    ax.set_title(title("Maximum context per backend", where), fontsize=10)
     ax.grid(alpha=0.3, axis="y", which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

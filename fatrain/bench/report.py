@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 from fatrain.config import BENCH_MODES
 from fatrain.plotting import (date_span, describe, device_names, plain_numbers, pyplot, seq_len_axis, short_length,
                               value_axis)
+from fatrain.plotting import title as wrapped_title
 
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
            "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "rounds", "ms_spread",
@@ -131,7 +132,7 @@ def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "att
         if lines:
             ax.legend(fontsize=7)
     where = run_description(ok)
-    fig.suptitle(title + (f": {where}" if where else ""), fontsize=11)
+    fig.suptitle(wrapped_title(title, where, width=45 * len(panels)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

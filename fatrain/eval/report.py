@@ -18,7 +18,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from fatrain.eval.loading import sweep_overrides
-from fatrain.plotting import date_span, describe, pyplot, value_axis
+from fatrain.plotting import date_span, describe, pyplot, title, value_axis
 
 
 def write_json(obj, path: str) -> None:
@@ -88,8 +88,8 @@ def write_plots(result: dict, out_dir: str) -> dict:
         value_axis(ax, losses)
         ax.set_xlabel(f"position in the sequence (tokens; buckets of {result['bucket_size']})")
         ax.set_ylabel("mean loss (nats/token)")
-        ax.set_title(f"Loss by position: step {result['step']}, attention={result['attention']}, "
-                     f"{result['data']['split']} split" + (f"\n{where}" if where else ""), fontsize=10)
+        ax.set_title(title(f"Loss by position: step {result['step']}, attention={result['attention']}, "
+                           f"{result['data']['split']} split", where), fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -102,8 +102,7 @@ def write_plots(result: dict, out_dir: str) -> dict:
         labels, notes = passkey_cell_labels(passkey)
         height = 0.6 * len(passkey["depths"]) + 2.4 + 0.25 * len(notes)
         fig, ax = plt.subplots(figsize=(max(1.2 * len(passkey["context_lens"]) + 2.5, 6.5), height))
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("lightgrey")  # a cell that was not run: grey, labelled with the reason
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # a cell not run: grey, with its reason
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(passkey["context_lens"])), [str(c) for c in passkey["context_lens"]])
         ax.set_yticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
@@ -114,8 +113,7 @@ def write_plots(result: dict, out_dir: str) -> dict:
                         fontsize=9 if value is not None else 8)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("depth of the key (fraction of the filler)")
-        ax.set_title(f"Passkey retrieval ({passkey['trials']} trials per cell)" + (f"\n{where}" if where else ""),
-                     fontsize=10)
+        ax.set_title(title(f"Passkey retrieval ({passkey['trials']} trials per cell)", where, width=60), fontsize=10)
         fig.colorbar(image, ax=ax, label="accuracy (fraction of trials retrieved)")
         if notes:
             fig.text(0.01, 0.01, "\n".join(["grey cells were not run:", *notes]), fontsize=7, va="bottom", ha="left",
