@@ -362,3 +362,19 @@ def test_bench_plot_log_panels_units_and_title(tmp_path, figures):
     title = flat(fig._suptitle.get_text())
     for part in ("NVIDIA H200", "bf16", "batch x seqlen = 16k", "heads x d = 2048", "triton 3.6.0", "2026-12-01"):
         assert part in title
+
+
+def test_bench_plots_redrawn_from_a_csv(tmp_path, capsys):
+    from fatrain.bench.report import COLUMNS
+    from fatrain.cli.bench_report import main as bench_report_main
+
+    path = tmp_path / "bench_h200.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(bench_rows())
+    assert bench_report_main([f"csv={path}"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'bench_h200.png'}" in out and f"wrote {tmp_path / 'bench_h200_memory.png'}" in out
+    assert bench_report_main([f"csv={tmp_path / 'none.csv'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: csv={tmp_path / 'none.csv'}: no such file"
