@@ -114,7 +114,8 @@ def describe_model(params: Optional[int], model: dict, precision: Optional[str])
     size = ""
     if params:
         size = f"{params / 1e9:.3g}B-parameter " if params >= 1e9 else f"{params / 1e6:.3g}M-parameter "
-    shape = ", ".join(part for part in (f"{model['n_layer']} layers" if model.get("n_layer") else "",
+    layers = model.get("n_layer")
+    shape = ", ".join(part for part in (f"{layers} layer{'' if layers == 1 else 's'}" if layers else "",
                                         f"d_model {model['n_embd']}" if model.get("n_embd") else "") if part)
     name = f"{size}GPT" + (f" ({shape})" if shape else "")
     return describe(name, precision)

@@ -296,7 +296,7 @@ def test_max_context_alone_log_axis_and_title(tmp_path, figures):
 def eval_result(checkpoint):
     buckets = [{"start": s, "end": s + 16, "loss": 3.0 - s / 100} for s in range(0, 64, 16)]
     return {"checkpoint": checkpoint, "step": 100, "tokens_seen": 6400, "attention": "naive",
-            "train": {"seq_len": 64, "attention": "naive", "model": "0.05M-parameter GPT (1 layers, d_model 32)"},
+            "train": {"seq_len": 64, "attention": "naive", "model": "0.05M-parameter GPT (1 layer, d_model 32)"},
             "data": {"split": "val"}, "bits_unit": "byte", "precision": "fp32", "bucket_size": 16,
             "environment": CPU,
             "lengths": [{"seq_len": 64, "loss": 2.5, "perplexity": 12.2, "bits_per_byte": 3.6, "buckets": buckets},
@@ -322,7 +322,7 @@ def test_eval_plots_titles_and_passkey_skip_reasons(tmp_path, figures):
     loss_fig, passkey_fig = figures
     ax = loss_fig.axes[0]
     assert ax.get_ylabel() == "mean loss (nats/token)" and ax.get_yscale() == "linear"
-    assert "0.05M-parameter GPT (1 layers, d_model 32), fp32, cpu (Intel(R) Xeon(R) Processor), 2026-12-03" in flat(
+    assert "0.05M-parameter GPT (1 layer, d_model 32), fp32, cpu (Intel(R) Xeon(R) Processor), 2026-12-03" in flat(
         ax.get_title())
     heat = passkey_fig.axes[0]
     cells = [t.get_text() for t in heat.texts]
