@@ -44,7 +44,8 @@ def plain_numbers():
 
 def log_axis(ax, axis: str = "y") -> None:
     """A log10 ``axis`` with plain tick labels; the 2s and 5s between powers of ten are labelled
-    too while the view spans under two decades (else a narrow axis would show one label or none)."""
+    too while the view spans under two decades, and every tick under one (else a narrow axis would
+    show one label or none)."""
     from matplotlib.ticker import FuncFormatter
 
     getattr(ax, f"set_{axis}scale")("log")
@@ -55,7 +56,7 @@ def log_axis(ax, axis: str = "y") -> None:
         if value <= 0 or low <= 0 or high / low > 100:
             return ""
         mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
-        if high / low < 3:  # under half a decade: every minor tick, or there would be one label at most
+        if high / low < 10:  # under a decade: every minor tick, or there would be one or two labels
             return plain_number(float(f"{value:.6g}"))
         return plain_number(value) if min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
 
