@@ -596,7 +596,8 @@ def write_report(sweep_dir: Optional[str], out_dir: Optional[str] = None, *, war
     """
     if sweep_dir is None:
         if not max_context_path:
-            raise ValueError("fatrain-report: sweep_dir=<the folder a multirun wrote> or max_context=<file> is required")
+            raise ValueError("fatrain-report: sweep_dir=<the folder a multirun wrote> or max_context=<file> "
+                             "is required")
         out_dir = out_dir or os.path.dirname(os.path.abspath(max_context_path))
         os.makedirs(out_dir, exist_ok=True)
         stem = os.path.splitext(os.path.basename(max_context_path))[0]  # max_context_h100.json -> max_context_h100.png

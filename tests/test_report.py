@@ -204,7 +204,8 @@ def test_gpu_plots_log_axes_labels_titles_and_clipped_guides(tmp_path, figures):
     assert tps.get_yscale() == "log" and tps.get_xscale() == "log"  # 60 beside 6,000: log
     assert tps.get_ylabel() == "training throughput (tokens/s)" and tps.get_xlabel() == "seq_len (tokens)"
     title = flat(tps.get_title())
-    assert "0.001M-parameter GPT (12 layers, d_model 768)" in title  # model/params (1000) from metrics.jsonl and "NVIDIA H100 80GB HBM3" in title and "2026-11-26" in title
+    # the model from the config, its size from metrics.jsonl's model/params (1000 here), then the GPU and the date
+    assert "0.001M-parameter GPT (12 layers, d_model 768), NVIDIA H100 80GB HBM3, 2026-11-26" in title
     assert "out of memory" in title and tps.collections  # the OOM x on the axis edge
 
     mem = by_name(figures, "GiB")
@@ -242,8 +243,9 @@ def test_narrow_throughput_stays_linear_from_zero(sweep, figures):
 def test_cpu_memory_is_marked_as_the_process_peak_rss(tmp_path, figures):
     s = tmp_path / "cpu"
     for i, n in enumerate((32, 64)):
+        trainer = {"log_every": 1, "batch_size": 4, "device": "cpu", "precision": "fp32"}
         job = make_job(s, i, "naive", n, tokens_per_sec=[55, 148], peak=0.55 + 0.01 * i,
-                       extra_config={"trainer": {"log_every": 1, "batch_size": 4, "device": "cpu", "precision": "fp32"}})
+                       extra_config={"trainer": trainer})
         if i == 0:
             with_environment(job, CPU)  # the other job is known to be on the CPU from its config only
     report.write_report(str(s), warmup_steps=0)

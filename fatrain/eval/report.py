@@ -184,7 +184,7 @@ def log_to_wandb(cfg, result: dict, saved_cfg: dict, out_dir: str) -> Optional[s
 # ----- the table over checkpoints, the console line -----------------------------------------------
 
 
-def run_name(checkpoint: str) -> str:
+def run_folder_name(checkpoint: str) -> str:
     """The name of the training run a checkpoint belongs to: its run folder's (the folder that holds
     ``checkpoints/``), or the folder the checkpoint lies in."""
     folder = os.path.dirname(os.path.abspath(checkpoint))
@@ -197,7 +197,7 @@ def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
     """One row per (run name, result): step, backends, loss and bits per length, passkey per length."""
     rows = []
     for name, r in results:
-        row = {"run": name or run_name(r["checkpoint"]), "step": r["step"], "tokens_seen": r["tokens_seen"],
+        row = {"run": name or run_folder_name(r["checkpoint"]), "step": r["step"], "tokens_seen": r["tokens_seen"],
                "train_attention": r["train"]["attention"], "attention": r["attention"],
                "overrides": sweep_overrides(os.path.join(root, name)) if os.path.isdir(root) else ""}
         unit = r["bits_unit"]
