@@ -52,6 +52,7 @@ from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer,
 from fatrain.model import GPT, GPTSpec
 from fatrain.runlock import RunDirLocked, RunLock
 from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
+from fatrain.runtime import run_info as environment_info
 
 # attention.* settings that every backend takes; the others are the backend's own options.
 ATTENTION_CALL_FIELDS = ("backend", "window_left", "window_right")
@@ -719,7 +720,8 @@ def make_loggers(cfg, run_dir: str, trainer: Trainer, progress) -> MultiLogger:
 
 def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
     """Train one run in ``run_dir`` (metrics.jsonl, checkpoints/, wandb/); returns its result:
-    status "ok", final_val_loss, step, tokens_seen, skipped_steps, checkpoint, and ``attention_run_info``
+    status "ok", final_val_loss, step, tokens_seen, skipped_steps, checkpoint, ``environment`` (device, versions,
+    date: ``fatrain.runtime.run_info``) and ``attention_run_info``
     where the backend reports something of the run (``fatrain.kernels.run_info``: e.g. its autotuners'
     picks). A run stopped by a non-finite step returns status "nonfinite", that step, what was not
     finite, an ``error`` line and the last good checkpoint (Trainer.nonfinite_result).
@@ -796,6 +798,7 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
     if result.get("status") in ("nonfinite", "interrupted"):
         return result
     result["status"] = "ok"
+    result["environment"] = environment_info(trainer.device)  # device name, versions, date: the report's titles
     # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
     attention_info = run_info(cfg.attention.backend, cfg.data.seq_len)
     if attention_info:

@@ -12,6 +12,7 @@ import pytest
 from fatrain.cli import bench as bench_cli
 from fatrain.cli import eval as eval_cli
 from fatrain.cli import max_context as max_context_cli
+from fatrain.cli import bench_report as bench_report_cli
 from fatrain.cli import report as report_cli
 from fatrain.cli import sample as sample_cli
 from fatrain.cli import train as train_cli
@@ -89,7 +90,8 @@ def test_training_writes_no_empty_log_file(monkeypatch, tmp_path, capsys):
     assert not [name for name in os.listdir(run_dir) if name.endswith(".log")]
 
 
-@pytest.mark.parametrize("cli, prog", [(report_cli, "fatrain-report"), (max_context_cli, "fatrain-max-context")])
+@pytest.mark.parametrize("cli, prog", [(report_cli, "fatrain-report"), (max_context_cli, "fatrain-max-context"),
+                                       (bench_report_cli, "python -m fatrain.cli.bench_report")])
 def test_plain_scripts_help_lists_key_value_settings(cli, prog, capsys):
     with pytest.raises(SystemExit) as stopped:
         cli.main(["--help"])

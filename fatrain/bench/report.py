@@ -15,6 +15,9 @@ from collections import defaultdict
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 from fatrain.config import BENCH_MODES
+from fatrain.plotting import (date_span, describe, device_names, plain_numbers, pyplot, seq_len_axis, short_length,
+                              value_axis)
+from fatrain.plotting import title as wrapped_title
 
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
            "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "rounds", "ms_spread",
@@ -76,20 +79,39 @@ def console_table(rows: list[dict]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "TFLOP/s") -> Optional[str]:
-    """One subplot per (mode, head dim, causal[, dtype]): ``column`` vs seqlen, one line per impl."""
-    import matplotlib
+def run_description(rows: list[dict]) -> str:
+    """'NVIDIA H100 80GB HBM3, bf16, batch x seqlen = 16k-32k, heads x d = 2048, torch 2.11.0, triton 3.6.0,
+    2026-11-26': what ran where, from the rows' own columns (a plot's title)."""
+    def span(values: set) -> str:
+        low, high = min(values), max(values)
+        return short_length(low) if low == high else f"{short_length(low)}-{short_length(high)}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sized = [r for r in rows if r.get("batch") and r.get("nheads")]
+    tokens = {int(r["batch"]) * int(r["seqlen"]) for r in sized}
+    widths = {int(r["nheads"]) * int(r["headdim"]) for r in sized}
+    return describe(device_names(r.get("gpu") for r in rows), device_names(r.get("dtype") for r in rows),
+                    tokens and f"batch x seqlen = {span(tokens)}",
+                    widths and f"heads x d = {', '.join(map(str, sorted(widths)))}",
+                    device_names(r.get("torch") and f"torch {r['torch']}" for r in rows),
+                    device_names(r.get("triton") and f"triton {r['triton']}" for r in rows),
+                    date_span(r.get("date") for r in rows))
 
+
+def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "attention throughput (TFLOP/s)",
+         title: str = "Attention throughput") -> Optional[str]:
+    """One subplot per (mode, head dim, causal[, dtype]): ``column`` vs seqlen, one line per impl.
+
+    A panel whose values span more than 10x (naive's TFLOP/s beside the flash kernels') has a
+    log value axis; the figure's title says what ran where (GPU, dtype, shapes, versions, date).
+    """
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok" and r.get(column) not in (None, "")]
     if not ok:
         return None
     modes = [m for m in BENCH_MODES if any(r["mode"] == m for r in ok)]
     several_dtypes = len({r["dtype"] for r in ok}) > 1
     panels = sorted({(int(r["headdim"]), r["causal"], r["dtype"] if several_dtypes else "") for r in ok})
-    fig, axes = plt.subplots(len(modes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(modes)),
+    fig, axes = plt.subplots(len(modes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(modes) + 0.5),
                              squeeze=False, sharex=True)
     for (i, mode), (j, (d, causal, dtype)) in itertools.product(enumerate(modes), enumerate(panels)):
         ax = axes[i][j]
@@ -101,16 +123,16 @@ def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "TFL
         for label, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        seqlens = sorted({n for points in lines.values() for n, _ in points})
-        ax.set_xticks(seqlens, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in seqlens])
-        ax.minorticks_off()
+        seq_len_axis(ax, sorted({n for points in lines.values() for n, _ in points}), label="seqlen (tokens)")
+        if value_axis(ax, [v for points in lines.values() for _, v in points]) == "linear":
+            ax.yaxis.set_major_formatter(plain_numbers())
         ax.set_title(f"{mode}, d={d}, {'causal' if causal == 'True' else 'non-causal'} {dtype}".strip(), fontsize=10)
-        ax.set_xlabel("seqlen")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(True, alpha=0.3, which="both")
         if lines:
             ax.legend(fontsize=7)
+    where = run_description(ok)
+    fig.suptitle(wrapped_title(title, where, width=45 * len(panels)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -124,7 +146,9 @@ def report(csv_path: str, make_plots: bool = True, log: Callable[[str], None] = 
     if not make_plots:
         return []
     stem = os.path.splitext(csv_path)[0]
-    paths = [plot(rows, stem + ".png"), plot(rows, stem + "_memory.png", "peak_mem_mib", "peak extra MiB")]
+    paths = [plot(rows, stem + ".png"),
+             plot(rows, stem + "_memory.png", "peak_mem_mib", "peak memory beyond the inputs (MiB)",
+                  "Attention peak GPU memory allocated during one call, beyond its inputs")]
     return [p for p in paths if p]
 
 
@@ -202,3 +226,4 @@ def summarize_features(csv_path: CsvPaths, impl: str, log: Callable[[str], None]
               for r in table]
     log(f"{impl}: feature cases against the plain case\n" + "\n".join(lines))
     return table
+

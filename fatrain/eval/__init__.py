@@ -32,6 +32,7 @@ from fatrain.eval.loading import LoadedCheckpoint, find_checkpoints, load_model,
 from fatrain.eval.loss import multi_length_eval, split_stream
 from fatrain.eval.passkey import run_passkey
 from fatrain.eval.report import log_to_wandb, summary_line, table_rows, write_json, write_plots, write_table
+from fatrain.plotting import describe_model
 from fatrain.progress import note_interpreter
 from fatrain.runtime import autocast_for, check_precision, run_info
 
@@ -79,6 +80,7 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         "step": loaded.state.get("step"),
         "tokens_seen": loaded.state.get("tokens_seen"),
         "train": {"seq_len": train_len, "attention": saved_cfg.attention.backend,
+                  "model": describe_model(loaded.model.num_params(), OmegaConf.to_container(saved_cfg.model), None),
                   "group": OmegaConf.select(saved_cfg, "logger.wandb.group"),
                   "project": OmegaConf.select(saved_cfg, "logger.wandb.project"),
                   "wandb_id": loaded.state.get("wandb_id")},
