@@ -95,7 +95,7 @@ _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
 _HALF = ("float16", "bfloat16")
 # NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
 # which tests/test_flex.py checks): registered for CUDA.
-_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse"})
+_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse", "alibi", "softcap"})
 
 
 @dataclasses.dataclass(frozen=True)
