@@ -239,3 +239,25 @@ def test_gpu_decode_and_varlen_variants():
     ref, _ = _varlen_reference(qv.double(), kv.double(), vv.double(), cu, cu, vkw)
     same, _ = _varlen_reference(qv, kv, vv, cu, cu, vkw, upcast=False)
     assert max_err(out, ref) <= 2 * max_err(same, ref) + 2 * 2.0 ** -7
+
+
+def test_bench_variant_cases_and_sdpa_bias():
+    """bench's variant axis adds one case per variant on the sweep's baseline features, and the
+    SDPA-with-bias call it times for ALiBi computes ALiBi."""
+    from omegaconf import OmegaConf
+
+    from fatrain.bench.cases import make_cases, sdpa_alibi_bias_call
+    from fatrain.bench.sweep import make_call
+
+    cfg = OmegaConf.create(dict(dtypes=["fp32"], headdims=[16], causal=[True], windows=[-1, 8], doc_lens=[0],
+                                dropout_ps=[0.0, 0.1], variants=["none", "alibi", "sinks"], seqlens=[32],
+                                tokens_per_batch=64, hidden=32))
+    cases = make_cases(cfg)
+    assert sorted((c.window, c.dropout_p, c.variant) for c in cases) == sorted(
+        [(-1, 0.0, "none"), (-1, 0.1, "none"), (8, 0.0, "none"), (8, 0.1, "none"), (-1, 0.0, "alibi"),
+         (-1, 0.0, "sinks")])
+    alibi = next(c for c in cases if c.variant == "alibi")
+    q, k, v = (t.detach() for t in make_qkv(alibi.batch, 32, 32, alibi.nheads, alibi.nheads, 16, dtype=torch.float32))
+    ref = reference_attention(q, k, v, causal=True, alibi_slopes=alibi_slopes_for(alibi.nheads))
+    assert max_err(sdpa_alibi_bias_call(q, k, v, alibi)(), ref) < 1e-5
+    assert max_err(make_call(get_backend("flash_v2"), q, k, v, alibi, None, "flash_v2")(), ref) < 1e-5
