@@ -30,6 +30,20 @@ kernels), in the interpreter opaque custom ops. Configs are autotuned per shape 
 (``_autotune.py``, lists in ``_flash_v2_configs.py``); ``configs``/``pin`` choose one,
 ``block_m``/``block_n`` fix the tiles for ablations.
 
+Variants (constexprs HAS_ALIBI, HAS_SOFTCAP, HAS_SINKS; off, they compile out: the plain
+kernels' sm_90 PTX is the same instruction stream with them as without). Each pass forms
+the base-2 scores from the raw tile (``_score_mod``), before the mask:
+    S = softcap * tanh(qk * scale / softcap) * log2(e) - slope_bh * log2(e) * |i + Nk - Nq - j|
+(without the soft-cap S = qk * scale * log2(e) - ...; the slope is loaded once per program,
+the distance recomputed per tile, so no bias is stored). The forward folds the sink into its
+epilogue: m = max(m_i, sink), l = l_i 2^(m_i - m) + 2^(sink - m), O = acc 2^(m_i - m) / l,
+LSE = (m + log2 l) ln 2, so a row that sees no key gets O = 0 and LSE = sink. The backward
+recomputes P from that LSE (the sink is in it), dS = P o (dP - Delta) o (1 - tanh^2) with the
+soft-cap, and d sink_h = -sum_(b, i) exp(sink_h - LSE_i) Delta_i from the Delta the first pass
+already writes, reduced by a torch sum (deterministic; no atomics). tanh: the MUFU's
+tanh.approx.f32 for half-precision inputs on NVIDIA GPUs (as flash-attn's soft-cap), else
+1 - 2 / (exp(2x) + 1). ALiBi and the soft-cap leave the masks, and so the block skipping, as they are.
+
 VARLEN mode (``flash_v2_varlen_attention``): sequences packed without padding, q
 (total_q, H, D) and k, v (total_k, Hkv, D) with their own offsets cu_seqlens_q and
 cu_seqlens_k. The grid is (cdiv(max_seqlen_q, BLOCK_M), batch * H) (dK/dV: max_seqlen_k,
