@@ -541,6 +541,8 @@ class BenchConfig:
     windows: list[int] = field(default_factory=lambda: [-1])  # left window; -1: unlimited
     doc_lens: list[int] = field(default_factory=lambda: [0])  # mean document length; 0: one document
     dropout_ps: list[float] = field(default_factory=lambda: [0.0])
+    # Attention variants: none | alibi | softcap | sinks, each on the first window / doc_len / dropout
+    variants: list[str] = field(default_factory=lambda: ["none"])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     warmup_ms: int = 25  # do_bench on CUDA
     rep_ms: int = 100
@@ -600,7 +602,11 @@ def validate_bench_config(cfg) -> None:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{key}={list(values)} has {bad or 'nothing'}: choose from {', '.join(allowed)}")
-    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps"):
+    from fatrain.bench.cases import VARIANTS
+    bad = [v for v in cfg.get("variants", ["none"]) if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"variants={list(cfg.variants)} has {bad}: choose from {', '.join(VARIANTS)}")
+    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps", "variants"):
         if not cfg[key]:
             raise ValueError(f"{key} must list at least one value")
     check_ranges(cfg, BENCH_RANGES)

@@ -95,7 +95,7 @@ _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
 _HALF = ("float16", "bfloat16")
 # NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
 # which tests/test_flex.py checks): registered for CUDA.
-_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse"})
+_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse", "alibi", "softcap"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v2", "FlashAttention-2: one program per query block, logsumexp, split backward",
                 "flash_v2", "flash_v2_attention", options=("block_m", "block_n", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
-                features=_FLASH, run_info="autotune_picks"),
+                features=_ALL, run_info="autotune_picks"),
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
@@ -160,7 +160,7 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",
-                features=_FLASH, run_info="autotune_picks"),
+                features=_ALL, run_info="autotune_picks"),
     BackendInfo("flash_v1_bh", "flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1)",
                 "flash_v1", "flash_v1_attention", fixed={"num_splits": 1}, options=("sram_bytes", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v1",

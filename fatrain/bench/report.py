@@ -2,7 +2,7 @@
 
 ``summarize`` prints one backend's TFLOP/s over each of several others' per case, with the
 target ratios of the bench config's ``summary`` marked where missed; ``summarize_features``
-prints how much faster each window / documents / dropout case runs than the plain one.
+prints how much faster each window / documents / dropout / variant case runs than the plain one.
 Both read one CSV or several (a sweep split over runs).
 """
 
@@ -20,7 +20,7 @@ from fatrain.plotting import (date_span, describe, device_names, plain_numbers, 
 from fatrain.plotting import title as wrapped_title
 
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
-           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "rounds", "ms_spread",
+           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "variant", "modelled_hbm_gb", "rounds", "ms_spread",
            "gpu", "torch", "triton", "git_sha", "date", "note"]
 
 CsvPaths = Union[str, os.PathLike, Iterable[str]]
@@ -58,6 +58,8 @@ def feature_label(row: dict) -> str:
         parts.append(f" doc={row['doc_len']}")
     if float(row["dropout_p"]) > 0:
         parts.append(f" p={float(row['dropout_p']):g}")
+    if row.get("variant", "none") not in ("none", ""):
+        parts.append(f" {row['variant']}")
     return "".join(parts)
 
 
@@ -160,7 +162,7 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
               target_min_seqlen: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """Print a Markdown table of TFLOP/s ratios numerator / each denominator per case; return its rows.
 
-    A case is (dtype, mode, head dim, causal, window, documents, dropout, seqlen); a ratio is
+    A case is (dtype, mode, head dim, causal, window, documents, dropout, variant, seqlen); a ratio is
     blank where either side has no ``ok`` row. A ratio below ``targets[denominator]``, in one
     of ``target_modes`` at seqlen >= ``target_min_seqlen``, is marked with ``!``.
     """
@@ -169,25 +171,26 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
     for r in _read_all(csv_path):
         if r["status"] == "ok":
             key = (r["dtype"], r["mode"], int(r["headdim"]), r["causal"], int(r["window"]), int(r["doc_len"]),
-                   float(r["dropout_p"]), int(r["seqlen"]))
+                   float(r["dropout_p"]), _variant(r), int(r["seqlen"]))
             tflops[key][r["impl"]] = float(r["tflops"])
     table = []
     for key in sorted(tflops):
         if numerator not in tflops[key]:
             continue
-        dtype, mode, d, causal, window, doc_len, p, n = key
+        dtype, mode, d, causal, window, doc_len, p, variant, n = key
         row = {"dtype": dtype, "mode": mode, "headdim": d, "causal": causal, "window": window, "doc_len": doc_len,
-               "dropout_p": p, "seqlen": n, numerator: tflops[key][numerator]}
+               "dropout_p": p, "variant": variant, "seqlen": n, numerator: tflops[key][numerator]}
         for den in denominators:
             row[den] = tflops[key][numerator] / tflops[key][den] if den in tflops[key] else None
         table.append(row)
-    header = ["dtype", "mode", "d", "causal", "window", "doc", "p", "N", f"{numerator} TFLOP/s"]
+    header = ["dtype", "mode", "d", "causal", "window", "doc", "p", "variant", "N", f"{numerator} TFLOP/s"]
     header += [f"/ {den}" for den in denominators]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     misses = 0
     for row in table:
         cells = [row["dtype"], row["mode"], str(row["headdim"]), row["causal"], str(row["window"]),
-                 str(row["doc_len"]), f"{row['dropout_p']:g}", str(row["seqlen"]), f"{row[numerator]:.4g}"]
+                 str(row["doc_len"]), f"{row['dropout_p']:g}", row["variant"], str(row["seqlen"]),
+                 f"{row[numerator]:.4g}"]
         for den in denominators:
             ratio, target = row[den], targets.get(den)
             miss = (ratio is not None and target is not None and row["seqlen"] >= target_min_seqlen
@@ -203,27 +206,34 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
     return table
 
 
+def _variant(row: dict) -> str:
+    """A row's attention variant (none, alibi, softcap, sinks); rows from before the column: none."""
+    return row.get("variant") or "none"
+
+
 def summarize_features(csv_path: CsvPaths, impl: str, log: Callable[[str], None] = print) -> list[dict]:
-    """Print how much faster (or slower) each window / documents / dropout case runs than the plain one.
+    """Print how much faster (or slower) each window / documents / dropout / variant case runs than the plain one.
 
     speedup = ms(plain) / ms(case), the plain case having the same impl, mode, dtype, head dim,
-    causal and seqlen with no window, one document and no dropout.
+    causal and seqlen with no window, one document, no dropout and no variant (a variant's
+    cost over plain attention is 1 / speedup).
     """
     ms: dict[tuple, float] = {}
     for r in _read_all(csv_path):
         if r["status"] == "ok" and r["impl"] == impl:
             key = (r["dtype"], r["mode"], int(r["headdim"]), r["causal"], int(r["seqlen"]))
-            ms[key + (int(r["window"]), int(r["doc_len"]), float(r["dropout_p"]))] = float(r["ms"])
+            ms[key + (int(r["window"]), int(r["doc_len"]), float(r["dropout_p"]), _variant(r))] = float(r["ms"])
     table = []
     for key in sorted(ms):
-        plain = ms.get(key[:5] + (-1, 0, 0.0))
-        if key[5:] != (-1, 0, 0.0) and plain is not None:
-            table.append(dict(zip(("dtype", "mode", "headdim", "causal", "seqlen", "window", "doc_len", "dropout_p"),
-                                  key), ms=ms[key], plain_ms=plain, speedup=plain / ms[key]))
-    lines = ["| dtype | mode | d | causal | N | window | doc | p | ms | plain ms | speedup |", "|" + "---|" * 11]
+        plain = ms.get(key[:5] + (-1, 0, 0.0, "none"))
+        if key[5:] != (-1, 0, 0.0, "none") and plain is not None:
+            table.append(dict(zip(("dtype", "mode", "headdim", "causal", "seqlen", "window", "doc_len", "dropout_p",
+                                   "variant"), key), ms=ms[key], plain_ms=plain, speedup=plain / ms[key]))
+    lines = ["| dtype | mode | d | causal | N | window | doc | p | variant | ms | plain ms | speedup |",
+             "|" + "---|" * 12]
     lines += [f"| {r['dtype']} | {r['mode']} | {r['headdim']} | {r['causal']} | {r['seqlen']} | {r['window']} | "
-              f"{r['doc_len']} | {r['dropout_p']:g} | {r['ms']:.3f} | {r['plain_ms']:.3f} | {r['speedup']:.2f} |"
-              for r in table]
+              f"{r['doc_len']} | {r['dropout_p']:g} | {r['variant']} | {r['ms']:.3f} | {r['plain_ms']:.3f} | "
+              f"{r['speedup']:.2f} |" for r in table]
     log(f"{impl}: feature cases against the plain case\n" + "\n".join(lines))
     return table
 
