@@ -224,5 +224,14 @@ def run_info(name: str, seq_len: Optional[int] = None) -> Any:
     return getattr(importlib.import_module(f".{info.module}", __name__), info.run_info)(seq_len)
 
 
-__all__ = ["FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",
+def autotune_seconds() -> float:
+    """Seconds this process spent timing kernel configs in shape-class autotuners (0 when every
+    pick came from the cache folder, or no Triton kernel was tuned)."""
+    import sys
+
+    tuning = sys.modules.get(f"{__name__}._autotune")  # never imports Triton itself
+    return round(tuning.autotune_seconds(), 3) if tuning is not None else 0.0
+
+
+__all__ = ["autotune_seconds", "FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",
            "check_options", "get_backend", "reference_attention", "run_info"]

@@ -64,7 +64,7 @@ from torch.library import wrap_triton
 
 from . import _dropout
 from . import _flash_v2_configs as _configs
-from ._autotune import autotuned, picks
+from ._autotune import picks, shape_class_autotuned
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
                       default_scale, normalize_window, refuse_variants, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
@@ -835,9 +835,11 @@ _AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", 
 
 def _autotuned_pass(name: str, wide: bool):
     # NOTE: the autotuner runs each config on the same arguments: the atomic pass's dQ
-    # accumulator is zeroed before every trial and after the last.
-    return autotuned(_KERNELS[name], _configs.triton_configs(_configs.ROWS[name][wide]), _AUTOTUNE_KEY,
-                     reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)
+    # accumulator is zeroed before every trial and after the last. One tuning per shape class
+    # (Nq, Nk rounded up to powers of two), its pick kept on disk for later processes.
+    return shape_class_autotuned(_KERNELS[name], _configs.triton_configs(_configs.ROWS[name][wide]), _AUTOTUNE_KEY,
+                                 name=f"flash_v2-{name}-{'wide' if wide else 'narrow'}",
+                                 reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)
 
 
 # One launcher per (pass, head-dim class): HEAD_DIM > 128 picks the "wide" one on the host, so
