@@ -40,6 +40,9 @@ class ModelConfig:
     rope_reset_per_document: bool = False
     rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA, PyTorch ops on the CPU | triton | torch
     loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA) | triton | torch
+    position: str = "rope"  # rope | alibi (the paper's slopes, in the attention call) | none
+    attn_softcap: float = 0.0  # > 0: attention scores soft-capped to attn_softcap * tanh(s / attn_softcap); 0: off
+    attn_sinks: bool = False  # learnable sink logits, one per head and layer (no weight decay)
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -253,6 +256,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.dropout": PROBABILITY,
     "model.attn_dropout": PROBABILITY,
     "model.rope_theta": POSITIVE,
+    "model.attn_softcap": Range(lo=0, special=((0, "off"),)),
     "model.init_std": POSITIVE,
     "attention.window_left": Range(lo=0, special=((-1, "unlimited"),)),
     "attention.window_right": Range(lo=0, special=((-1, "unlimited"),)),
@@ -293,6 +297,7 @@ def validate_train_config(cfg) -> None:
     """Check the values that types cannot; raise ValueError naming the key and what is allowed."""
     from fatrain.cli_help import refuse_internal_choices
     from fatrain.kernels import all_options, available_backends, check_options
+    from fatrain.model import POSITIONS, check_backend_takes_variants
 
     refuse_internal_choices()  # attention=schema and the like: a group's dataclass, not a choice
     m, a, d, o, t = cfg.model, cfg.attention, cfg.data, cfg.optim, cfg.trainer
@@ -301,7 +306,11 @@ def validate_train_config(cfg) -> None:
     _choice(m.mlp, MLPS, "model.mlp")
     _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
     _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
+    _choice(m.position, POSITIONS, "model.position")
     check_ranges(cfg, TRAIN_RANGES)
+    if m.rope_reset_per_document and m.position != "rope":
+        raise ValueError(f"model.rope_reset_per_document=true needs model.position=rope, got {m.position}")
+    check_backend_takes_variants(a.backend, m.position, m.attn_softcap, m.attn_sinks)
     if m.n_embd % m.n_head:
         raise ValueError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if m.n_kv_head is not None and m.n_head % m.n_kv_head:

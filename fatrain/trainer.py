@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 
 import numpy as np
 import torch
@@ -102,10 +102,12 @@ RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "documen
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:
+    # A field added to GPTSpec after a checkpoint was written has its default there (position=rope, ...).
+    defaults = {f.name: f.default for f in fields(GPTSpec) if f.default is not MISSING}
     for key, value in asdict(spec).items():
         if key in RUNTIME_SPEC_FIELDS:
             continue
-        old = saved.get(key)
+        old = saved.get(key, defaults.get(key))
         if isinstance(old, list):
             old = tuple(old)
         if old != value:

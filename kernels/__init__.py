@@ -137,7 +137,7 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("naive", "standard attention, S and P held in memory (the baseline)", "naive", "naive_attention"),
     BackendInfo("flash_v1", "FlashAttention-1 (Algorithms 1, 2 and 4): K/V-block outer loop, O, l, m in HBM",
                 "flash_v1", "flash_v1_attention", options=("sram_bytes", "num_splits", "deterministic"),
-                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_FLASH),
+                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_ALL),
     BackendInfo("flash_v2", "FlashAttention-2: one program per query block, logsumexp, split backward",
                 "flash_v2", "flash_v2_attention", options=("block_m", "block_n", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
@@ -164,7 +164,7 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v1_bh", "flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1)",
                 "flash_v1", "flash_v1_attention", fixed={"num_splits": 1}, options=("sram_bytes", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v1",
-                features=_FLASH),
+                features=_ALL),
 )
 _REGISTRY: dict[str, BackendInfo] = {b.name: b for b in _BACKENDS}
 

@@ -26,8 +26,9 @@ from triton.compiler import ASTSource  # noqa: E402
 import fatrain  # noqa: E402,F401
 from fatrain.kernels import _dropout, decode, flash_v1, flash_v2  # noqa: E402
 
-FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale", "softcap_in", "softcap_out"}
-FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc", "SLOPES", "SINKS"}
+FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale", "softcap", "softcap_in",
+          "softcap_out"}
+FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc", "SLOPES", "SINKS", "ALIBI"}
 INT_POINTERS = {"DOC", "DOC_RANGE", "Mask", "CU_Q", "CU_K"}
 BF16_POINTERS = {"Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"}
 
@@ -134,14 +135,17 @@ def _label(config: dict) -> str:
 def v1_cases():
     for d in (64, 128):
         for bm, bn in ((64, 64), (64, 128), (128, 128)):
-            for drop in (False, True):
-                f = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=drop)
+            # the variants (ALiBi and soft-cap; sinks are host-side) on the widest mask only
+            for drop, variants in ((False, False), (True, False), (True, True)):
+                f = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=drop, HAS_ALIBI=variants,
+                         HAS_SOFTCAP=variants)
                 meta = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, INPUT_PRECISION="tf32", **f)
+                tag = f"drop={drop}" + (" alibi+softcap" if variants else "")
                 for w in sorted({flash_v1._num_warps(d), 8, 16}):
-                    yield (f"v1 fwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
+                    yield (f"v1 fwd d={d} {bm}x{bn} {tag} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
                            {"O": "*fp32"})
                     for atomic in (False, True):
-                        yield (f"v1 bwd d={d} {bm}x{bn} drop={drop} w{w}{' atomic' if atomic else ''}",
+                        yield (f"v1 bwd d={d} {bm}x{bn} {tag} w{w}{' atomic' if atomic else ''}",
                                flash_v1._flash_v1_bwd_kernel, dict(meta, ATOMIC_DQ=atomic), w, 1,
                                {"O": "*bf16", "DQ": "*fp32"})
 
