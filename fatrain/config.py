@@ -12,7 +12,7 @@ entry point (``TRAIN_RANGES``, ...), which also says what its sentinels (-1, 0, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Optional, get_type_hints
 
 from omegaconf import MISSING
@@ -20,6 +20,18 @@ from omegaconf import MISSING
 from fatrain.runtime import PRECISIONS
 
 # ----- fatrain-train (and the training config a checkpoint saves)
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling for contexts past the training length (fatrain.model.RopeScaling has the formulas)."""
+
+    type: str = "none"  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn
+    factor: float = 1.0  # how many times the trained context is stretched
+    original_seq_len: Optional[int] = None  # yarn: the training length before extension
+    beta_fast: float = 32.0  # yarn: frequencies turning more often than this over original_seq_len are kept
+    beta_slow: float = 1.0  # yarn: those turning less often are interpolated by factor
+    mscale: Optional[float] = None  # yarn's attention temperature on cos/sin; None: 0.1 * ln(factor) + 1
 
 
 @dataclass
@@ -38,6 +50,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities, inside the backend
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA, PyTorch ops on the CPU | triton | torch
     loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA) | triton | torch
     tie_embeddings: bool = True
@@ -253,6 +266,11 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.dropout": PROBABILITY,
     "model.attn_dropout": PROBABILITY,
     "model.rope_theta": POSITIVE,
+    "model.rope_scaling.factor": Range(lo=1.0),
+    "model.rope_scaling.original_seq_len": Range(lo=0, lo_open=True, special=((None, "unset; yarn needs it"),)),
+    "model.rope_scaling.beta_fast": POSITIVE,
+    "model.rope_scaling.beta_slow": POSITIVE,
+    "model.rope_scaling.mscale": Range(lo=0, lo_open=True, special=((None, "0.1 * ln(factor) + 1"),)),
     "model.init_std": POSITIVE,
     "attention.window_left": Range(lo=0, special=((-1, "unlimited"),)),
     "attention.window_right": Range(lo=0, special=((-1, "unlimited"),)),
@@ -302,6 +320,7 @@ def validate_train_config(cfg) -> None:
     _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
     _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
     check_ranges(cfg, TRAIN_RANGES)
+    validate_rope_scaling(m.rope_scaling)
     if m.n_embd % m.n_head:
         raise ValueError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if m.n_kv_head is not None and m.n_head % m.n_kv_head:
@@ -316,6 +335,19 @@ def validate_train_config(cfg) -> None:
     _choice(t.on_nonfinite, NONFINITE_ACTIONS, "trainer.on_nonfinite")
     _choice(t.dist_backend, ("auto", "nccl", "gloo"), "trainer.dist_backend")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
+
+
+def validate_rope_scaling(r) -> None:
+    """The checks of model.rope_scaling.* that a range cannot make (it runs after check_ranges)."""
+    from fatrain.model import ROPE_SCALING_TYPES
+
+    _choice(r.type, ROPE_SCALING_TYPES, "model.rope_scaling.type")
+    if r.type == "yarn" and r.original_seq_len is None:
+        raise ValueError("model.rope_scaling.original_seq_len is required for model.rope_scaling.type=yarn "
+                         "(the training length before extension)")
+    if r.type == "yarn" and r.beta_fast <= r.beta_slow:
+        raise ValueError(f"model.rope_scaling.beta_fast={r.beta_fast} must be > model.rope_scaling.beta_slow="
+                         f"{r.beta_slow}")
 
 
 def register_train_configs(cs) -> None:
@@ -346,10 +378,17 @@ def register_configs() -> None:
 
 
 def _overrides_of(cls):
-    """A dataclass with ``cls``'s fields, each Optional and None by default: None = the checkpoint's."""
+    """A dataclass with ``cls``'s fields, each Optional and None by default: None = the checkpoint's
+    (a nested dataclass becomes its own overrides, so ``model.rope_scaling.type=yarn`` sets one key)."""
     hints = get_type_hints(cls)
-    return make_dataclass(f"{cls.__name__}Overrides",
-                          [(f.name, Optional[hints[f.name]], field(default=None)) for f in fields(cls)])
+    members = []
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            nested = _overrides_of(hints[f.name])
+            members.append((f.name, nested, field(default_factory=nested)))
+        else:
+            members.append((f.name, Optional[hints[f.name]], field(default=None)))
+    return make_dataclass(f"{cls.__name__}Overrides", members)
 
 
 ModelOverrides = _overrides_of(ModelConfig)
@@ -473,6 +512,9 @@ def validate_eval_config(cfg) -> None:
     for name in e.backends:
         _choice(name, available_backends(), "eval.backends")
     check_ranges(cfg, EVAL_RANGES)
+    from fatrain.model import ROPE_SCALING_TYPES
+    if cfg.model.rope_scaling.type is not None:
+        _choice(cfg.model.rope_scaling.type, ROPE_SCALING_TYPES, "model.rope_scaling.type")
 
 
 def validate_sample_config(cfg) -> None:

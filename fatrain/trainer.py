@@ -88,6 +88,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})")
     from_model = {f.name: m[f.name] for f in fields(GPTSpec) if f.name not in _SPEC_FROM_ELSEWHERE}
+    from_model["rope_scaling"] = dict(m.rope_scaling)  # a plain mapping; GPTSpec makes it a RopeScaling
     return GPTSpec(
         **from_model, vocab_size=m.vocab_size or vocab_size, attention=a.backend,
         attention_options=attention_options(a), window_size=(a.window_left, a.window_right),
@@ -97,7 +98,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
-                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel")
+                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel", "rope_scaling")
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 from omegaconf import OmegaConf
 
@@ -82,6 +83,7 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
                   "project": OmegaConf.select(saved_cfg, "logger.wandb.project"),
                   "wandb_id": loaded.state.get("wandb_id")},
         "attention": loaded.spec.attention,
+        "rope_scaling": asdict(loaded.spec.rope_scaling),
         "data": {"name": train_cfg.data.name, "source": train_cfg.data.source, "path": train_cfg.data.path,
                  "hf_name": train_cfg.data.hf_name, "split": e.split, "split_tokens": int(len(tokens))},
         "tokenizer": tokenizer.name,

@@ -45,8 +45,8 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
                device: str = "auto", device_key: str = "eval.device") -> LoadedCheckpoint:
     """Load ``path`` and build its GPT with the overrides applied; raise CheckpointError if they do not fit.
 
-    Only GPTSpec's runtime fields (``RUNTIME_SPEC_FIELDS``: the attention backend and
-    window among them) may differ from the checkpoint; a model override that changes a
+    Only GPTSpec's runtime fields (``RUNTIME_SPEC_FIELDS``: the attention backend, the
+    window and the RoPE scaling among them) may differ from the checkpoint; a model override that changes a
     shape (``model.n_head=8`` for a 4-head checkpoint) is an error naming both values.
     """
     state = load_checkpoint(path)
@@ -60,6 +60,10 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
                               f"{str(e).splitlines()[0]}") from None
     notes = []
     _set_values(cfg.model, model_overrides)
+    scaling = cfg.model.rope_scaling
+    if scaling.type == "yarn" and scaling.original_seq_len is None:
+        scaling.original_seq_len = cfg.data.seq_len  # the length the checkpoint was trained at
+        notes.append(f"model.rope_scaling.original_seq_len={scaling.original_seq_len}: the checkpoint's data.seq_len")
     _set_values(cfg.attention, attention_overrides)
     trained_with = {"tokenizer": cfg.data.tokenizer, "document_masking": cfg.data.document_masking}
     _set_values(cfg.data, data_overrides)
@@ -110,9 +114,11 @@ def _on_schema(schema, values: dict):
 
 
 def _set_values(node, overrides) -> None:
-    """Copy the non-null values of ``overrides`` onto ``node``."""
+    """Copy the non-null values of ``overrides`` onto ``node`` (a nested group key by key)."""
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if OmegaConf.is_dict(value) and OmegaConf.is_dict(node.get(key)):
+            _set_values(node[key], value)
+        elif value is not None:
             node[key] = value
 
 
