@@ -163,6 +163,9 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     resume: Optional[str] = None  # None: fresh start | auto: latest checkpoint in the run dir | a path
+    # A fresh run from another run's weights (a checkpoint or a run folder: its newest); optimizer and
+    # step start anew, and any setting that keeps the weights' shapes may differ (seq_len, rope scaling, lr).
+    init_from: Optional[str] = None
 
 
 SCHEDULES = ("cosine", "constant")

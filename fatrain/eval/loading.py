@@ -10,8 +10,8 @@ reason. The tokenizer and document masking are always the checkpoint's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, get_type_hints
 
 import torch
 from omegaconf import OmegaConf
@@ -106,10 +106,11 @@ def _on_schema(schema, values: dict):
     added or removed (data.num_workers was).
     """
     node = OmegaConf.structured(schema)
-    known = {f.name for f in fields(schema)}
+    known = {f.name: f for f in fields(schema)}
+    hints = get_type_hints(schema)
     for key, value in values.items():
         if key in known:
-            node[key] = value
+            node[key] = _on_schema(hints[key], value) if is_dataclass(hints[key]) and isinstance(value, dict) else value
     return node
 
 
