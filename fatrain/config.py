@@ -415,6 +415,11 @@ class EvalSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     all_checkpoints: bool = False  # run or sweep folders: every checkpoint, not only each run's newest
     plots: bool = True
+    # RULER-style tasks (fatrain.eval.tasks.TASKS), scored by greedy decoding; settings under ruler.*
+    tasks: list[str] = field(default_factory=list)
+    # Loss by position on long documents only: blocks that lie inside one document of at least the
+    # evaluated length (eval.seq_lens), so the curve measures context use, not document boundaries.
+    long_documents: bool = False
 
 
 @dataclass
@@ -425,6 +430,27 @@ class PasskeySettings:
     trials: int = 10  # tasks per (context, depth) cell
     seed: int = 0
     key_digits: int = 5
+
+
+@dataclass
+class RulerSettings:
+    """The generators of eval.tasks (fatrain.eval.tasks has what each one builds)."""
+
+    context_lens: list[int] = field(default_factory=list)  # empty: the evaluated lengths
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # the needle tasks
+    trials: int = 10  # prompts per (task, context, depth) cell
+    seed: int = 0
+    value_digits: int = 7  # digits of the pass keys, magic numbers and variable values
+    num_needles: int = 4  # niah_multikey: needles in all, one of them asked for
+    num_values: int = 4  # niah_multivalue: values of the one key
+    num_queries: int = 4  # niah_multiquery: keys asked for
+    num_hops: int = 4  # variable_tracking: assignments after the first
+    num_common: int = 4  # common_words: words asked for
+    common_freq: int = 10  # common_words: times each common word is listed
+    rare_freq: int = 3  # common_words: times each other word is listed
+    zipf_alpha: float = 2.0  # frequent_words: exponent of the word distribution
+    num_frequent: int = 3  # frequent_words: words asked for
+    vocab_words: int = 200  # frequent_words: distinct words the stream draws from
 
 
 @dataclass
@@ -452,6 +478,7 @@ class EvalConfig:
     data: Any = None
     eval: EvalSettings = field(default_factory=EvalSettings)
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
+    ruler: RulerSettings = field(default_factory=RulerSettings)
     logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
 
 
@@ -486,6 +513,21 @@ EVAL_RANGES: dict[str, Range] = {
     "passkey.trials": POSITIVE,
     "passkey.seed": SEED,
     "passkey.key_digits": Range(lo=1, hi=18),  # NOTE: the key is drawn as a numpy int64
+    "ruler.context_lens": POSITIVE,
+    "ruler.depths": Range(lo=0.0, hi=1.0),
+    "ruler.trials": POSITIVE,
+    "ruler.seed": SEED,
+    "ruler.value_digits": Range(lo=1, hi=18),  # NOTE: drawn as numpy int64
+    "ruler.num_needles": POSITIVE,
+    "ruler.num_values": POSITIVE,
+    "ruler.num_queries": POSITIVE,
+    "ruler.num_hops": NON_NEGATIVE,
+    "ruler.num_common": POSITIVE,
+    "ruler.common_freq": Range(lo=2),
+    "ruler.rare_freq": POSITIVE,
+    "ruler.zipf_alpha": POSITIVE,
+    "ruler.num_frequent": POSITIVE,
+    "ruler.vocab_words": Range(lo=2),
 }
 
 SAMPLE_RANGES: dict[str, Range] = {
@@ -515,6 +557,14 @@ def validate_eval_config(cfg) -> None:
     for name in e.backends:
         _choice(name, available_backends(), "eval.backends")
     check_ranges(cfg, EVAL_RANGES)
+    from fatrain.eval.tasks import TASKS
+    for name in e.tasks:
+        _choice(name, TASKS, "eval.tasks")
+    r = cfg.ruler
+    if r.common_freq <= r.rare_freq:
+        raise ValueError(f"ruler.common_freq={r.common_freq} must be > ruler.rare_freq={r.rare_freq}")
+    if r.num_frequent >= r.vocab_words:
+        raise ValueError(f"ruler.num_frequent={r.num_frequent} must be < ruler.vocab_words={r.vocab_words}")
     from fatrain.model import ROPE_SCALING_TYPES
     if cfg.model.rope_scaling.type is not None:
         _choice(cfg.model.rope_scaling.type, ROPE_SCALING_TYPES, "model.rope_scaling.type")
