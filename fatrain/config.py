@@ -155,6 +155,27 @@ class LoggerConfig:
 
 
 @dataclass
+class ExtensionConfig:
+    """What ``fatrain-extend`` chains after training a config (fatrain-train itself ignores it): fine-tune
+    the trained model at ``factor`` times its length once per RoPE scaling type (init_from), then
+    evaluate the trained model and every fine-tuned one at ``eval_multiples`` of the trained length."""
+
+    factor: float = 4.0  # the fine-tuned length is factor x data.seq_len, and the scaling's factor
+    types: list[str] = field(default_factory=lambda: ["none", "linear", "ntk", "yarn"])
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-4
+    finetune_warmup_steps: int = 20
+    eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # of data.seq_len
+    eval_batches: int = 20
+    eval_batch_size: Optional[int] = None  # None: each run's trainer.batch_size
+    long_documents: bool = False  # loss by position on documents at least the evaluated length only
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                                      "variable_tracking", "common_words", "frequent_words"])
+    trials: int = 10  # prompts per task cell
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     attention: AttentionConfig = MISSING
@@ -166,6 +187,7 @@ class TrainConfig:
     # A fresh run from another run's weights (a checkpoint or a run folder: its newest); optimizer and
     # step start anew, and any setting that keeps the weights' shapes may differ (seq_len, rope scaling, lr).
     init_from: Optional[str] = None
+    extension: ExtensionConfig = field(default_factory=ExtensionConfig)  # fatrain-extend's chain (see there)
 
 
 SCHEDULES = ("cosine", "constant")
@@ -307,6 +329,15 @@ TRAIN_RANGES: dict[str, Range] = {
     "trainer.ckpt_every": Range(lo=0, special=((0, "only the final checkpoint"),)),
     "trainer.keep_last": POSITIVE,
     "trainer.peak_tflops": Range(lo=0, lo_open=True, special=((None, "from the table of known GPUs"),)),
+    "extension.factor": Range(lo=1.0, lo_open=True),
+    "extension.finetune_steps": POSITIVE,
+    "extension.finetune_lr": POSITIVE,
+    "extension.finetune_warmup_steps": NON_NEGATIVE,
+    "extension.eval_multiples": POSITIVE,
+    "extension.eval_batches": POSITIVE,
+    "extension.eval_batch_size": Range(lo=0, lo_open=True, special=((None, "each run's trainer.batch_size"),)),
+    "extension.trials": POSITIVE,
+    "extension.depths": Range(lo=0.0, hi=1.0),
 }
 
 

@@ -59,7 +59,7 @@ TRAIN_GROUPS = {"model": config.ModelConfig, "attention": config.AttentionConfig
 @pytest.mark.parametrize("schema, prefix, ranges", [
     *[(schema, f"{group}.", TRAIN_RANGES) for group, schema in TRAIN_GROUPS.items()],
     (config.EvalSettings, "eval.", EVAL_RANGES), (config.PasskeySettings, "passkey.", EVAL_RANGES),
-    (config.RulerSettings, "ruler.", EVAL_RANGES),
+    (config.RulerSettings, "ruler.", EVAL_RANGES), (config.ExtensionConfig, "extension.", TRAIN_RANGES),
     (config.SampleConfig, "", SAMPLE_RANGES), (config.BenchConfig, "", BENCH_RANGES),
 ])
 def test_every_numeric_setting_has_a_range(schema, prefix, ranges):
