@@ -88,3 +88,26 @@ def test_eval_extends_a_checkpoint_with_rope_scaling_overrides(source, tmp_path)
     assert yarn["lengths"][0]["loss"] != plain["lengths"][0]["loss"]
     with pytest.raises(ValueError, match="model.rope_scaling.type='ntk2' is not allowed"):
         run_eval(compose_config("eval", [*base, "model.rope_scaling.type=ntk2"]), str(tmp_path / "bad"))
+
+
+def test_context_extension_cpu_twin_end_to_end(tmp_path):
+    """experiment=context_extension_cpu through fatrain-extend: train, fine-tune at 4x with init_from,
+    evaluate both at 1x-16x with the tasks; the summary and its plots.
+    (One scaling type, two lengths and three tasks of the twin's seven, to keep the test short.)"""
+    from fatrain.cli.extend import main
+
+    args = ["experiment=context_extension_cpu", "extension.types=[yarn]", "extension.eval_multiples=[1,16]",
+            "extension.tasks=[passkey,variable_tracking,frequent_words]", f"out={tmp_path}"]
+    summary = main(args)
+    assert set(summary["models"]) == {"base", "extend-yarn"} and summary["eval_lengths"] == [32, 512]
+    base, yarn = summary["models"]["base"], summary["models"]["extend-yarn"]
+    assert base["rope_scaling"]["type"] == "none" and base["train_seq_len"] == 32
+    assert yarn["rope_scaling"] == {**yarn["rope_scaling"], "type": "yarn", "factor": 4.0, "original_seq_len": 32}
+    assert yarn["train_seq_len"] == 128 and set(yarn["loss"]) == {"32", "512"}
+    assert yarn["task_accuracy"]["32"] is None and 0.0 <= yarn["task_accuracy"]["512"] <= 1.0  # 32 tokens hold no task
+    assert yarn["bucket_seq_len"] == 512
+    assert json.loads((tmp_path / "extend-yarn" / "init_from.json").read_text())["changed"]["data.seq_len"] == [32, 128]
+    for name in ("summary.md", "summary.json", "extension_loss.png", "extension_tasks.png", "extension_position.png",
+                 "eval/base/task_passkey.png", "eval/extend-yarn/tasks_summary.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "| extend-yarn | yarn x4 |" in (tmp_path / "summary.md").read_text()

@@ -99,12 +99,16 @@ def run_chain(overrides: list[str], out_dir: str) -> dict:
         if result.get("status") != "ok":
             raise RuntimeError(f"[extend] {name} ended with status {result.get('status')}: {result.get('error', '')}")
     evals = {}
+    eval_cfg = None
     for name, (run_dir, _) in runs.items():
         eval_dir = os.path.join(out_dir, "eval", name)
         path = os.path.join(eval_dir, "eval.json")
         if not os.path.isfile(path):
             print(f"[extend] evaluating {name} in {eval_dir}", flush=True)
-            run_eval(_compose("eval", eval_overrides(base_cfg, run_dir)), eval_dir)
+            # One composition for every run: the runs differ only in ckpt_path.
+            eval_cfg = eval_cfg or _compose("eval", eval_overrides(base_cfg, run_dir))
+            eval_cfg.ckpt_path = run_dir
+            run_eval(eval_cfg, eval_dir)
         with open(path, encoding="utf-8") as f:
             evals[name] = json.load(f)
     summary = summarize(evals, base_cfg)
