@@ -132,3 +132,20 @@ def test_spec_round_trip_and_generate_with_scaling():
         RopeScaling(type="yarn", factor=2.0)
     with pytest.raises(ValueError, match="model.rope_scaling.type='longrope' is not allowed"):
         RopeScaling(type="longrope")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_rope_kernel_on_the_gpu(dtype):
+    """The compiled kernel (not the interpreter) with YaRN's tables at 16k positions, bf16 included."""
+    B, T, H, Hkv, D = 2, 4096, 8, 2, 64
+    scaling = RopeScaling(type="yarn", factor=4.0, original_seq_len=1024)
+    positions = torch.arange(T, device="cuda") + 12288
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(positions, D, 10000.0, scaling)
+    ref_freq = reference_inv_freq(D, 10000.0, "yarn", 4.0, 1024)
+    mscale = 0.1 * math.log(4.0) + 1
+    q, k, _ = rope_qkv(qkv, cos.squeeze(-2), sin.squeeze(-2), H, Hkv)
+    q_ref = reference_rotate(qkv[..., :H * D].reshape(B, T, H, D).cpu(), positions.cpu(), ref_freq, mscale)
+    q_torch = apply_rope(qkv[..., :H * D].reshape(B, T, H, D), cos, sin)
+    assert max_err(q.cpu(), q_ref) <= 2 * max_err(q_torch.cpu(), q_ref) + 1e-2
