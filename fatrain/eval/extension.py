@@ -7,8 +7,8 @@
                               model.rope_scaling.type=<type> factor=<factor> original_seq_len=L,
                               extension.finetune_steps steps at extension.finetune_lr (type none:
                               the same fine-tune without scaling)
-    <out>/eval/<run>/         fatrain-eval of each run at extension.eval_multiples x L: loss,
-                              loss by position, the RULER-style tasks (eval.json, plots)
+    <out>/eval/<run>/         fatrain-eval of each run at extension.eval_multiples x L, in the
+                              training precision: loss, loss by position, the RULER-style tasks
     <out>/summary.json, summary.md, extension_loss.png, extension_tasks.png,
     extension_position.png    every model side by side
 
@@ -57,7 +57,7 @@ def eval_overrides(cfg, run_dir: str) -> list[str]:
     out = [f"ckpt_path={run_dir}", f"eval.seq_lens={_fmt(lengths)}", f"eval.batches={x.eval_batches}",
            f"eval.long_documents={str(x.long_documents).lower()}", f"eval.tasks={_fmt(list(x.tasks))}",
            f"ruler.context_lens={_fmt(lengths)}", f"ruler.trials={x.trials}", f"ruler.depths={_fmt(list(x.depths))}",
-           f"logger.wandb.mode={cfg.logger.wandb.mode}"]
+           f"eval.precision={cfg.trainer.precision}", f"logger.wandb.mode={cfg.logger.wandb.mode}"]
     if x.eval_batch_size is not None:
         out.append(f"eval.batch_size={x.eval_batch_size}")
     return out
