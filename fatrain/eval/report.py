@@ -56,23 +56,9 @@ def write_plots(result: dict, out_dir: str) -> dict:
         plt.close(fig)
     passkey = result.get("passkey")
     if passkey and any(v is not None for row in passkey["accuracy"] for v in row):
-        grid = [[float("nan") if v is None else v for v in row] for row in passkey["accuracy"]]
-        fig, ax = plt.subplots(figsize=(1.2 * len(passkey["context_lens"]) + 2.5, 0.6 * len(passkey["depths"]) + 2))
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(passkey["context_lens"])), [str(c) for c in passkey["context_lens"]])
-        ax.set_yticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
-        for i, row in enumerate(passkey["accuracy"]):
-            for j, value in enumerate(row):
-                color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
-                ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("depth of the key")
-        ax.set_title(f"passkey accuracy ({passkey['trials']} trials per cell)")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
         files["passkey"] = os.path.join(out_dir, "passkey.png")
-        fig.savefig(files["passkey"], dpi=120)
-        plt.close(fig)
+        _heat_map(plt, passkey["accuracy"], passkey["context_lens"], [f"{d:g}" for d in passkey["depths"]],
+                  "depth of the key", f"passkey accuracy ({passkey['trials']} trials per cell)", files["passkey"])
     files.update(write_task_plots(result.get("long_tasks"), out_dir, plt))
     return files
 
