@@ -176,6 +176,7 @@ def write_summary(summary: dict, out_dir: str) -> dict:
         ax.axvline(summary["base_seq_len"] * summary["factor"], color="grey", linestyle=":", linewidth=1,
                    label="fine-tuned length")
         ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in lengths], lengths)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

@@ -103,6 +103,7 @@ def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
     ax.plot(lens, [float("nan") if m is None else m for m in summary["mean_accuracy"]], marker="o", color="k",
             linewidth=2, label="mean over tasks")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lens, [str(n) for n in lens])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("exact-match accuracy")
