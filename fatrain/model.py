@@ -13,6 +13,9 @@ none; no learned positions, so evaluation runs past the training length. With
 ``attn_softcap`` soft-caps the attention scores (c tanh(s / c), Gemma 2) and ``attn_sinks``
 gives each layer one learnable sink logit per head (gpt-oss): all three are arguments of the
 registry's attention call, and a backend without one is refused when the model is built.
+``rope_scaling`` extends a context past the training length (``RopeScaling``: position
+interpolation, NTK-aware base scaling, YaRN); it only changes the cos/sin tables, so the
+fused kernel and the PyTorch path rotate by the same scaled tables.
 A ``KVCache`` serves incremental decoding: new queries attend to every cached key
 through the backends' bottom-right-aligned causal mask (seqlen_q != seqlen_k). On CUDA the
 cache goes through ``fatrain.kernels.flash_attn.flash_attn_with_kvcache``: the new keys are
@@ -38,6 +41,49 @@ from fatrain.kernels._common import alibi_slopes_for
 POSITIONS = ("rope", "alibi", "none")
 
 
+ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    """How RoPE's frequencies are stretched for contexts longer than ``original_seq_len``.
+
+    none:   theta_i = theta^(-2i/d), the trained frequencies.
+    linear: position interpolation (Chen et al., 2023): every frequency divided by ``factor``.
+    ntk:    NTK-aware scaling (bloc97, 2023): base theta * factor^(d / (d - 2)), so the lowest
+            frequency is interpolated by ``factor`` and the highest is kept.
+    yarn:   YaRN (Peng et al., 2023, section 3.2 and 3.3; HF transformers'
+            ``_compute_yarn_parameters``): frequencies with fewer than ``beta_slow`` rotations over
+            ``original_seq_len`` are interpolated by ``factor``, those with more than
+            ``beta_fast`` are kept, a linear ramp between; cos and sin are multiplied by the
+            attention temperature ``mscale`` (None: 0.1 ln(factor) + 1), which scales the
+            logits q.k by mscale^2 (the paper's 1/t with sqrt(1/t) = 0.1 ln(s) + 1).
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    original_seq_len: int | None = None  # yarn: the training length before extension
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None  # yarn: None is 0.1 * ln(factor) + 1
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"model.rope_scaling.type={self.type!r} is not allowed "
+                             f"(choose from: {', '.join(ROPE_SCALING_TYPES)})")
+        if self.type == "yarn" and not self.original_seq_len:
+            raise ValueError("model.rope_scaling.original_seq_len is required for type=yarn "
+                             "(the training length before extension)")
+
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by (YaRN's temperature; 1 for the other types)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.mscale is not None:
+            return float(self.mscale)
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+
+
 @dataclass
 class GPTSpec:
     """Everything that fixes the model's shapes and computation (saved in checkpoints)."""
@@ -56,6 +102,7 @@ class GPTSpec:
     attn_dropout: float = 0.0
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     rope_kernel: str = "auto"  # auto | triton | torch: how Q and K are rotated (same numbers, see uses_kernel)
     position: str = "rope"  # rope | alibi | none (POSITIONS)
     attn_softcap: float = 0.0  # > 0: attention scores become attn_softcap * tanh(s / attn_softcap); 0: off
@@ -67,6 +114,11 @@ class GPTSpec:
     window_size: tuple[int, int] = (-1, -1)
     document_masking: bool = False
     activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        # A spec read back from a checkpoint or a config holds the scaling as a plain mapping.
+        if not isinstance(self.rope_scaling, RopeScaling):
+            self.rope_scaling = RopeScaling(**dict(self.rope_scaling or {}))
 
     @property
     def kv_heads(self) -> int:
@@ -120,11 +172,47 @@ def make_norm(spec: GPTSpec) -> nn.Module:
     return nn.LayerNorm(spec.n_embd, bias=spec.bias)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin for rotary embeddings at integer positions: (..., T) -> (..., T, 1, head_dim/2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None) -> torch.Tensor:
+    """The (head_dim / 2,) float32 rotation frequencies, with ``scaling`` applied (see RopeScaling)."""
+    scaling = scaling or RopeScaling()
+    d, s = head_dim, float(scaling.factor)
+    if scaling.type == "ntk":
+        theta = theta * s ** (d / (d - 2)) if d > 2 else theta * s
+    exponents = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling.type == "linear":
+        inv_freq = inv_freq / s
+    elif scaling.type == "yarn":
+        low, high = yarn_correction_range(scaling.beta_fast, scaling.beta_slow, d, theta, scaling.original_seq_len)
+        if low == high:
+            high += 0.001  # NOTE: HF's guard against a zero-width ramp
+        ramp = ((torch.arange(d // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolated = 1.0 - ramp  # 1: keep the trained frequency, 0: interpolate it by the factor
+        inv_freq = inv_freq / s * (1 - extrapolated) + inv_freq * extrapolated
+    return inv_freq
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, head_dim: int, theta: float,
+                          original_seq_len: int) -> tuple[float, float]:
+    """YaRN's ramp ends: the dimension index (of head_dim / 2 pairs) where a frequency turns
+    ``beta_fast`` and ``beta_slow`` times over ``original_seq_len``, floored and ceiled (HF's truncate)."""
+    def dim_of(rotations):
+        return head_dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = math.floor(dim_of(beta_fast)), math.ceil(dim_of(beta_slow))
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """cos and sin for rotary embeddings at integer positions: (..., T) -> (..., T, 1, head_dim/2),
+    with ``scaling``'s frequencies and (YaRN) its attention temperature multiplied in."""
+    scaling = scaling or RopeScaling()
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    factor = scaling.attention_factor()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos[..., None, :], sin[..., None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,7 +253,8 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer for incremental decoding: (B, max_len, Hkv, D) each,
     preallocated. ``fused``: attend through ``flash_attn_with_kvcache`` (append in place, then
-    the decode kernel); None picks it for CUDA tensors."""
+    the decode kernel); None picks it for CUDA tensors of a flash_v2 model (the backend with a
+    decode kernel; other backends attend over the cache's valid prefix through their own call)."""
 
     def __init__(self, spec: GPTSpec, batch: int, max_len: int, device, dtype, fused: bool | None = None):
         shape = (batch, max_len, spec.kv_heads, spec.head_dim)
@@ -177,7 +266,8 @@ class KVCache:
             # NOTE: flash_attn_with_kvcache does not take ALiBi, soft-cap or sinks yet; a model
             # with one decodes through the backend call on the cache's valid prefix.
             variants = variant_settings(spec.position, spec.attn_softcap, spec.attn_sinks)
-            fused = torch.device(device).type == "cuda" and not variants
+            decodes = spec.attention in ("flash_v2", "flash_v2_atomic")
+            fused = torch.device(device).type == "cuda" and decodes and not variants
         self.fused = fused
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -347,7 +437,7 @@ class GPT(nn.Module):
             else:
                 start = cache.length if cache is not None else 0
                 positions = torch.arange(start, start + T, device=idx.device)
-            cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+            cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
         mask_ids = doc_ids if (self.spec.document_masking and cache is None) else None
         x = self.drop(self.wte(idx))
         for block in self.blocks:

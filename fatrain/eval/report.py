@@ -4,6 +4,8 @@
     loss_vs_position.png  mean loss per position bucket, one line per evaluated length
     passkey.png           passkey accuracy, context length x depth of the key; a cell that was not
                           run says why ("no room": the length cannot hold the task), with a note
+    task_<name>.png       a RULER-style task's accuracy, context length x depth (one row without depth)
+    tasks_summary.png     accuracy per context length, one line per task and their mean
     table.csv, table.md   one row per evaluated checkpoint (several for a run or sweep folder)
     W&B                   one run (job_type=eval) in the training run's group
 """
@@ -121,10 +123,66 @@ def write_plots(result: dict, out_dir: str) -> dict:
             fig.tight_layout(rect=(0, 0.04 + 0.05 * len(notes), 1, 1))
         else:
             fig.tight_layout()
-        files["passkey"] = os.path.join(out_dir, "passkey.png")
-        fig.savefig(files["passkey"], dpi=120)
-        plt.close(fig)
+    files.update(write_task_plots(result.get("long_tasks"), out_dir, plt))
     return files
+
+
+def _heat_map(plt, grid, context_lens, row_labels, ylabel, title, path):
+    values = [[float("nan") if v is None else v for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.2 * len(context_lens) + 2.5, 0.6 * len(row_labels) + 2))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(context_lens)), [str(c) for c in context_lens])
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
+            ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
+    """task_<name>.png per task (context x depth heat map) and tasks_summary.png (accuracy vs length)."""
+    files = {}
+    if not long_tasks:
+        return files
+    trials = long_tasks["trials"]
+    for name, entry in long_tasks["tasks"].items():
+        depths = entry["depths"]
+        labels = [f"{d:g}" for d in depths] if depths is not None else ["all"]
+        files[f"task_{name}"] = os.path.join(out_dir, f"task_{name}.png")
+        _heat_map(plt, entry["accuracy"], entry["context_lens"], labels, "depth" if depths is not None else "",
+                  f"{name} accuracy ({trials} trials per cell)", files[f"task_{name}"])
+    summary = long_tasks["summary"]
+    lens = summary["context_lens"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in long_tasks["tasks"].items():
+        means = [_mean_of([row[j] for row in entry["accuracy"]]) for j in range(len(lens))]
+        ax.plot(lens, [float("nan") if m is None else m for m in means], marker=".", label=name)
+    ax.plot(lens, [float("nan") if m is None else m for m in summary["mean_accuracy"]], marker="o", color="k",
+            linewidth=2, label="mean over tasks")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lens, [str(n) for n in lens])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title("long-context tasks: accuracy by context length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["tasks_summary"] = os.path.join(out_dir, "tasks_summary.png")
+    fig.savefig(files["tasks_summary"], dpi=120)
+    plt.close(fig)
+    return files
+
+
+def _mean_of(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 # ----- W&B -------------------------------------------------------------------------------------
@@ -147,6 +205,17 @@ def flat_metrics(result: dict) -> dict:
             for j, length in enumerate(passkey["context_lens"]):
                 if passkey["accuracy"][i][j] is not None:
                     out[f"passkey/accuracy@{length}/depth{depth:g}"] = passkey["accuracy"][i][j]
+    long_tasks = result.get("long_tasks")
+    if long_tasks:
+        for name, entry in long_tasks["tasks"].items():
+            for i, row in enumerate(entry["accuracy"]):
+                depth = "" if entry["depths"] is None else f"/depth{entry['depths'][i]:g}"
+                for j, length in enumerate(entry["context_lens"]):
+                    if row[j] is not None:
+                        out[f"tasks/{name}/accuracy@{length}{depth}"] = row[j]
+        for length, mean in zip(long_tasks["summary"]["context_lens"], long_tasks["summary"]["mean_accuracy"]):
+            if mean is not None:
+                out[f"tasks/mean_accuracy@{length}"] = mean
     agreement = result.get("backend_agreement", {})
     if "max_abs_diff" in agreement:
         out["eval/backend_max_abs_diff"] = agreement["max_abs_diff"]
@@ -199,6 +268,7 @@ def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
     for name, r in results:
         row = {"run": name or run_folder_name(r["checkpoint"]), "step": r["step"], "tokens_seen": r["tokens_seen"],
                "train_attention": r["train"]["attention"], "attention": r["attention"],
+               "rope_scaling": _scaling_label(r.get("rope_scaling")),
                "overrides": sweep_overrides(os.path.join(root, name)) if os.path.isdir(root) else ""}
         unit = r["bits_unit"]
         for length in r["lengths"]:
@@ -210,10 +280,20 @@ def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
             for j, n in enumerate(p["context_lens"]):
                 cells = [row_[j] for row_ in p["accuracy"] if row_[j] is not None]
                 row[f"passkey@{n}"] = sum(cells) / len(cells) if cells else None
+        if "long_tasks" in r:
+            summary = r["long_tasks"]["summary"]
+            for n, mean in zip(summary["context_lens"], summary["mean_accuracy"]):
+                row[f"tasks@{n}"] = mean
         if "max_abs_diff" in r.get("backend_agreement", {}):
             row["backend_max_abs_diff"] = r["backend_agreement"]["max_abs_diff"]
         rows.append(row)
     return rows
+
+
+def _scaling_label(scaling: Optional[dict]) -> str:
+    if not scaling or scaling.get("type", "none") == "none":
+        return "none"
+    return f"{scaling['type']} x{scaling['factor']:g}"
 
 
 def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
