@@ -1,6 +1,8 @@
 """The refining autotuner (``kernels/_autotune.py``): triton's pass over the configs, then the
 fastest few timed again in interleaved rounds; and flash_v2's report of its picks."""
 
+import json
+
 import torch
 import triton
 import triton.language as tl
@@ -153,8 +155,9 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(monkeypatch, tmp_path):
     [path] = (tmp_path / "autotune").glob("copy_rows-q512-k1024-*.json")
     marker = tmp_path / "executed"
     texts = ("{not json", '{"config": {"BLOCK": 48}}',
-             f'{{"config": "__import__(\'pathlib\').Path({str(marker)!r}).touch()"}}')
-    for n, text in zip((301, 302, 303), texts):  # new lengths of the class: the tuner's own cache misses
+             f'{{"config": "__import__(\'pathlib\').Path({str(marker)!r}).touch()"}}',
+             json.dumps({**json.loads(path.read_text()), "shortlist": [{"BLOCK": 48}]}))
+    for n, text in zip((301, 302, 303, 304), texts):  # new lengths of the class: the tuner's own cache misses
         path.write_text(text)
         tuner.class_picks.clear()
         calls.clear()
@@ -162,3 +165,99 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(monkeypatch, tmp_path):
             assert _launch(tuner, picked, n, 1000) == 32
         assert calls  # tuned again
         assert not marker.exists()
+
+
+# ---- a class next to a tuned one: only the neighbour's shortlist is timed ----
+
+FULL_TIMINGS = 5 + _autotune.REFINE_TOP * _autotune.REFINE_ROUNDS  # five configs, then the rounds
+
+
+def _scripted_class_tuner(speeds, seen):
+    """A shape-class tuner over five BLOCKs whose bench reports ``speeds[BLOCK]`` (ms, read at
+    each timing, so a test can change them between classes) and records the BLOCK timed."""
+    picked = torch.zeros(1, dtype=torch.int32)
+
+    def scripted_bench(kernel_call, quantiles):
+        kernel_call()
+        seen.append(int(picked.item()))
+        return [speeds[seen[-1]]] * 3
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128, 256)]
+    tuner = _autotune.shape_class_autotuned(_copy_rows, configs, key=["Nq", "Nk"], name="copy_rows",
+                                            do_bench=scripted_bench)
+    return tuner, picked
+
+
+def _row(tuner, nq, nk):
+    (row,) = [r for r in _autotune.picks(tuner) if (r["key"]["Nq"], r["key"]["Nk"]) == (str(nq), str(nk))]
+    return row
+
+
+def test_adjacent_class_times_only_the_neighbours_shortlist(monkeypatch, tmp_path):
+    """q32-k1024 tuned in full; q64-k1024 (Nq next) and q128-k2048 (both next) time only the
+    previous class's three fastest, once each; q64-k8192 (Nk three powers away) and float16
+    (other dtypes) have no tuned neighbour and are tuned in full."""
+    monkeypatch.setattr(_autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(_autotune, "PERSIST", True)
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path))
+    assert _autotune.adjacent_classes(20, 1000)[:4] == ["decode-k1024", "q32-k512", "q32-k2048", "q64-k1024"]
+    assert "q32-k1024" in _autotune.adjacent_classes(3, 600) and len(_autotune.adjacent_classes(1, 1)) == 3
+    speeds = {16: 1.0, 32: 0.6, 64: 0.5, 128: 0.8, 256: 0.9}
+    seen = []
+    tuner, picked = _scripted_class_tuner(speeds, seen)
+    assert _launch(tuner, picked, 20, 1000) == 64
+    assert len(seen) == FULL_TIMINGS and seen[5:] == [64, 32, 128] * _autotune.REFINE_ROUNDS
+    assert _row(tuner, 20, 1000)["tuned"] == "full"
+    # The next class: BLOCK=16 is now the fastest of all, but only the shortlist is timed.
+    speeds.update({16: 0.1, 32: 0.4})
+    seen.clear()
+    assert _launch(tuner, picked, 40, 1000) == 32 and seen == [64, 32, 128]
+    row = _row(tuner, 40, 1000)
+    assert row["tuned"] == "seeded from q32-k1024" and row["shape_class"] == "q64-k1024"
+    assert row["cached"] is False and row["tune_s"] > 0 and sorted(row["rounds_ms"].values()) == [[0.4], [0.5], [0.8]]
+    [path] = (tmp_path / "autotune").glob("copy_rows-q64-k1024-*.json")
+    stored = json.loads(path.read_text())
+    assert [c["BLOCK"] for c in stored["shortlist"]] == [32, 64, 128] and stored["tuned"] == "seeded from q32-k1024"
+    seen.clear()
+    assert _launch(tuner, picked, 100, 2000) == 32 and seen == [32, 64, 128]  # diagonal: seeded from q64-k1024
+    assert _row(tuner, 100, 2000)["tuned"] == "seeded from q64-k1024"
+    for nk, dtype in ((5000, torch.float32), (1000, torch.float16)):
+        seen.clear()
+        x = torch.arange(40, dtype=dtype)
+        y = torch.full_like(x, float("nan"))
+        tuner[lambda meta: (triton.cdiv(40, meta["BLOCK"]),)](x, y, picked, 40, nk)
+        assert torch.equal(x, y) and picked.item() == 16 and len(seen) == FULL_TIMINGS
+    assert _row(tuner, 40, 5000)["tuned"] == "full"
+
+
+def test_a_fresh_tuner_seeds_from_a_neighbours_file_and_reads_files_without_a_shortlist(monkeypatch, tmp_path):
+    import warnings
+
+    monkeypatch.setattr(_autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(_autotune, "PERSIST", True)
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path / "a"))
+    speeds = {16: 1.0, 32: 0.6, 64: 0.5, 128: 0.8, 256: 0.9}
+    seen = []
+    first, picked = _scripted_class_tuner(speeds, seen)
+    assert _launch(first, picked, 20, 1000) == 64 and len(seen) == FULL_TIMINGS
+    # A second process: the neighbour's file seeds the next class; the class's own file is its pick.
+    speeds[32] = 0.4
+    seen.clear()
+    fresh, picked = _scripted_class_tuner(speeds, seen)
+    assert _launch(fresh, picked, 40, 1000) == 32 and seen == [64, 32, 128]
+    assert _launch(fresh, picked, 20, 1000) == 64 and seen == [64, 32, 128]
+    assert (_row(fresh, 40, 1000)["tuned"], _row(fresh, 20, 1000)["tuned"]) == ("seeded from q32-k1024", "cache")
+    assert _row(fresh, 20, 1000)["cached"] is True
+    # A file written before shortlists were kept: its pick loads, without a warning, but seeds nothing.
+    [path] = (tmp_path / "a" / "autotune").glob("copy_rows-q32-k1024-*.json")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("shortlist", "tuned")}
+    (tmp_path / "old" / "autotune").mkdir(parents=True)
+    (tmp_path / "old" / "autotune" / path.name).write_text(json.dumps(old))
+    monkeypatch.setenv("FATRAIN_CACHE", str(tmp_path / "old"))
+    seen.clear()
+    later, picked = _scripted_class_tuner(speeds, seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _launch(later, picked, 20, 1000) == 64 and seen == []
+        assert _launch(later, picked, 40, 1000) == 32 and len(seen) == FULL_TIMINGS
+    assert (_row(later, 20, 1000)["tuned"], _row(later, 40, 1000)["tuned"]) == ("cache", "full")
