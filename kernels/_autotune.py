@@ -359,8 +359,9 @@ class ShapeClassTuner(RefiningAutotuner):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(dict(config=config.all_kwargs(), shortlist=[c.all_kwargs() for c in shortlist or []],
-                                           tuned=tuned, shape_class=list(class_key), tuner=self.name,
+            tmp.write_text(json.dumps(dict(config=config.all_kwargs(),
+                                           shortlist=[c.all_kwargs() for c in shortlist or []], tuned=tuned,
+                                           shape_class=list(class_key), tuner=self.name,
                                            triton=triton.__version__, gpu=_device_name())))
             os.replace(tmp, path)
         except OSError as err:
