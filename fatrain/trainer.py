@@ -42,6 +42,7 @@ from fatrain.checkpoint import (CheckpointError, CheckpointManager, DamagedCheck
                                 list_checkpoints, load_checkpoint, load_metadata)
 from fatrain.checkpoint import check_dcp_metadata, dcp_cause, dcp_exception_type, safe_load_planner
 from fatrain.config import validate_train_config
+from fatrain.context_parallel import build_context_parallel
 from fatrain.data import BlockLoader, build_data, make_train_loader
 from fatrain.distributed import DistEnv
 from fatrain.interrupt import StopSignals, signal_name
@@ -221,12 +222,18 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         world, rank = self.dist.world_size, self.dist.rank
-        self.batch_size = micro_batch_size(t, cfg.data.seq_len, world)
+        # Context parallelism: the ranks of one context group read the same batch, so the data is
+        # sharded over the data-parallel index only.
+        self.cp = build_context_parallel(cfg, self.dist)
+        self.dp_rank, self.dp_size = (self.cp.dp_rank, self.cp.dp_size) if self.cp else (rank, world)
+        self.batch_size = micro_batch_size(t, cfg.data.seq_len, self.dp_size)
         self.data = build_data(cfg.data, seed=t.seed)
-        self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=rank, world_size=world,
-                                              device=self.device)
+        self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=self.dp_rank,
+                                              world_size=self.dp_size, device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
         self.model = GPT(self.spec).to(self.device)
+        if self.cp:
+            self.cp.install(self.model)
         if world > 1:
             seed_everything(t.seed + rank)  # different dropout masks on different ranks
         # self.model stays the bare GPT (its state_dict has plain names); forward_model is what the
@@ -260,7 +267,7 @@ class Trainer:
         self.progress = progress
         # Global: all ranks together. (FSDP2's DTensor parameters report their full size, so the
         # parameter counts and FLOPs are the whole model's on every rank.)
-        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len * world
+        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dp_size
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, causal=True)
         peak = peak_flops(self.device, t.precision, t.peak_tflops)
         self.peak_flops = peak * world if peak else None
@@ -369,16 +376,23 @@ class Trainer:
         """Validation loss per token over every rank's share of the validation batches."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
-        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dist.rank,
-                             world_size=self.dist.world_size, device=self.device)
+        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dp_rank,
+                             world_size=self.dp_size, device=self.device)
         for batch in loader.eval_batches(self.cfg.trainer.eval_batches):
+            inputs = self.model_inputs(batch)
             with self.autocast():
-                _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
-            totals[0] += loss.double() * batch["input_ids"].numel()
-            totals[1] += batch["input_ids"].numel()
+                _, loss = self.forward_model(**inputs)
+            totals[0] += loss.double() * inputs["idx"].numel()
+            totals[1] += inputs["idx"].numel()
         distributed.all_reduce(totals, self.dist)
         self.model.train()
         return (totals[0] / totals[1]).item()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The forward's arguments for ``batch``: the whole sequences, or this rank's context shard."""
+        if self.cp:
+            return self.cp.shard_batch(batch, self.spec)
+        return {"idx": batch["input_ids"], "targets": batch["labels"], "doc_ids": batch["doc_ids"]}
 
     def grad_sync(self, sync: bool):
         """Context for one micro-step's backward: all-reduce / reduce-scatter gradients only when ``sync``."""
@@ -508,9 +522,10 @@ class Trainer:
             for micro in range(t.grad_accum_steps):
                 batch = next(batches)
                 # Gradients are reduced across ranks on the last micro-step only.
+                inputs = self.model_inputs(batch)
                 with self.grad_sync(micro == t.grad_accum_steps - 1):
                     with self.autocast():
-                        _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+                        _, loss = self.forward_model(**inputs)
                         loss = loss / t.grad_accum_steps
                     self.scaler.scale(loss).backward()
                 step_loss += loss.detach()
