@@ -376,6 +376,7 @@ class Trainer:
         """Validation loss per token over every rank's share of the validation batches."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
+        sent_before = self.cp.bytes_sent if self.cp is not None else 0
         loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dp_rank,
                              world_size=self.dp_size, device=self.device)
         for batch in loader.eval_batches(self.cfg.trainer.eval_batches):
@@ -385,6 +386,8 @@ class Trainer:
             totals[0] += loss.double() * inputs["idx"].numel()
             totals[1] += inputs["idx"].numel()
         distributed.all_reduce(totals, self.dist)
+        if self.cp is not None:
+            self.cp.bytes_sent = sent_before  # the training steps' traffic is counted without validation's
         self.model.train()
         return (totals[0] / totals[1]).item()
 
@@ -486,7 +489,13 @@ class Trainer:
             peaks = torch.tensor(list(memory.values()), dtype=torch.float64, device=self.device)
             distributed.all_reduce(peaks, self.dist, op="max")
             memory = dict(zip(memory, peaks.tolist()))
-        return {"train/loss": loss.item(), **memory}
+        metrics = {"train/loss": loss.item(), **memory}
+        if self.cp is not None:
+            # The context group's traffic: what this rank sent per step since the last log (the fullest rank).
+            sent = torch.tensor(self.cp.bytes_sent / max(1, len(losses)), dtype=torch.float64, device=self.device)
+            metrics["comm/cp_sent_bytes_per_step"] = distributed.all_reduce(sent, self.dist, op="max").item()
+            self.cp.bytes_sent = 0
+        return metrics
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -799,6 +808,9 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
                f"precision={t.precision}, tokens/step={trainer.tokens_per_step}")
         if dist_env.distributed:
             msg += f", strategy={dist_env.strategy} on {dist_env.world_size} ranks ({dist_env.backend})"
+        if trainer.cp is not None:
+            msg += (f", context_parallel={trainer.cp.degree} ({trainer.cp.strategy}) x data parallel "
+                    f"{trainer.cp.dp_size}")
         if dist_env.is_main:
             (progress.write if progress is not None else print)(msg)
         logger.log({"model/params": n}, 0)
