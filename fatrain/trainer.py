@@ -46,7 +46,7 @@ from fatrain.context_parallel import build_context_parallel
 from fatrain.data import BlockLoader, build_data, make_train_loader
 from fatrain.distributed import DistEnv
 from fatrain.interrupt import StopSignals, signal_name
-from fatrain.kernels import check_options, run_info
+from fatrain.kernels import autotune_seconds, check_options, run_info
 from fatrain.files import RunWriteError, append_line
 from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
                              peak_flops, read_jsonl, strict_json)
@@ -827,4 +827,5 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
     attention_info = run_info(cfg.attention.backend, cfg.data.seq_len)
     if attention_info:
         result["attention_run_info"] = attention_info
+    result["autotune_seconds"] = autotune_seconds()
     return result

@@ -3,7 +3,7 @@ and a description of what each backend accepts.
 
     attention(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, window_size=(-1, -1),
               doc_ids=None, return_lse=False, dropout_seed=None, return_dropout_mask=False,
-              **options)
+              alibi_slopes=None, softcap=0.0, sink_logits=None, **options)
 
 Arguments:
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
@@ -34,6 +34,14 @@ Arguments:
     dropout_seed: seed of the dropout mask; None draws one from torch's default generator
     return_dropout_mask: also return the bool (batch, nheads, seqlen_q, seqlen_k) keep-mask
         that was used (all True when dropout_p = 0); materialised: small shapes only
+    alibi_slopes: optional float32 (nheads,) or (batch, nheads): key j gets the bias
+        -slope * |i + seqlen_k - seqlen_q - j| in query i's row (flash-attn's ALiBi), added
+        to the scaled (and soft-capped) scores
+    softcap: 0 (off) or a number > 0: the scaled scores become softcap * tanh(s / softcap)
+        (Gemma 2's logit soft-capping), the gradients flow through the tanh
+    sink_logits: optional float32 (nheads,), differentiable: exp(sink_h) joins each row's
+        softmax denominator with no value (gpt-oss's learnable attention sinks); the
+        logsumexp returned includes it, and a row that sees no key gets lse = sink_h
     options: the backend's own tuning keywords, listed in its ``BackendInfo.options``
         (block sizes, num_splits, deterministic, ...); see the backend's function.
 Returns:
@@ -68,9 +76,16 @@ from .reference import reference_attention
 #:   dropout        dropout_p > 0
 #:   dropout_seed   the counter-based dropout mask: dropout_seed and return_dropout_mask
 #:   return_lse     the logsumexp of each row
-FEATURES = ("window", "doc_ids", "gqa", "unaligned_causal", "dropout", "dropout_seed", "return_lse")
+#:   alibi          alibi_slopes: the bias -slope * |i + seqlen_k - seqlen_q - j| (flash-attn's)
+#:   softcap        softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax
+#:   sinks          sink_logits: one learnable logit per head in each row's softmax denominator
+#:                  (gpt-oss's attention sinks), with its gradient
+FEATURES = ("window", "doc_ids", "gqa", "unaligned_causal", "dropout", "dropout_seed", "return_lse", "alibi",
+            "softcap", "sinks")
 
 _ALL = frozenset(FEATURES)
+_VARIANTS = frozenset({"alibi", "softcap", "sinks"})
+_FLASH = _ALL - _VARIANTS
 _SDPA = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "dropout"})
 # NOTE: windows, documents and causal with seqlen_q != seqlen_k reach SDPA as an explicit mask,
 # which PyTorch's flash and cuDNN kernels on CUDA do not take.
@@ -127,12 +142,12 @@ _BACKENDS: tuple[BackendInfo, ...] = (
                 backward="naive_attention_backward"),
     BackendInfo("flash_v1", "FlashAttention-1 (Algorithms 1, 2 and 4): K/V-block outer loop, O, l, m in HBM",
                 "flash_v1", "flash_v1_attention", options=("sram_bytes", "num_splits", "deterministic"),
-                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
+                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_FLASH,
                 backward="flash_v1_attention_backward"),
     BackendInfo("flash_v2", "FlashAttention-2: one program per query block, logsumexp, split backward",
                 "flash_v2", "flash_v2_attention", options=("block_m", "block_n", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
-                run_info="autotune_picks", backward="flash_v2_attention_backward"),
+                features=_FLASH, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
@@ -151,11 +166,11 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",
-                run_info="autotune_picks", backward="flash_v2_attention_backward"),
+                features=_FLASH, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("flash_v1_bh", "flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1)",
                 "flash_v1", "flash_v1_attention", fixed={"num_splits": 1}, options=("sram_bytes", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v1",
-                backward="flash_v1_attention_backward"),
+                features=_FLASH, backward="flash_v1_attention_backward"),
 )
 _REGISTRY: dict[str, BackendInfo] = {b.name: b for b in _BACKENDS}
 
@@ -228,5 +243,14 @@ def run_info(name: str, seq_len: Optional[int] = None) -> Any:
     return getattr(importlib.import_module(f".{info.module}", __name__), info.run_info)(seq_len)
 
 
-__all__ = ["FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",
+def autotune_seconds() -> float:
+    """Seconds this process spent timing kernel configs in shape-class autotuners (0 when every
+    pick came from the cache folder, or no Triton kernel was tuned)."""
+    import sys
+
+    tuning = sys.modules.get(f"{__name__}._autotune")  # never imports Triton itself
+    return round(tuning.autotune_seconds(), 3) if tuning is not None else 0.0
+
+
+__all__ = ["autotune_seconds", "FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",
            "check_options", "get_backend", "get_backward", "reference_attention", "run_info"]

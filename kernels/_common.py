@@ -176,3 +176,87 @@ def register_op(name: str, launcher, fake):
         op.register_fake(fake)
         return op
     return triton_op(f"fatrain::{name}", mutates_args=())(launcher)
+
+
+def check_alibi_slopes(alibi_slopes, B: int, H: int, device):
+    """``alibi_slopes`` as a float32 (B, H) tensor (an (H,) one is broadcast over the batch), or
+    None. flash-attn's definition: key j gets the bias ``-slope * |i + Nk - Nq - j|`` in query
+    i's row, added after the softmax scale (and after the soft-cap)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a float32 tensor of shape (nheads,) = ({H},) or "
+                        f"(batch, nheads) = {(B, H)}, got {type(alibi_slopes).__name__}")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({H},) or (batch, nheads) = {(B, H)}, "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"alibi_slopes must be float32, got {str(alibi_slopes.dtype).replace('torch.', '')}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on {device} like q, got {alibi_slopes.device}")
+    return alibi_slopes.expand(B, H)
+
+
+def check_softcap(softcap) -> float:
+    """``softcap`` as a float: 0 turns it off; > 0 makes the scaled scores ``softcap * tanh(s / softcap)``."""
+    try:
+        cap = float(softcap if softcap is not None else 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}") from None
+    if not (math.isfinite(cap) and cap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    return cap
+
+
+def check_sink_logits(sink_logits, H: int, device):
+    """``sink_logits``: a float32 (nheads,) tensor (one logit per query head, in every row's
+    softmax denominator, with no value: gpt-oss's attention sinks), or None."""
+    if sink_logits is None:
+        return None
+    if not isinstance(sink_logits, torch.Tensor):
+        raise TypeError(f"sink_logits must be a float32 tensor of shape (nheads,) = ({H},), "
+                        f"got {type(sink_logits).__name__}")
+    if tuple(sink_logits.shape) != (H,):
+        raise ValueError(f"sink_logits must have shape (nheads,) = ({H},), got {tuple(sink_logits.shape)}")
+    if sink_logits.dtype != torch.float32:
+        raise ValueError(f"sink_logits must be float32, got {str(sink_logits.dtype).replace('torch.', '')}")
+    if sink_logits.device != device:
+        raise ValueError(f"sink_logits must be on {device} like q, got {sink_logits.device}")
+    return sink_logits
+
+
+def alibi_bias(alibi_slopes, Nq: int, Nk: int, dtype=torch.float32):
+    """The (B, H, Nq, Nk) ALiBi bias ``-slope * |i + Nk - Nq - j|`` of (B, H) slopes (materialised:
+    for the reference and naive)."""
+    rows = torch.arange(Nq, device=alibi_slopes.device)[:, None] + (Nk - Nq)
+    cols = torch.arange(Nk, device=alibi_slopes.device)[None, :]
+    dist = (rows - cols).abs().to(dtype)
+    return -alibi_slopes.to(dtype)[:, :, None, None] * dist
+
+
+def alibi_slopes_for(nheads: int) -> torch.Tensor:
+    """The ALiBi paper's slopes for ``nheads`` heads (Press et al.): a geometric sequence starting
+    at 2^(-8/n) for the largest power of two n <= nheads, then the odd terms of the sequence for
+    2n interleaved for the remaining heads. float32 (nheads,)."""
+    if nheads < 1:
+        raise ValueError(f"nheads must be >= 1, got {nheads}")
+
+    def powers(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    n = 1 << (nheads.bit_length() - 1)
+    slopes = powers(n)
+    if n < nheads:
+        slopes += powers(2 * n)[0::2][: nheads - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def refuse_variants(backend: str, alibi_slopes=None, softcap=0.0, sink_logits=None, *, allowed=()) -> None:
+    """Raise the missing-feature error for a variant ``backend`` does not take ('alibi',
+    'softcap', 'sinks'; those in ``allowed`` pass)."""
+    for feature, arg, given in (("alibi", "alibi_slopes", alibi_slopes is not None),
+                                ("softcap", "softcap", bool(softcap)),
+                                ("sinks", "sink_logits", sink_logits is not None)):
+        if given and feature not in allowed:
+            raise unsupported(backend, f"{feature} ({arg})", "backends with it: see backend_info(name).features")

@@ -59,7 +59,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import _dropout
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      check_triton_device, default_scale, normalize_window)
+                      check_triton_device, default_scale, normalize_window, refuse_variants)
 from ._dropout import dropout_keep
 
 BACKEND = "flash_v1"
@@ -608,7 +608,8 @@ _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
 def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
                        dropout_seed: int | None = None, return_dropout_mask: bool = False, sram_bytes=None,
-                       num_splits: int = 0, deterministic: bool = False):
+                       num_splits: int = 0, deterministic: bool = False, alibi_slopes=None,
+                       softcap: float = 0.0, sink_logits=None):
     """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
@@ -627,6 +628,7 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     Limits: the returned lse is not differentiable; torch.compile works on a GPU only (not
     through the CPU interpreter); without a dropout_seed the seed is drawn on the host.
     """
+    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
     check_triton_device(q)
     check_doc_ids(doc_ids, B, Nk, q.device)

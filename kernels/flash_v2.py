@@ -64,9 +64,9 @@ from torch.library import wrap_triton
 
 from . import _dropout
 from . import _flash_v2_configs as _configs
-from ._autotune import autotuned, picks
+from ._autotune import picks, shape_class_autotuned
 from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      default_scale, normalize_window, register_op)
+                      default_scale, normalize_window, refuse_variants, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
 from ._tma import use_tma, use_tma_stats
 
@@ -835,9 +835,11 @@ _AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", 
 
 def _autotuned_pass(name: str, wide: bool):
     # NOTE: the autotuner runs each config on the same arguments: the atomic pass's dQ
-    # accumulator is zeroed before every trial and after the last.
-    return autotuned(_KERNELS[name], _configs.triton_configs(_configs.ROWS[name][wide]), _AUTOTUNE_KEY,
-                     reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)
+    # accumulator is zeroed before every trial and after the last. One tuning per shape class
+    # (Nq, Nk rounded up to powers of two), its pick kept on disk for later processes.
+    return shape_class_autotuned(_KERNELS[name], _configs.triton_configs(_configs.ROWS[name][wide]), _AUTOTUNE_KEY,
+                                 name=f"flash_v2-{name}-{'wide' if wide else 'narrow'}",
+                                 reset_to_zero=["DQ"] if name == "dkdv_atomic" else None)
 
 
 # One launcher per (pass, head-dim class): HEAD_DIM > 128 picks the "wide" one on the host, so
@@ -1217,7 +1219,8 @@ class FlashV2VarlenFunction(torch.autograd.Function):
 def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                        window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
                        dropout_seed: Optional[int] = None, return_dropout_mask: bool = False,
-                       block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True):
+                       block_m: Optional[int] = None, block_n: Optional[int] = None, deterministic: bool = True,
+                       alibi_slopes=None, softcap: float = 0.0, sink_logits=None):
     """FlashAttention-2: softmax(Q K^T * softmax_scale) V without materialising S or P.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
@@ -1240,6 +1243,7 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     torch.compile: pass a seed to compile with fullgraph=True). Under autocast the inputs are
     cast to the autocast dtype, and so is the output.
     """
+    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
     B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]

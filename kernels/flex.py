@@ -29,7 +29,7 @@ import functools
 import torch
 
 from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
-                      unsupported)
+                      refuse_variants, unsupported)
 
 BACKEND = "flex"
 _BLOCK_MASKS: collections.OrderedDict = collections.OrderedDict()
@@ -105,7 +105,8 @@ def _block_mask(B: int, Nq: int, Nk: int, left: int, right: int, doc_ids, device
 
 def flex_attention_backend(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                            window_size=(-1, -1), doc_ids=None, return_lse: bool = False,
-                           dropout_seed=None, return_dropout_mask: bool = False):
+                           dropout_seed=None, return_dropout_mask: bool = False, alibi_slopes=None,
+                           softcap: float = 0.0, sink_logits=None):
     """Attention through PyTorch's FlexAttention.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
@@ -113,6 +114,7 @@ def flex_attention_backend(q, k, v, *, causal: bool = False, softmax_scale=None,
     NotImplementedError (FlexAttention has no dropout); a dropout_seed is ignored at p = 0,
     as everywhere.
     """
+    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=(16, 256),
                                      dtypes=(torch.float16, torch.bfloat16, torch.float32))
     check_doc_ids(doc_ids, B, Nk, q.device)

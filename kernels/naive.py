@@ -1,7 +1,9 @@
 """Standard attention, the baseline FlashAttention is measured against.
 
     S = softmax_scale * Q K^T     materialised, (B, Hkv, G, Nq, Nk) in the input dtype
+    S = softcap * tanh(S / softcap) - slope * |i + Nk - Nq - j|   (soft-cap, ALiBi, when asked for)
     P = softmax(S)                materialised, computed in float32 (float64 for float64 inputs), stored in the input dtype
+                                  (with sink_logits, exp(sink_h) joins each row's denominator)
     P = P * Z / (1 - p)           Z: the bool keep-mask, materialised when dropout_p > 0
     O = P V
 
@@ -23,23 +25,27 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (MASKED_ROW_LSE, allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale,
-                      needs_mask)
+from ._common import (MASKED_ROW_LSE, alibi_bias, allowed_mask, check_alibi_slopes, check_doc_ids, check_dropout,
+                      check_qkv, check_sink_logits, check_softcap, default_scale, needs_mask)
 
 
 def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                     window_size=(-1, -1), doc_ids=None, return_lse: bool = False, dropout_seed: int | None = None,
-                    return_dropout_mask: bool = False):
+                    return_dropout_mask: bool = False, alibi_slopes=None, softcap: float = 0.0, sink_logits=None):
     """softmax(Q K^T * softmax_scale) V with S and P held in memory.
 
     Arguments as in fatrain.kernels (the registry); float16, bfloat16, float32 or float64,
-    any head dim, CPU or CUDA, every feature; no options of its own. Limits: memory grows as seqlen_q x seqlen_k
+    any head dim, CPU or CUDA, every feature (ALiBi, soft-cap and sink logits included; autograd
+    gives d sink_logits); no options of its own. Limits: memory grows as seqlen_q x seqlen_k
     per head (by design); dropout imports Triton for the mask.
     """
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend="naive")
     check_doc_ids(doc_ids, B, Nk, q.device)
     scale = default_scale(softmax_scale, D)
     p = check_dropout(dropout_p)
+    slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
+    cap = check_softcap(softcap)
+    sinks = check_sink_logits(sink_logits, H, q.device)
     keep = None  # the bool (B, H, Nq, Nk) keep-mask
     if p > 0.0 or dropout_seed is not None:
         from . import _dropout  # imports Triton, so only when dropout is asked for
@@ -56,13 +62,23 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
     kh = k.permute(0, 2, 1, 3)[:, :, None]
     vh = v.permute(0, 2, 1, 3)[:, :, None]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if cap > 0.0 or slopes is not None:
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if cap > 0.0:
+        scores = cap * torch.tanh(scores / cap)
+    if slopes is not None:
+        scores = scores + alibi_bias(slopes, Nq, Nk, dtype=scores.dtype).view(B, Hkv, group, Nq, Nk)
     if needs_mask(Nq, Nk, causal, window_size, doc_ids):
         mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
         mask = mask[:, None, None] if mask.dim() == 3 else mask
         scores = scores.masked_fill(~mask, float("-inf"))
     # NOTE: the softmax in float32 at least (float64 inputs keep float64).
     scores32 = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    lse = torch.logsumexp(scores32, dim=-1)
+    if sinks is not None:
+        sink_col = sinks.to(scores32.dtype).view(1, Hkv, group, 1, 1).expand(B, Hkv, group, Nq, 1)
+        lse = torch.logsumexp(torch.cat([scores32, sink_col], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores32, dim=-1)
     row_empty = torch.isneginf(lse)
     probs = torch.exp(scores32 - torch.where(row_empty, 0.0, lse)[..., None])
     if p > 0.0:

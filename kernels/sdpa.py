@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import backend_info
-from ._common import allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale, unsupported
+from ._common import (allowed_mask, check_doc_ids, check_dropout, check_qkv, default_scale, refuse_variants,
+                      unsupported)
 
 _PINNED = {
     "flash": "FLASH_ATTENTION",
@@ -41,7 +42,8 @@ def _kernel_context(kernel: str | None):
 
 def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0,
                    window_size=(-1, -1), doc_ids=None, return_lse: bool = False, dropout_seed: int | None = None,
-                   return_dropout_mask: bool = False, kernel: str | None = None):
+                   return_dropout_mask: bool = False, kernel: str | None = None, alibi_slopes=None,
+                   softcap: float = 0.0, sink_logits=None):
     """The attention contract on top of ``torch.nn.functional.scaled_dot_product_attention``.
 
     Arguments as in fatrain.kernels (the registry). Its own option:
@@ -63,6 +65,7 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     check_doc_ids(doc_ids, B, Nk, q.device)
     scale = default_scale(softmax_scale, D)
     p = check_dropout(dropout_p)
+    refuse_variants(name, alibi_slopes, softcap, sink_logits)
     if return_lse:
         raise unsupported(name, "return_lse", "PyTorch's public SDPA does not return the logsumexp")
     if return_dropout_mask:

@@ -69,7 +69,8 @@ def check_attention(attn, q, k, v, *, kernel_kwargs=None, grads=True, out_factor
                     grad_factor=GRAD_FACTOR, floor=None, **kwargs):
     """Compare attn(q, k, v, **kwargs, **kernel_kwargs) and its gradients with the float64
     reference given ``kwargs`` (causal, window_size, doc_ids, softmax_scale, dropout_p,
-    return_lse: the arguments both take). ``kernel_kwargs`` go to the kernel only
+    return_lse, alibi_slopes, softcap, sink_logits: the arguments both take; a sink_logits
+    that requires grad has its gradient compared too). ``kernel_kwargs`` go to the kernel only
     (dropout_seed, return_dropout_mask); with return_dropout_mask the reference gets the
     kernel's own keep-mask. With return_lse the logsumexp is compared too.
     ``floor`` replaces the dtype's floor. Returns (out, lse or None, dropout mask or None)."""
@@ -95,11 +96,17 @@ def check_attention(attn, q, k, v, *, kernel_kwargs=None, grads=True, out_factor
     _check_close("output", out, ref, same, out_factor, floor)
     if grads:
         dout = torch.randn_like(out)
-        g = torch.autograd.grad(out, (q, k, v), dout)
-        g_ref = torch.autograd.grad(ref, (q, k, v), dout.double())
-        g_same = torch.autograd.grad(same, (q, k, v), dout)
-        for name, a, r, s in zip(("dq", "dk", "dv"), g, g_ref, g_same):
-            _check_close(name, a, r, s, grad_factor, floor * 10)
+        inputs, names = (q, k, v), ("dq", "dk", "dv")
+        sinks = kwargs.get("sink_logits")
+        if sinks is not None and sinks.requires_grad:
+            inputs, names = inputs + (sinks,), names + ("d sink_logits",)
+        g = torch.autograd.grad(out, inputs, dout, retain_graph=lse is not None)
+        g_ref = torch.autograd.grad(ref, inputs, dout.double())
+        g_same = torch.autograd.grad(same, inputs, dout)
+        for name, a, r, s in zip(names, g, g_ref, g_same):
+            # NOTE: d sink_logits sums over batch x rows, so its floor scales with their number.
+            scale = q.shape[0] * q.shape[1] if name == "d sink_logits" else 1
+            _check_close(name, a, r, s, grad_factor, floor * 10 * scale)
     return out, lse, mask
 
 

@@ -267,6 +267,9 @@ def _feature_calls(feature):
         "dropout_seed": [(dict(plain, dropout_p=0.1, dropout_seed=3), "dropout_seed"),
                          (dict(plain, return_dropout_mask=True), "return_dropout_mask")],
         "return_lse": [(dict(plain, return_lse=True), "return_lse")],
+        "alibi": [(dict(plain, alibi_slopes=torch.full((4,), 0.5)), "alibi")],
+        "softcap": [(dict(plain, softcap=5.0), "softcap")],
+        "sinks": [(dict(plain, sink_logits=torch.zeros(4)), "sink")],
     }
     return calls[feature]
 
@@ -278,10 +281,11 @@ MISSING = [(name, feature) for name in available_backends(variants=True, device=
 @pytest.mark.parametrize("name, feature", MISSING, ids=[f"{n}-{f}" for n, f in MISSING])
 def test_missing_feature_raises_naming_backend_and_feature(name, feature):
     attn = get_backend(name)
+    named = backend_info(name).variant_of or name  # a variant's kernels name their base backend
     for kwargs, match in _feature_calls(feature):
         kwargs = dict(kwargs)
         q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
-        with pytest.raises(NotImplementedError, match=f"'{name}'.*({match})"):
+        with pytest.raises(NotImplementedError, match=f"'({name}|{named})'.*({match})"):
             attn(q, k, v, **kwargs)
 
 

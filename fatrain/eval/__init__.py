@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from fatrain.config import validate_eval_config
 from fatrain.data import PackedBlocks
 from fatrain.eval.agreement import backend_agreement
+from fatrain.kernels import autotune_seconds
 from fatrain.eval.loading import LoadedCheckpoint, find_checkpoints, load_model, with_backend
 from fatrain.eval.loss import multi_length_eval, split_stream
 from fatrain.eval.passkey import run_passkey
@@ -108,6 +109,7 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         else:
             result["backend_agreement"] = {"skipped": "no evaluation length fits the split"}
 
+    result["autotune_seconds"] = autotune_seconds()  # time spent tuning kernels (0: every pick cached)
     os.makedirs(out_dir, exist_ok=True)
     result["files"] = {"json": os.path.join(out_dir, "eval.json")}
     if e.plots:

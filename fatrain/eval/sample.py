@@ -9,6 +9,9 @@ without the cache. A sample ends at its first end-of-text token.
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from fatrain.config import validate_sample_config
@@ -27,9 +30,19 @@ def generate_samples(cfg) -> list[str]:
     prompt = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=loaded.device)
     generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    start = time.perf_counter()
     with autocast_for(cfg.precision, loaded.device)():
         out = loaded.model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                     generator=generator, use_cache=cfg.use_cache)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+    seconds = time.perf_counter() - start
+    made = out.shape[0] * (out.shape[1] - len(prompt))
+    # NOTE: on stderr, so stdout stays the samples alone. The first call of a process includes
+    # compiling (and, for a new shape class, tuning) the kernels.
+    print(f"sampled {out.shape[0]} x {out.shape[1] - len(prompt)} tokens in {seconds:.2f} s "
+          f"({made / max(seconds, 1e-9):,.0f} tokens/s, attention={loaded.spec.attention}, "
+          f"{'KV cache' if cfg.use_cache else 'no cache'}, {loaded.device.type})", file=sys.stderr)
     texts = []
     for row in out.tolist():
         new = row[len(prompt):]
