@@ -29,6 +29,7 @@ ATTENTION_CASES = [
     ("ring-window-docs", "naive", "ring", 3, 28, 4, 1, 8, 11, True),
     ("ulysses-window-docs-gqa", "naive", "ulysses", 2, 28, 4, 2, 8, 9, True),
     ("ring-flash_v2-window-docs", "flash_v2", "ring", 1, 36, 2, 1, 16, 13, True),
+    ("ring-flash_v1-window-docs", "flash_v1", "ring", 1, 20, 2, 1, 16, 7, True),
 ]
 
 

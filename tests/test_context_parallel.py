@@ -2,9 +2,11 @@
 
 - The ring's chunk-pair plan covers exactly the full sequence's mask (causal, windows,
   packed documents) at N = 2, 3 and 4, with no process group.
+- The backends' backward with a given out and lse (what the ring calls) against the reference.
 - Spawned gloo ranks (tests/context_parallel_runs.py): ring and Ulysses attention against
-  the float64 reference (outputs and gradients, GQA, windows, documents; naive and flash_v2
-  through the interpreter), and one training step's loss and gradients against one process.
+  the float64 reference (outputs and gradients, GQA, windows, documents; naive, and flash_v1
+  and flash_v2 through the interpreter), and one training step's loss and gradients against
+  one process.
 - Real launches (``python -m torch.distributed.run``), several runs per launch: the loss
   curves of context_parallel=2 (ring and Ulysses; causal, a window, packed documents; DDP and
   FSDP2) and of context_parallel=2 x data-parallel 2 on 4 ranks equal one process's with the
@@ -25,6 +27,7 @@ from hydra import compose, initialize_config_module
 import context_parallel_runs
 from fatrain.config import register_configs, validate_train_config
 from fatrain.context_parallel import check_world, pair_calls, rank_chunks, shard_index
+from fatrain.kernels import get_backward, reference_attention
 from fatrain.kernels._common import allowed_mask
 from fatrain.trainer import run_training
 
@@ -113,6 +116,30 @@ def test_ring_plan_covers_the_full_mask(n):
     held = torch.cat([shard_index(T, n, r) for r in range(n)])
     assert torch.equal(held.sort().values, torch.arange(T))
     assert rank_chunks(n, 0) == (0, 2 * n - 1)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash_v1", "flash_v2"])
+def test_backward_with_given_out_and_lse_matches_the_reference(backend):
+    """get_backward(name) with the forward's out and lse given: the reference's gradients, with
+    GQA, seqlen_q != seqlen_k, a window and packed documents (fresh inputs, awkward sizes)."""
+    gen = torch.Generator().manual_seed(3)
+    B, Nq, Nk, H, Hkv, D = 2, 19, 27, 4, 2, 16
+    q = torch.randn(B, Nq, H, D, generator=gen)
+    k, v = torch.randn(B, Nk, Hkv, D, generator=gen), torch.randn(B, Nk, Hkv, D, generator=gen)
+    dout = torch.randn(B, Nq, H, D, generator=gen)
+    kw = dict(causal=True, window_size=(6, -1), doc_ids=context_parallel_runs.random_docs(B, Nk, gen))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = reference_attention(*leaves, return_lse=True, **kw)
+    want = torch.autograd.grad(out, leaves, dout.double())
+    low = [t.clone().requires_grad_() for t in (q, k, v)]
+    yard = torch.autograd.grad(reference_attention(*low, upcast=False, **kw), low, dout)
+    got = get_backward(backend)(dout, q, k, v, out.float(), lse.float(), **kw)
+    for g, w, y, name in zip(got, want, yard, "qkv"):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        err, base = (g.double() - w).abs().max().item(), (y.double() - w).abs().max().item()
+        assert err <= 3 * base + 1e-6, (backend, name, err, base)
+    with pytest.raises(ValueError, match="attention backend 'sdpa' exposes no backward with a given logsumexp"):
+        get_backward("sdpa")
 
 
 def test_attention_and_one_step_gradients_on_two_gloo_ranks(tmp_path):
