@@ -13,10 +13,11 @@ context together) is the gradient of the loss averaged over all tokens of all ra
 Attention (``trainer.cp_strategy``) replaces the backend call of each block
 (``ContextParallel.install``); projections, RoPE, MLP and loss stay per token:
 
-- ``ring``: the local Q shard stays; K/V shards of the KV heads rotate around the group
-  with point-to-point ops (``batch_isend_irecv``, the next shard in flight while this one is
-  computed). Each step calls the backend with ``return_lse=True`` on chunk pairs and merges
-  the partial outputs by their logsumexp:
+- ``ring``: the local Q shard stays; K/V shards of the KV heads go around the group with
+  point-to-point ops (``batch_isend_irecv``, the next shard in flight while this one is
+  computed): at step t of N rank r attends to the shard of rank r - t, sent to it directly,
+  and only where some pair of it is visible. Each step calls the backend with
+  ``return_lse=True`` on chunk pairs and merges the partial outputs by their logsumexp:
       lse = logaddexp(lse_acc, lse_i)    O = exp(lse_acc - lse) O_acc + exp(lse_i - lse) O_i
   A chunk pair is one backend call on a (rows x keys) rectangle whose mask the backend's
   own contract expresses: the diagonal pair (same chunk) is causal with the window and the
@@ -24,16 +25,17 @@ Attention (``trainer.cp_strategy``) replaces the backend call of each block
   the whole chunk, or, under a sliding window, a band j >= i + m that becomes
   ``window_size=(left, -1)`` on sliced rows and keys; packed documents leave only the one
   document that runs across both chunks (a rectangle, per sequence of the batch). Fully
-  masked pairs cost no call. The backward rotates K/V again with dK/dV, which travel with
-  their block and come home after N hops; each pair reuses the backend's recompute backward
-  (``fatrain.kernels.get_backward``) with the merged O and LSE.
+  masked pairs cost no call, and a shard no query of a rank sees is not sent there (under a
+  sliding window of W <= C tokens each rank receives two shards, whatever N). The backward
+  sends K/V the same way; each rank's share of dK/dV (float32) goes back to the shard's owner.
+  Each pair reuses the backend's recompute backward (``fatrain.kernels.get_backward``) with
+  the merged O and LSE.
 - ``ulysses``: an all-to-all turns the sequence-sharded Q, K, V (all heads) into
   head-sharded full sequences (H/N heads, Hkv/N KV heads per rank), any backend runs
   there unchanged, and a second all-to-all brings the output back.
 
 Caution / known limits: attention dropout is not supported (its counter-based mask is keyed
-on positions inside one call). Under a sliding window the ring still makes all N - 1 hops
-(compute is skipped, communication is not). Document masking needs non-decreasing document
+on positions inside one call). Document masking needs non-decreasing document
 ids in each sequence (the packer's); the ring then makes one backend call per sequence of
 the batch for pairs that a document crosses.
 """
@@ -225,15 +227,19 @@ class ContextParallel:
             block.attn.attn = functools.partial(context_attention, self, block.attn.spec.attention)
 
     # -- transport --------------------------------------------------------------------------------------
-    def rotate(self, tensor: torch.Tensor, tag: int = 0):
-        """Start sending ``tensor`` to the next rank of the ring and receiving the previous rank's;
-        returns (received buffer, requests to wait on). ``tag`` keeps K/V and dK/dV apart (gloo)."""
-        recv = torch.empty_like(tensor)
-        nxt = self.peers[(self.cp_rank + 1) % self.degree]
-        prev = self.peers[(self.cp_rank - 1) % self.degree]
-        ops = [dist.P2POp(dist.isend, tensor, nxt, self.group, tag), dist.P2POp(dist.irecv, recv, prev, self.group, tag)]
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        return recv, dist.batch_isend_irecv(ops)
+    def exchange(self, send: Optional[torch.Tensor], dst: int, recv_like: Optional[torch.Tensor], src: int,
+                 tag: int = 0):
+        """Start sending ``send`` to context rank ``dst`` and receiving a tensor shaped like ``recv_like``
+        from context rank ``src`` (either may be None: nothing to send or to receive); returns (the
+        receive buffer or None, requests to wait on). ``tag`` keeps K/V and dK/dV apart (gloo)."""
+        ops, recv = [], None
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send, self.peers[dst], self.group, tag))
+            self.bytes_sent += send.numel() * send.element_size()
+        if recv_like is not None:
+            recv = torch.empty(recv_like.shape, dtype=recv_like.dtype, device=recv_like.device)
+            ops.append(dist.P2POp(dist.irecv, recv, self.peers[src], self.group, tag))
+        return recv, (dist.batch_isend_irecv(ops) if ops else [])
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Part i of dim 0 to context rank i; dim 0 of the result: part from rank i."""
@@ -283,11 +289,12 @@ def _merge(out_acc, lse_acc, out_i, lse_i) -> None:
     lse_acc.copy_(lse)
 
 
-def _ring_calls(cp: ContextParallel, src: int, c: int, batch: int, window_left: int):
-    """The calls of one ring step (the visiting shard is rank ``src``'s) in shard coordinates:
-    (b0, b1, q rows, k rows, causal, window_left, the diagonal chunk or None)."""
+def _ring_calls(cp: ContextParallel, src: int, c: int, batch: int, window_left: int, dst: Optional[int] = None):
+    """The calls of context rank ``dst``'s queries (default: this rank's) against rank ``src``'s
+    keys, in shard coordinates: (b0, b1, q rows, k rows, causal, window_left, the diagonal chunk
+    or None). Empty when every pair is masked: then ``src`` sends ``dst`` nothing."""
     out = []
-    for qi, qa in enumerate(rank_chunks(cp.degree, cp.cp_rank)):
+    for qi, qa in enumerate(rank_chunks(cp.degree, cp.cp_rank if dst is None else dst)):
         for ki, kb in enumerate(rank_chunks(cp.degree, src)):
             for b0, b1, q0, q1, k0, k1, causal, left, diagonal in cp.calls(qa, kb, c, batch, window_left):
                 out.append((b0, b1, slice(qi * c + q0, qi * c + q1), slice(ki * c + k0, ki * c + k1), causal,
@@ -295,8 +302,20 @@ def _ring_calls(cp: ContextParallel, src: int, c: int, batch: int, window_left: 
     return out
 
 
+def _wait(requests) -> None:
+    for request in requests:
+        request.wait()
+
+
 class RingAttention(torch.autograd.Function):
-    """Ring attention over the context group: K/V (and in the backward dK/dV) rotate, Q stays."""
+    """Ring attention over the context group: Q stays, each rank's K/V shard visits the ranks that
+    need it (step t: to rank r + t, from rank r - t), and in the backward its dK/dV share comes back.
+
+    Step t of N is a shift of the ring by t: rank r attends to the shard of rank r - t. Each shard
+    goes straight to the ranks whose queries see some of it (``_ring_calls`` is not empty; every
+    rank computes that from the same chunk ids and document ids), so masked steps cost neither
+    compute nor bytes; the next step's shard is in flight while the current one is computed.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, cp, backend, window_left, docs, softmax_scale, options):
@@ -305,23 +324,33 @@ class RingAttention(torch.autograd.Function):
         attention = get_backend(backend)
         B, L, H, D = q.shape
         c = L // 2
+        n, r = cp.degree, cp.cp_rank
         out_acc = torch.zeros(B, L, H, D, dtype=torch.float32, device=q.device)
         lse_acc = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack((k, v))
-        for step in range(cp.degree):
-            src = (cp.cp_rank - step) % cp.degree
-            pending = cp.rotate(kv) if step < cp.degree - 1 else None  # the next shard travels meanwhile
+
+        def post(step):  # step's shards: ours to rank r + step, rank r - step's to us
+            dst, src = (r + step) % n, (r - step) % n
+            return cp.exchange(kv if _ring_calls(cp, r, c, B, window_left, dst=dst) else None, dst,
+                               kv if _ring_calls(cp, src, c, B, window_left) else None, src)
+
+        pending = post(1) if n > 1 else (None, [])
+        for step in range(n):
+            src = (r - step) % n
+            block = kv
+            if step > 0:
+                block, requests = pending
+                _wait(requests)
+                pending = post(step + 1) if step + 1 < n else (None, [])
+            if block is None:
+                continue
             for b0, b1, qs, ks, causal, left, diagonal in _ring_calls(cp, src, c, B, window_left):
                 call_docs = None if diagonal is None or docs is None else \
                     docs[b0:b1, diagonal * c:(diagonal + 1) * c]
-                out_i, lse_i = attention(q[b0:b1, qs], kv[0, b0:b1, ks], kv[1, b0:b1, ks], causal=causal,
+                out_i, lse_i = attention(q[b0:b1, qs], block[0, b0:b1, ks], block[1, b0:b1, ks], causal=causal,
                                          window_size=(left, -1), doc_ids=call_docs, softmax_scale=softmax_scale,
                                          return_lse=True, **options)
                 _merge(out_acc[b0:b1, qs], lse_acc[b0:b1, :, qs], out_i, lse_i)
-            if pending is not None:
-                kv, requests = pending
-                for request in requests:
-                    request.wait()
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.setup = (cp, backend, window_left, docs, softmax_scale, options)
@@ -336,39 +365,54 @@ class RingAttention(torch.autograd.Function):
         attention_backward = get_backward(backend)
         B, L, H, D = q.shape
         c = L // 2
+        n, r = cp.degree, cp.cp_rank
         dout = dout.contiguous()
         dq = torch.zeros(B, L, H, D, dtype=torch.float32, device=q.device)
         kv = torch.stack((k, v))
-        dkv_pending = None
-        for step in range(cp.degree):
-            src = (cp.cp_rank - step) % cp.degree
-            kv_pending = cp.rotate(kv) if step < cp.degree - 1 else None
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # this block's dK, dV from this rank
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # our shard's dK, dV from every rank
+
+        def post(step):
+            dst, src = (r + step) % n, (r - step) % n
+            return cp.exchange(kv if _ring_calls(cp, r, c, B, window_left, dst=dst) else None, dst,
+                               kv if _ring_calls(cp, src, c, B, window_left) else None, src)
+
+        def shard_grads(block, src):
+            """dQ into dq; this rank's share of dK, dV of rank ``src``'s shard (float32)."""
+            part = torch.zeros(block.shape, dtype=torch.float32, device=q.device)
             for b0, b1, qs, ks, causal, left, diagonal in _ring_calls(cp, src, c, B, window_left):
                 call_docs = None if diagonal is None or docs is None else \
                     docs[b0:b1, diagonal * c:(diagonal + 1) * c]
                 dq_i, dk_i, dv_i = attention_backward(
-                    dout[b0:b1, qs], q[b0:b1, qs], kv[0, b0:b1, ks], kv[1, b0:b1, ks], out[b0:b1, qs],
+                    dout[b0:b1, qs], q[b0:b1, qs], block[0, b0:b1, ks], block[1, b0:b1, ks], out[b0:b1, qs],
                     lse[b0:b1, :, qs], causal=causal, window_size=(left, -1), doc_ids=call_docs,
                     softmax_scale=softmax_scale, **options)
                 dq[b0:b1, qs] += dq_i
-                dkv[0, b0:b1, ks] += dk_i
-                dkv[1, b0:b1, ks] += dv_i
-            if dkv_pending is not None:  # what the ranks before this one added to the same block
-                received, requests = dkv_pending
-                for request in requests:
-                    request.wait()
+                part[0, b0:b1, ks] += dk_i
+                part[1, b0:b1, ks] += dv_i
+            return part
+
+        dkv += shard_grads(kv, r)
+        pending = post(1) if n > 1 else (None, [])
+        returning = (None, [])  # the share of dK/dV that rank r + step computed for our shard, in flight
+        sent = []  # the shares sent back: alive until their requests were waited on (at the next step)
+        for step in range(1, n):
+            src, dst = (r - step) % n, (r + step) % n
+            block, requests = pending
+            _wait(requests)
+            pending = post(step + 1) if step + 1 < n else (None, [])
+            part = shard_grads(block, src) if block is not None else None
+            received, requests = returning
+            _wait(requests)
+            if received is not None:
                 dkv += received
-            if cp.degree > 1:
-                dkv_pending = cp.rotate(dkv, tag=1)  # dK/dV travel with their block; after N hops they are home
-            if kv_pending is not None:
-                kv, requests = kv_pending
-                for request in requests:
-                    request.wait()
-        if dkv_pending is not None:
-            dkv, requests = dkv_pending
-            for request in requests:
-                request.wait()
+            # Our share of src's dK/dV goes back to src; rank dst's share of ours comes in.
+            returning = cp.exchange(part, src, dkv if _ring_calls(cp, r, c, B, window_left, dst=dst) else None,
+                                    dst, tag=1)
+            sent.append(part)
+        received, requests = returning
+        _wait(requests)
+        if received is not None:
+            dkv += received
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
