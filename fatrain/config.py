@@ -12,7 +12,7 @@ entry point (``TRAIN_RANGES``, ...), which also says what its sentinels (-1, 0, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Optional, get_type_hints
 
 from omegaconf import MISSING
@@ -20,6 +20,18 @@ from omegaconf import MISSING
 from fatrain.runtime import PRECISIONS
 
 # ----- fatrain-train (and the training config a checkpoint saves)
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling for contexts past the training length (fatrain.model.RopeScaling has the formulas)."""
+
+    type: str = "none"  # none | linear (position interpolation) | ntk (NTK-aware base) | yarn
+    factor: float = 1.0  # how many times the trained context is stretched
+    original_seq_len: Optional[int] = None  # yarn: the training length before extension
+    beta_fast: float = 32.0  # yarn: frequencies turning more often than this over original_seq_len are kept
+    beta_slow: float = 1.0  # yarn: those turning less often are interpolated by factor
+    mscale: Optional[float] = None  # yarn's attention temperature on cos/sin; None: 0.1 * ln(factor) + 1
 
 
 @dataclass
@@ -38,8 +50,12 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities, inside the backend
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA, PyTorch ops on the CPU | triton | torch
     loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA) | triton | torch
+    position: str = "rope"  # rope | alibi (the paper's slopes, in the attention call) | none
+    attn_softcap: float = 0.0  # > 0: attention scores soft-capped to attn_softcap * tanh(s / attn_softcap); 0: off
+    attn_sinks: bool = False  # learnable sink logits, one per head and layer (no weight decay)
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -144,6 +160,27 @@ class LoggerConfig:
 
 
 @dataclass
+class ExtensionConfig:
+    """What ``fatrain-extend`` chains after training a config (fatrain-train itself ignores it): fine-tune
+    the trained model at ``factor`` times its length once per RoPE scaling type (init_from), then
+    evaluate the trained model and every fine-tuned one at ``eval_multiples`` of the trained length."""
+
+    factor: float = 4.0  # the fine-tuned length is factor x data.seq_len, and the scaling's factor
+    types: list[str] = field(default_factory=lambda: ["none", "linear", "ntk", "yarn"])
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-4
+    finetune_warmup_steps: int = 20
+    eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # of data.seq_len
+    eval_batches: int = 20
+    eval_batch_size: Optional[int] = None  # None: each run's trainer.batch_size
+    long_documents: bool = False  # loss by position on documents at least the evaluated length only
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                                      "variable_tracking", "common_words", "frequent_words"])
+    trials: int = 10  # prompts per task cell
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     attention: AttentionConfig = MISSING
@@ -152,6 +189,10 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     resume: Optional[str] = None  # None: fresh start | auto: latest checkpoint in the run dir | a path
+    # A fresh run from another run's weights (a checkpoint or a run folder: its newest); optimizer and
+    # step start anew, and any setting that keeps the weights' shapes may differ (seq_len, rope scaling, lr).
+    init_from: Optional[str] = None
+    extension: ExtensionConfig = field(default_factory=ExtensionConfig)  # fatrain-extend's chain (see there)
 
 
 SCHEDULES = ("cosine", "constant")
@@ -255,6 +296,12 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.dropout": PROBABILITY,
     "model.attn_dropout": PROBABILITY,
     "model.rope_theta": POSITIVE,
+    "model.attn_softcap": Range(lo=0, special=((0, "off"),)),
+    "model.rope_scaling.factor": Range(lo=1.0),
+    "model.rope_scaling.original_seq_len": Range(lo=0, lo_open=True, special=((None, "unset; yarn needs it"),)),
+    "model.rope_scaling.beta_fast": POSITIVE,
+    "model.rope_scaling.beta_slow": POSITIVE,
+    "model.rope_scaling.mscale": Range(lo=0, lo_open=True, special=((None, "0.1 * ln(factor) + 1"),)),
     "model.init_std": POSITIVE,
     "attention.window_left": Range(lo=0, special=((-1, "unlimited"),)),
     "attention.window_right": Range(lo=0, special=((-1, "unlimited"),)),
@@ -289,6 +336,15 @@ TRAIN_RANGES: dict[str, Range] = {
     "trainer.ckpt_every": Range(lo=0, special=((0, "only the final checkpoint"),)),
     "trainer.keep_last": POSITIVE,
     "trainer.peak_tflops": Range(lo=0, lo_open=True, special=((None, "from the table of known GPUs"),)),
+    "extension.factor": Range(lo=1.0, lo_open=True),
+    "extension.finetune_steps": POSITIVE,
+    "extension.finetune_lr": POSITIVE,
+    "extension.finetune_warmup_steps": NON_NEGATIVE,
+    "extension.eval_multiples": POSITIVE,
+    "extension.eval_batches": POSITIVE,
+    "extension.eval_batch_size": Range(lo=0, lo_open=True, special=((None, "each run's trainer.batch_size"),)),
+    "extension.trials": POSITIVE,
+    "extension.depths": Range(lo=0.0, hi=1.0),
 }
 
 
@@ -296,6 +352,7 @@ def validate_train_config(cfg) -> None:
     """Check the values that types cannot; raise ValueError naming the key and what is allowed."""
     from fatrain.cli_help import refuse_internal_choices
     from fatrain.kernels import all_options, available_backends, check_options
+    from fatrain.model import POSITIONS, check_backend_takes_variants
 
     refuse_internal_choices()  # attention=schema and the like: a group's dataclass, not a choice
     m, a, d, o, t = cfg.model, cfg.attention, cfg.data, cfg.optim, cfg.trainer
@@ -304,7 +361,12 @@ def validate_train_config(cfg) -> None:
     _choice(m.mlp, MLPS, "model.mlp")
     _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
     _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
+    _choice(m.position, POSITIONS, "model.position")
     check_ranges(cfg, TRAIN_RANGES)
+    if m.rope_reset_per_document and m.position != "rope":
+        raise ValueError(f"model.rope_reset_per_document=true needs model.position=rope, got {m.position}")
+    check_backend_takes_variants(a.backend, m.position, m.attn_softcap, m.attn_sinks)
+    validate_rope_scaling(m.rope_scaling)
     if m.n_embd % m.n_head:
         raise ValueError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if m.n_kv_head is not None and m.n_head % m.n_kv_head:
@@ -322,6 +384,19 @@ def validate_train_config(cfg) -> None:
 
     check_context_parallel_config(cfg)
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
+
+
+def validate_rope_scaling(r) -> None:
+    """The checks of model.rope_scaling.* that a range cannot make (it runs after check_ranges)."""
+    from fatrain.model import ROPE_SCALING_TYPES
+
+    _choice(r.type, ROPE_SCALING_TYPES, "model.rope_scaling.type")
+    if r.type == "yarn" and r.original_seq_len is None:
+        raise ValueError("model.rope_scaling.original_seq_len is required for model.rope_scaling.type=yarn "
+                         "(the training length before extension)")
+    if r.type == "yarn" and r.beta_fast <= r.beta_slow:
+        raise ValueError(f"model.rope_scaling.beta_fast={r.beta_fast} must be > model.rope_scaling.beta_slow="
+                         f"{r.beta_slow}")
 
 
 def register_train_configs(cs) -> None:
@@ -352,10 +427,17 @@ def register_configs() -> None:
 
 
 def _overrides_of(cls):
-    """A dataclass with ``cls``'s fields, each Optional and None by default: None = the checkpoint's."""
+    """A dataclass with ``cls``'s fields, each Optional and None by default: None = the checkpoint's
+    (a nested dataclass becomes its own overrides, so ``model.rope_scaling.type=yarn`` sets one key)."""
     hints = get_type_hints(cls)
-    return make_dataclass(f"{cls.__name__}Overrides",
-                          [(f.name, Optional[hints[f.name]], field(default=None)) for f in fields(cls)])
+    members = []
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            nested = _overrides_of(hints[f.name])
+            members.append((f.name, nested, field(default_factory=nested)))
+        else:
+            members.append((f.name, Optional[hints[f.name]], field(default=None)))
+    return make_dataclass(f"{cls.__name__}Overrides", members)
 
 
 ModelOverrides = _overrides_of(ModelConfig)
@@ -379,6 +461,11 @@ class EvalSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     all_checkpoints: bool = False  # run or sweep folders: every checkpoint, not only each run's newest
     plots: bool = True
+    # RULER-style tasks (fatrain.eval.tasks.TASKS), scored by greedy decoding; settings under ruler.*
+    tasks: list[str] = field(default_factory=list)
+    # Loss by position on long documents only: blocks that lie inside one document of at least the
+    # evaluated length (eval.seq_lens), so the curve measures context use, not document boundaries.
+    long_documents: bool = False
 
 
 @dataclass
@@ -389,6 +476,27 @@ class PasskeySettings:
     trials: int = 10  # tasks per (context, depth) cell
     seed: int = 0
     key_digits: int = 5
+
+
+@dataclass
+class RulerSettings:
+    """The generators of eval.tasks (fatrain.eval.tasks has what each one builds)."""
+
+    context_lens: list[int] = field(default_factory=list)  # empty: the evaluated lengths
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # the needle tasks
+    trials: int = 10  # prompts per (task, context, depth) cell
+    seed: int = 0
+    value_digits: int = 7  # digits of the pass keys, magic numbers and variable values
+    num_needles: int = 4  # niah_multikey: needles in all, one of them asked for
+    num_values: int = 4  # niah_multivalue: values of the one key
+    num_queries: int = 4  # niah_multiquery: keys asked for
+    num_hops: int = 4  # variable_tracking: assignments after the first
+    num_common: int = 4  # common_words: words asked for
+    common_freq: int = 10  # common_words: times each common word is listed
+    rare_freq: int = 3  # common_words: times each other word is listed
+    zipf_alpha: float = 2.0  # frequent_words: exponent of the word distribution
+    num_frequent: int = 3  # frequent_words: words asked for
+    vocab_words: int = 200  # frequent_words: distinct words the stream draws from
 
 
 @dataclass
@@ -416,6 +524,7 @@ class EvalConfig:
     data: Any = None
     eval: EvalSettings = field(default_factory=EvalSettings)
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
+    ruler: RulerSettings = field(default_factory=RulerSettings)
     logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
 
 
@@ -450,6 +559,21 @@ EVAL_RANGES: dict[str, Range] = {
     "passkey.trials": POSITIVE,
     "passkey.seed": SEED,
     "passkey.key_digits": Range(lo=1, hi=18),  # NOTE: the key is drawn as a numpy int64
+    "ruler.context_lens": POSITIVE,
+    "ruler.depths": Range(lo=0.0, hi=1.0),
+    "ruler.trials": POSITIVE,
+    "ruler.seed": SEED,
+    "ruler.value_digits": Range(lo=1, hi=18),  # NOTE: drawn as numpy int64
+    "ruler.num_needles": POSITIVE,
+    "ruler.num_values": POSITIVE,
+    "ruler.num_queries": POSITIVE,
+    "ruler.num_hops": NON_NEGATIVE,
+    "ruler.num_common": POSITIVE,
+    "ruler.common_freq": Range(lo=2),
+    "ruler.rare_freq": POSITIVE,
+    "ruler.zipf_alpha": POSITIVE,
+    "ruler.num_frequent": POSITIVE,
+    "ruler.vocab_words": Range(lo=2),
 }
 
 SAMPLE_RANGES: dict[str, Range] = {
@@ -479,6 +603,17 @@ def validate_eval_config(cfg) -> None:
     for name in e.backends:
         _choice(name, available_backends(), "eval.backends")
     check_ranges(cfg, EVAL_RANGES)
+    from fatrain.eval.tasks import TASKS
+    for name in e.tasks:
+        _choice(name, TASKS, "eval.tasks")
+    r = cfg.ruler
+    if r.common_freq <= r.rare_freq:
+        raise ValueError(f"ruler.common_freq={r.common_freq} must be > ruler.rare_freq={r.rare_freq}")
+    if r.num_frequent >= r.vocab_words:
+        raise ValueError(f"ruler.num_frequent={r.num_frequent} must be < ruler.vocab_words={r.vocab_words}")
+    from fatrain.model import ROPE_SCALING_TYPES
+    if cfg.model.rope_scaling.type is not None:
+        _choice(cfg.model.rope_scaling.type, ROPE_SCALING_TYPES, "model.rope_scaling.type")
 
 
 def validate_sample_config(cfg) -> None:
@@ -547,6 +682,8 @@ class BenchConfig:
     windows: list[int] = field(default_factory=lambda: [-1])  # left window; -1: unlimited
     doc_lens: list[int] = field(default_factory=lambda: [0])  # mean document length; 0: one document
     dropout_ps: list[float] = field(default_factory=lambda: [0.0])
+    # Attention variants: none | alibi | softcap | sinks, each on the first window / doc_len / dropout
+    variants: list[str] = field(default_factory=lambda: ["none"])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     warmup_ms: int = 25  # do_bench on CUDA
     rep_ms: int = 100
@@ -606,7 +743,11 @@ def validate_bench_config(cfg) -> None:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{key}={list(values)} has {bad or 'nothing'}: choose from {', '.join(allowed)}")
-    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps"):
+    from fatrain.bench.cases import VARIANTS
+    bad = [v for v in cfg.get("variants", ["none"]) if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"variants={list(cfg.variants)} has {bad}: choose from {', '.join(VARIANTS)}")
+    for key in ("seqlens", "headdims", "causal", "windows", "doc_lens", "dropout_ps", "variants"):
         if not cfg[key]:
             raise ValueError(f"{key} must list at least one value")
     check_ranges(cfg, BENCH_RANGES)

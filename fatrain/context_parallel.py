@@ -35,7 +35,7 @@ Attention (``trainer.cp_strategy``) replaces the backend call of each block
   there unchanged, and a second all-to-all brings the output back.
 
 Caution / known limits: attention dropout is not supported (its counter-based mask is keyed
-on positions inside one call). Document masking needs non-decreasing document
+on positions inside one call), nor the attention variants (ALiBi, soft-capping, sinks). Document masking needs non-decreasing document
 ids in each sequence (the packer's); the ring then makes one backend call per sequence of
 the batch for pairs that a document crosses.
 """
@@ -72,6 +72,12 @@ def check_context_parallel_config(cfg) -> None:
     if seq_len % (2 * n):
         raise ValueError(f"data.seq_len={seq_len} must be divisible by 2 x trainer.context_parallel = {2 * n} "
                          "(each rank holds two of 2N equal chunks)")
+    from fatrain.model import variant_settings
+
+    variants = variant_settings(m.position, m.attn_softcap, m.attn_sinks)
+    if variants:
+        raise ValueError(f"{', '.join(variants.values())} is not supported with trainer.context_parallel={n} "
+                         "(the ring's chunk calls and their backward take no attention variants)")
     if m.attn_dropout > 0:
         raise ValueError(f"model.attn_dropout={m.attn_dropout} is not supported with trainer.context_parallel={n} "
                          "(use 0)")

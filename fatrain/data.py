@@ -51,6 +51,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from fatrain import hub
 from fatrain.config import DATA_SOURCES, PACKINGS, DataConfig
 from fatrain.token_store import STORE_FORMAT, Pieces, StoreDocIds, StoreTokens, TokenStore, write_store
 
@@ -136,11 +137,17 @@ def _load_hf_tokenizer(tokenizer_cls, spec: str):
     elif looks_like_path and not path.exists():
         # Checked here so a mistyped path fails at once instead of being tried on the Hub.
         raise ValueError(f"data.tokenizer={spec!r} does not exist (use byte, a tokenizer.json, or a Hub name)")
+    # Asked before the Hub is: without a network, from_pretrained then reads the cache at once.
+    offline = None if path.is_file() else hub.offline_reason()
     try:
         if path.is_file():
             return tokenizer_cls.from_file(str(path))
         return tokenizer_cls.from_pretrained(spec)
     except Exception as err:  # tokenizers raises plain Exception for every failure
+        if offline is not None:
+            raise hub.not_cached_error(f"data.tokenizer={spec!r}", f"the tokenizer {spec}", hub.hub_cache(),
+                                       hub.tokenizer_download_command(spec), offline,
+                                       "data.tokenizer=byte or a local tokenizer.json") from None
         raise ValueError(
             f"data.tokenizer={spec!r} could not be loaded (use byte, a tokenizer.json file or folder, "
             f"or a Hub name): {_first_line(err)}"
@@ -408,10 +415,15 @@ def iter_once(blocks: PackedBlocks, batch_size: int, *, max_batches: Optional[in
 # ----- building the data -------------------------------------------------------------------------
 
 
-def _first_line(err: BaseException) -> str:
+def _root_cause(err: BaseException) -> BaseException:
     # datasets wraps failures (DatasetGenerationError); the root cause says what went wrong.
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    err = _root_cause(err)
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
@@ -463,9 +475,16 @@ def _load_raw(cfg: DataConfig, *, streaming: bool = False):
 
     if not cfg.hf_name:
         raise ValueError("data.hf_name must be set when data.source='hf' (a Hub dataset name or a local dataset folder)")
+    # A Hub name (not a local folder): without a network, datasets then reads its cache at once.
+    offline = None if os.path.exists(os.path.expanduser(cfg.hf_name)) else hub.offline_reason()
     try:
         raw = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=streaming)
     except Exception as err:
+        if offline is not None and isinstance(_root_cause(err), (FileNotFoundError, ConnectionError)):
+            what = f"the dataset {cfg.hf_name}" + (f" ({cfg.hf_config})" if cfg.hf_config else "")
+            raise hub.not_cached_error(f"data.hf_name={cfg.hf_name!r}", what, hub.datasets_cache(),
+                                       hub.dataset_download_command(cfg.hf_name, cfg.hf_config, cfg.hf_split),
+                                       offline, "data=text with local files") from None
         raise ValueError(
             f"data.hf_name={cfg.hf_name!r} (data.hf_config={cfg.hf_config!r}, data.hf_split={cfg.hf_split!r}) "
             f"could not be loaded: {_first_line(err)}"

@@ -41,6 +41,8 @@ FALLBACK_VOCAB = 257
 CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s", "tries",
               "batch_size", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
+#: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
+CPU_CHECK = "backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 limit=1024"
 
 
 def search_max_context(fits: Callable[[int], bool], start: int, granularity: int,
@@ -151,23 +153,25 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
                      log: Callable[[str], None] = print) -> dict:
     """Search every backend; write max_context.json and max_context.csv into out_dir; return the JSON."""
     if granularity <= 0:
-        raise ValueError(f"--granularity={granularity} must be > 0")
+        raise ValueError(f"granularity={granularity} must be > 0")
     if start % granularity or start <= 0:
-        raise ValueError(f"--start={start} must be a positive multiple of --granularity={granularity}")
+        raise ValueError(f"start={start} must be a positive multiple of granularity={granularity}")
     if limit < start:
-        raise ValueError(f"--limit={limit} must be >= --start={start}")
+        raise ValueError(f"limit={limit} must be >= start={start}")
     device = select_device(cfg.trainer.device)
     for backend in backends:
         with open_dict(cfg):
             cfg.attention.backend = backend
         validate_train_config(cfg)
         attention_options(cfg.attention)
-        check_precision(cfg.trainer.precision, device, backend)
     if device.type == "cpu" and cfg.trainer.precision != "fp32":
-        # On the CPU nothing runs out of memory the way a GPU does (the search would swap, then be
-        # killed), and bf16 matmuls there are slow emulations: the CPU search is a functional check.
-        raise ValueError(f"trainer.precision={cfg.trainer.precision} is not searched on the CPU "
-                         "(allowed there: trainer.precision=fp32)")
+        # Refused before any backend's own precision check, so the line says what to run instead. On
+        # the CPU nothing runs out of memory the way a GPU does (the search would swap, then be killed),
+        # and bf16 matmuls there are slow emulations: the CPU search is a functional check.
+        raise ValueError(f"trainer.precision={cfg.trainer.precision} with model {cfg.model.name} is not searched on "
+                         f"the CPU: for a functional check there use {CPU_CHECK}, or run on a GPU")
+    for backend in backends:
+        check_precision(cfg.trainer.precision, device, backend)
     os.makedirs(out_dir, exist_ok=True)
     info = run_info(device)
     t = cfg.trainer

@@ -6,13 +6,22 @@ registry in ``fatrain.kernels`` (``attention.backend``), so backends are swapped
 touching the model. Q, K and V stay in the (batch, seqlen, heads, head_dim) layout the
 kernels take, so the projection output is never transposed or copied.
 
-Rotary embeddings (no learned positions) let evaluation run past the training length.
-With ``rope_reset_per_document`` positions restart at each document of a packed sequence.
+Positions (``position``): rotary embeddings (``rope``, the default), ALiBi's linear distance
+bias inside the attention call (``alibi``: the paper's slopes for any head count, no RoPE), or
+none; no learned positions, so evaluation runs past the training length. With
+``rope_reset_per_document`` RoPE positions restart at each document of a packed sequence.
+``attn_softcap`` soft-caps the attention scores (c tanh(s / c), Gemma 2) and ``attn_sinks``
+gives each layer one learnable sink logit per head (gpt-oss): all three are arguments of the
+registry's attention call, and a backend without one is refused when the model is built.
+``rope_scaling`` extends a context past the training length (``RopeScaling``: position
+interpolation, NTK-aware base scaling, YaRN); it only changes the cos/sin tables, so the
+fused kernel and the PyTorch path rotate by the same scaled tables.
 A ``KVCache`` serves incremental decoding: new queries attend to every cached key
 through the backends' bottom-right-aligned causal mask (seqlen_q != seqlen_k). On CUDA the
 cache goes through ``fatrain.kernels.flash_attn.flash_attn_with_kvcache``: the new keys are
 written into the preallocated buffers in place and flash_v2 decodes with its split-K kernel
-(``kernels/decode.py``); elsewhere the backend is called on views of the valid prefix.
+(``kernels/decode.py``); elsewhere, and for a model with an attention variant (which the fused
+cache path does not take yet), the backend is called on views of the valid prefix.
 """
 
 from __future__ import annotations
@@ -25,7 +34,54 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fatrain.kernels import get_backend
+from fatrain.kernels import available_backends, backend_info, get_backend
+from fatrain.kernels._common import alibi_slopes_for
+
+#: model.position: rotary embeddings, ALiBi's distance bias, or no position signal at all.
+POSITIONS = ("rope", "alibi", "none")
+
+
+ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    """How RoPE's frequencies are stretched for contexts longer than ``original_seq_len``.
+
+    none:   theta_i = theta^(-2i/d), the trained frequencies.
+    linear: position interpolation (Chen et al., 2023): every frequency divided by ``factor``.
+    ntk:    NTK-aware scaling (bloc97, 2023): base theta * factor^(d / (d - 2)), so the lowest
+            frequency is interpolated by ``factor`` and the highest is kept.
+    yarn:   YaRN (Peng et al., 2023, section 3.2 and 3.3; HF transformers'
+            ``_compute_yarn_parameters``): frequencies with fewer than ``beta_slow`` rotations over
+            ``original_seq_len`` are interpolated by ``factor``, those with more than
+            ``beta_fast`` are kept, a linear ramp between; cos and sin are multiplied by the
+            attention temperature ``mscale`` (None: 0.1 ln(factor) + 1), which scales the
+            logits q.k by mscale^2 (the paper's 1/t with sqrt(1/t) = 0.1 ln(s) + 1).
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    original_seq_len: int | None = None  # yarn: the training length before extension
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None  # yarn: None is 0.1 * ln(factor) + 1
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"model.rope_scaling.type={self.type!r} is not allowed "
+                             f"(choose from: {', '.join(ROPE_SCALING_TYPES)})")
+        if self.type == "yarn" and not self.original_seq_len:
+            raise ValueError("model.rope_scaling.original_seq_len is required for type=yarn "
+                             "(the training length before extension)")
+
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by (YaRN's temperature; 1 for the other types)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.mscale is not None:
+            return float(self.mscale)
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
 @dataclass
@@ -46,7 +102,11 @@ class GPTSpec:
     attn_dropout: float = 0.0
     rope_theta: float = 10000.0
     rope_reset_per_document: bool = False
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     rope_kernel: str = "auto"  # auto | triton | torch: how Q and K are rotated (same numbers, see uses_kernel)
+    position: str = "rope"  # rope | alibi | none (POSITIONS)
+    attn_softcap: float = 0.0  # > 0: attention scores become attn_softcap * tanh(s / attn_softcap); 0: off
+    attn_sinks: bool = False  # one learnable sink logit per head and layer in each softmax denominator
     loss_kernel: str = "auto"  # auto | triton | torch: how the training loss is computed (the same)
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -54,6 +114,11 @@ class GPTSpec:
     window_size: tuple[int, int] = (-1, -1)
     document_masking: bool = False
     activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        # A spec read back from a checkpoint or a config holds the scaling as a plain mapping.
+        if not isinstance(self.rope_scaling, RopeScaling):
+            self.rope_scaling = RopeScaling(**dict(self.rope_scaling or {}))
 
     @property
     def kv_heads(self) -> int:
@@ -78,17 +143,76 @@ class GPTSpec:
         return 64 * math.ceil(self.vocab_size / 64)
 
 
+def variant_settings(position: str, attn_softcap: float, attn_sinks: bool) -> dict[str, str]:
+    """{registry feature: the model setting that asks for it} for the attention variants these
+    settings turn on (features of ``fatrain.kernels.FEATURES``)."""
+    asked = {}
+    if position == "alibi":
+        asked["alibi"] = "model.position=alibi"
+    if attn_softcap > 0:
+        asked["softcap"] = f"model.attn_softcap={attn_softcap}"
+    if attn_sinks:
+        asked["sinks"] = "model.attn_sinks=true"
+    return asked
+
+
+def check_backend_takes_variants(backend: str, position: str, attn_softcap: float, attn_sinks: bool) -> None:
+    """ValueError naming the model setting and the backend when ``backend`` lacks a variant they ask for."""
+    info = backend_info(backend)
+    for feature, setting in variant_settings(position, attn_softcap, attn_sinks).items():
+        if not info.supports(feature):
+            takers = [b for b in available_backends() if backend_info(b).supports(feature)]
+            raise ValueError(f"{setting} needs an attention backend with {feature}: attention.backend={backend} "
+                             f"does not have it (backends with it: {', '.join(takers)})")
+
+
 def make_norm(spec: GPTSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
         return nn.RMSNorm(spec.n_embd, eps=1e-6)
     return nn.LayerNorm(spec.n_embd, bias=spec.bias)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin for rotary embeddings at integer positions: (..., T) -> (..., T, 1, head_dim/2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None) -> torch.Tensor:
+    """The (head_dim / 2,) float32 rotation frequencies, with ``scaling`` applied (see RopeScaling)."""
+    scaling = scaling or RopeScaling()
+    d, s = head_dim, float(scaling.factor)
+    if scaling.type == "ntk":
+        theta = theta * s ** (d / (d - 2)) if d > 2 else theta * s
+    exponents = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling.type == "linear":
+        inv_freq = inv_freq / s
+    elif scaling.type == "yarn":
+        low, high = yarn_correction_range(scaling.beta_fast, scaling.beta_slow, d, theta, scaling.original_seq_len)
+        if low == high:
+            high += 0.001  # NOTE: HF's guard against a zero-width ramp
+        ramp = ((torch.arange(d // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolated = 1.0 - ramp  # 1: keep the trained frequency, 0: interpolate it by the factor
+        inv_freq = inv_freq / s * (1 - extrapolated) + inv_freq * extrapolated
+    return inv_freq
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, head_dim: int, theta: float,
+                          original_seq_len: int) -> tuple[float, float]:
+    """YaRN's ramp ends: the dimension index (of head_dim / 2 pairs) where a frequency turns
+    ``beta_fast`` and ``beta_slow`` times over ``original_seq_len``, floored and ceiled (HF's truncate)."""
+    def dim_of(rotations):
+        return head_dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = math.floor(dim_of(beta_fast)), math.ceil(dim_of(beta_slow))
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """cos and sin for rotary embeddings at integer positions: (..., T) -> (..., T, 1, head_dim/2),
+    with ``scaling``'s frequencies and (YaRN) its attention temperature multiplied in."""
+    scaling = scaling or RopeScaling()
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return torch.cos(angles)[..., None, :], torch.sin(angles)[..., None, :]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    factor = scaling.attention_factor()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos[..., None, :], sin[..., None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -129,7 +253,8 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer for incremental decoding: (B, max_len, Hkv, D) each,
     preallocated. ``fused``: attend through ``flash_attn_with_kvcache`` (append in place, then
-    the decode kernel); None picks it for CUDA tensors."""
+    the decode kernel); None picks it for CUDA tensors of a flash_v2 model (the backend with a
+    decode kernel; other backends attend over the cache's valid prefix through their own call)."""
 
     def __init__(self, spec: GPTSpec, batch: int, max_len: int, device, dtype, fused: bool | None = None):
         shape = (batch, max_len, spec.kv_heads, spec.head_dim)
@@ -137,7 +262,13 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layer)]
         self.length = 0
         self.max_len = max_len
-        self.fused = torch.device(device).type == "cuda" if fused is None else fused
+        if fused is None:
+            # NOTE: flash_attn_with_kvcache does not take ALiBi, soft-cap or sinks yet; a model
+            # with one decodes through the backend call on the cache's valid prefix.
+            variants = variant_settings(spec.position, spec.attn_softcap, spec.attn_sinks)
+            decodes = spec.attention in ("flash_v2", "flash_v2_atomic")
+            fused = torch.device(device).type == "cuda" and decodes and not variants
+        self.fused = fused
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.length, self.length + k.shape[1]
@@ -156,12 +287,32 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(spec.n_embd, (spec.n_head + 2 * spec.kv_heads) * D, bias=spec.bias)
         self.proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
         self.attn = get_backend(spec.attention)
+        # Not saved (persistent=False): the slopes follow from n_head.
+        slopes = alibi_slopes_for(spec.n_head) if spec.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        # float32 whatever the training precision; initialised by GPT._init_weights.
+        self.sinks = nn.Parameter(torch.empty(spec.n_head)) if spec.attn_sinks else None
+
+    def variant_kwargs(self) -> dict:
+        """The attention call's alibi_slopes, softcap and sink_logits this layer uses."""
+        kwargs = {}
+        if self.alibi_slopes is not None:
+            kwargs["alibi_slopes"] = self.alibi_slopes.float()
+        if self.spec.attn_softcap > 0:
+            kwargs["softcap"] = self.spec.attn_softcap
+        if self.sinks is not None:
+            # NOTE: .float() is a no-op for float32 weights; FSDP's bf16 params are cast back here.
+            kwargs["sink_logits"] = self.sinks.float()
+        return kwargs
 
     def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         H, Hkv, D = self.spec.n_head, self.spec.kv_heads, self.spec.head_dim
         qkv = self.qkv(x)
-        if uses_kernel(self.spec.rope_kernel, qkv):
+        if cos is None:  # no RoPE (model.position=alibi or none)
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        elif uses_kernel(self.spec.rope_kernel, qkv):
             from fatrain.kernels.rope import rope_qkv
             q, k, v = rope_qkv(qkv, cos.squeeze(-2), sin.squeeze(-2), H, Hkv)
         else:
@@ -173,11 +324,12 @@ class CausalSelfAttention(nn.Module):
             dtype = cache.k[self.layer].dtype
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             y = flash_attn_with_kvcache(q, cache.k[self.layer], cache.v[self.layer], k, v, cache_seqlens=cache.length,
-                                        causal=True, window_size=self.spec.window_size, backend=self.spec.attention)
+                                        causal=True, window_size=self.spec.window_size, backend=self.spec.attention,
+                                        **self.variant_kwargs())
             return self.proj(y.reshape(B, T, H * D))
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
-        kwargs = dict(self.spec.attention_options)
+        kwargs = dict(self.spec.attention_options, **self.variant_kwargs())
         if self.spec.window_size != (-1, -1):
             kwargs["window_size"] = self.spec.window_size
         if doc_ids is not None:
@@ -221,6 +373,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, spec: GPTSpec):
         super().__init__()
+        if spec.position not in POSITIONS:
+            raise ValueError(f"model.position={spec.position!r} is not allowed (choose from: {', '.join(POSITIONS)})")
+        check_backend_takes_variants(spec.attention, spec.position, spec.attn_softcap, spec.attn_sinks)
         self.spec = spec
         self.wte = nn.Embedding(spec.padded_vocab, spec.n_embd)
         self.drop = nn.Dropout(spec.dropout)
@@ -241,6 +396,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.spec.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, CausalSelfAttention) and module.sinks is not None:
+            # As gpt-oss's Hugging Face port initialises its sinks: normal(0, initializer_range).
+            nn.init.normal_(module.sinks, mean=0.0, std=self.spec.init_std)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -275,14 +433,16 @@ class GPT(nn.Module):
         a longer sequence (context parallelism: the positions are the full sequence's).
         """
         B, T = idx.shape
-        if positions is not None:
-            pass
-        elif self.spec.rope_reset_per_document and doc_ids is not None:
-            positions = positions_from_doc_ids(doc_ids)
-        else:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device)
-        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        cos = sin = None  # ALiBi or no positions: nothing is rotated
+        if self.spec.position == "rope":
+            if positions is not None:
+                pass
+            elif self.spec.rope_reset_per_document and doc_ids is not None:
+                positions = positions_from_doc_ids(doc_ids)
+            else:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + T, device=idx.device)
+            cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
         mask_ids = doc_ids if (self.spec.document_masking and cache is None) else None
         x = self.drop(self.wte(idx))
         for block in self.blocks:
@@ -313,7 +473,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, fused_cache: bool | None = None):
         """Sample continuations of idx (B, T); with use_cache, one KV cache step per new token
-        (``fused_cache``: through flash_attn_with_kvcache, see KVCache; None: on CUDA)."""
+        (``fused_cache``: through flash_attn_with_kvcache, see KVCache; None: on CUDA when the model
+        uses no attention variant)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         cache = None

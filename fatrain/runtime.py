@@ -155,6 +155,18 @@ def git_sha() -> Optional[str]:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows of it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_info(device: torch.device) -> dict:
     """Where and with what a measurement ran: device, GPU, versions, commit, date (UTC)."""
     try:
@@ -163,7 +175,7 @@ def run_info(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
     return {"device": str(device), "gpu": gpu, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "git_sha": git_sha(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 
 import numpy as np
 import torch
@@ -47,12 +47,13 @@ from fatrain.data import BlockLoader, build_data, make_train_loader
 from fatrain.distributed import DistEnv
 from fatrain.interrupt import StopSignals, signal_name
 from fatrain.kernels import autotune_seconds, check_options, run_info
-from fatrain.files import RunWriteError, append_line
+from fatrain.files import RunWriteError, append_line, write_json_atomic
 from fatrain.metrics import (ConsoleLogger, JsonlLogger, MultiLogger, StepTimer, WandbLogger, memory_metrics,
                              peak_flops, read_jsonl, strict_json)
 from fatrain.model import GPT, GPTSpec
 from fatrain.runlock import RunDirLocked, RunLock
 from fatrain.runtime import autocast_for, check_precision, free_memory, seed_everything, select_device
+from fatrain.runtime import run_info as environment_info
 
 # attention.* settings that every backend takes; the others are the backend's own options.
 ATTENTION_CALL_FIELDS = ("backend", "window_left", "window_right")
@@ -89,6 +90,7 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})")
     from_model = {f.name: m[f.name] for f in fields(GPTSpec) if f.name not in _SPEC_FROM_ELSEWHERE}
+    from_model["rope_scaling"] = dict(m.rope_scaling)  # a plain mapping; GPTSpec makes it a RopeScaling
     return GPTSpec(
         **from_model, vocab_size=m.vocab_size or vocab_size, attention=a.backend,
         attention_options=attention_options(a), window_size=(a.window_left, a.window_right),
@@ -98,14 +100,16 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
-                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel")
+                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel", "rope_scaling")
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:
+    # A field added to GPTSpec after a checkpoint was written has its default there (position=rope, ...).
+    defaults = {f.name: f.default for f in fields(GPTSpec) if f.default is not MISSING}
     for key, value in asdict(spec).items():
         if key in RUNTIME_SPEC_FIELDS:
             continue
-        old = saved.get(key)
+        old = saved.get(key, defaults.get(key))
         if isinstance(old, list):
             old = tuple(old)
         if old != value:
@@ -611,6 +615,55 @@ def resolve_resume(resume: str | None, checkpoints: CheckpointManager) -> str | 
     return resume
 
 
+# GPTSpec fields that fix the weights' shapes (or what the weights mean): init_from keeps them.
+SHAPE_SPEC_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "norm", "mlp", "mlp_hidden", "bias",
+                     "tie_embeddings")
+
+
+def resolve_init_from(path: str) -> str:
+    """The checkpoint ``init_from`` names: a checkpoint file or .dcp folder, or a run folder (its newest)."""
+    if os.path.isfile(path) or is_sharded(path):
+        return path
+    if os.path.isdir(path):
+        found = list_checkpoints(os.path.join(path, "checkpoints")) or list_checkpoints(path)
+        if found:
+            return found[-1]
+        raise CheckpointError(f"init_from={path}: the folder holds no checkpoints (checkpoints/ckpt_<step>.pt or .dcp)")
+    raise CheckpointError(f"init_from={path}: no such checkpoint file or run folder")
+
+
+def init_weights_from(trainer: Trainer, path: str) -> dict:
+    """Start ``trainer``'s fresh run (step 0, a new optimizer) from the weights of another run's
+    checkpoint. Settings that keep the weights' shapes may change (data.seq_len, model.rope_scaling,
+    optim.*); one that does not is an error naming both values. Returns what init_from.json records."""
+    from fatrain.eval.loading import _plain_state_dict
+
+    ckpt = resolve_init_from(path)
+    state = load_checkpoint(ckpt)
+    saved, spec = dict(state["spec"]), asdict(trainer.spec)
+    for key in SHAPE_SPEC_FIELDS:
+        if saved.get(key) != spec[key]:
+            raise CheckpointError(f"init_from={path}: the checkpoint has model.{key}={saved.get(key)!r} but this run asks "
+                                  f"for {spec[key]!r} (only settings that keep the weights' shapes may change)")
+    source_cfg = state.get("config") or {}
+    source_tokenizer = (source_cfg.get("data") or {}).get("tokenizer")
+    if source_tokenizer is not None and source_tokenizer != trainer.cfg.data.tokenizer:
+        raise CheckpointError(f"init_from={path}: the checkpoint was trained with data.tokenizer={source_tokenizer!r} "
+                              f"but this run asks for {trainer.cfg.data.tokenizer!r}")
+    weights = _plain_state_dict(state["model"])
+    try:
+        if trainer.dist.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            trainer.model.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"init_from={path}: the weights do not fit this model: {str(e).splitlines()[0]}") from None
+    current = OmegaConf.to_container(trainer.cfg, resolve=True)
+    return {"checkpoint": os.path.abspath(ckpt), "step": state.get("step"),
+            "changed": {k: v for k, v in config_changes(source_cfg, current).items() if k != "init_from"}}
+
+
 def set_aside_metrics(path: str) -> str | None:
     """A fresh run in a folder that holds another run's metrics (one saved no checkpoint):
     move them to ``<path>.previous-<k>`` so the new series is one curve and nothing is lost."""
@@ -743,7 +796,8 @@ def make_loggers(cfg, run_dir: str, trainer: Trainer, progress) -> MultiLogger:
 
 def run_training(cfg, run_dir: str, dist_env: DistEnv | None = None) -> dict:
     """Train one run in ``run_dir`` (metrics.jsonl, checkpoints/, wandb/); returns its result:
-    status "ok", final_val_loss, step, tokens_seen, skipped_steps, checkpoint, and ``attention_run_info``
+    status "ok", final_val_loss, step, tokens_seen, skipped_steps, checkpoint, ``environment`` (device, versions,
+    date: ``fatrain.runtime.run_info``) and ``attention_run_info``
     where the backend reports something of the run (``fatrain.kernels.run_info``: e.g. its autotuners'
     picks). A run stopped by a non-finite step returns status "nonfinite", that step, what was not
     finite, an ``error`` line and the last good checkpoint (Trainer.nonfinite_result).
@@ -794,8 +848,17 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
             rewind_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
             print(f"resumed from {_shown(resume_path, run_dir)} at step {trainer.step}", flush=True)
             record_resume(cfg, run_dir, trainer, resume_path)
-    elif dist_env.is_main:
-        set_aside_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    source = None
+    if resume_path is None:
+        if cfg.get("init_from"):
+            source = init_weights_from(trainer, cfg.init_from)
+            if dist_env.is_main:
+                shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in list(source["changed"].items())[:8])
+                print(f"initialised from {source['checkpoint']} (step {source['step']}), optimizer fresh, step 0"
+                      + (f"; changed: {shown}" if shown else ""), flush=True)
+                write_json_atomic(os.path.join(run_dir, "init_from.json"), strict_json(source))
+        if dist_env.is_main:
+            set_aside_metrics(os.path.join(run_dir, "metrics.jsonl"))
     t = cfg.trainer
     show = t.progress_bar and dist_env.is_main
     progress = tqdm(total=t.max_steps, initial=trainer.step, desc="train", dynamic_ncols=True) if show else None
@@ -823,6 +886,9 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
     if result.get("status") in ("nonfinite", "interrupted"):
         return result
     result["status"] = "ok"
+    result["environment"] = environment_info(trainer.device)  # device name, versions, date: the report's titles
+    if source is not None:
+        result["init_from"] = source["checkpoint"]
     # What the backend reports lives in this process, so in a multirun it covers the earlier jobs too.
     attention_info = run_info(cfg.attention.backend, cfg.data.seq_len)
     if attention_info:

@@ -95,7 +95,7 @@ _SDPA_NO_MASK = frozenset({"gqa", "dropout"})
 _HALF = ("float16", "bfloat16")
 # NOTE: FlexAttention has no dropout, and no backward on the CPU (its eager forward runs there,
 # which tests/test_flex.py checks): registered for CUDA.
-_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse"})
+_FLEX = frozenset({"window", "doc_ids", "gqa", "unaligned_causal", "return_lse", "alibi", "softcap"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +142,12 @@ _BACKENDS: tuple[BackendInfo, ...] = (
                 backward="naive_attention_backward"),
     BackendInfo("flash_v1", "FlashAttention-1 (Algorithms 1, 2 and 4): K/V-block outer loop, O, l, m in HBM",
                 "flash_v1", "flash_v1_attention", options=("sram_bytes", "num_splits", "deterministic"),
-                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_FLASH,
+                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_ALL,
                 backward="flash_v1_attention_backward"),
     BackendInfo("flash_v2", "FlashAttention-2: one program per query block, logsumexp, split backward",
                 "flash_v2", "flash_v2_attention", options=("block_m", "block_n", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
-                features=_FLASH, run_info="autotune_picks", backward="flash_v2_attention_backward"),
+                features=_ALL, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
@@ -166,11 +166,11 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",
-                features=_FLASH, run_info="autotune_picks", backward="flash_v2_attention_backward"),
+                features=_ALL, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("flash_v1_bh", "flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1)",
                 "flash_v1", "flash_v1_attention", fixed={"num_splits": 1}, options=("sram_bytes", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v1",
-                features=_FLASH, backward="flash_v1_attention_backward"),
+                features=_ALL, backward="flash_v1_attention_backward"),
 )
 _REGISTRY: dict[str, BackendInfo] = {b.name: b for b in _BACKENDS}
 

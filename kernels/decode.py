@@ -33,6 +33,10 @@ autotuner key: decoding token after token retunes only when the cache crosses a 
 two. The split kernel is autotuned (``_autotune.autotuned``) keyed on that bucket, the split
 count, BLOCK_M, the head dim and the mask flags.
 
+Variants (flash_v2's): ALiBi and the soft-cap change S in the split pass (one slope per
+(query, head) row); a sink logit joins the merge once, as one more split with no value:
+    M = max(M, sink)     O = sum_s w_s O_s / (sum_s w_s + exp2(sink - M))
+
 Caution / known limits: forward only (inference; no autograd). cache_seqlens values are not
 read on the host (no device sync): values above Nk_max are clipped to Nk_max, negative ones
 count as 0. Nq is meant to be small (decoding, speculative steps, short chunks); a long Nq
@@ -52,7 +56,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._autotune import autotuned, picks
-from ._common import MASKED_ROW_LSE, check_qkv, check_triton_device, default_scale, normalize_window, register_op
+from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_qkv, check_sink_logits, check_softcap,
+                      check_triton_device, default_scale, normalize_window, register_op)
+from .flash_v2 import _tanh, _variant_args
 
 BACKEND = "flash_decode"
 HEAD_DIMS = (16, 256)
@@ -79,8 +85,10 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
                          stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
                          stride_ls, stride_lb, stride_lh,
                          Hkv, GROUP, Nq, Nk_max, qk_scale, win_left, win_right, NUM_SPLITS, NK_BUCKET,
+                         SLOPES, stride_slb, stride_slh, softcap_in, softcap_out,
                          D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE: NK_BUCKET is not read here: it is the autotuner's shape class of Nk_max.
     split = tl.program_id(0)
@@ -125,6 +133,11 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     pos = row_i + shift
+    if HAS_SOFTCAP:  # NOTE: fp64 under torch.compile, as qk_scale in flash_v2
+        softcap_in = tl.cast(softcap_in, tl.float32)
+        softcap_out = tl.cast(softcap_out, tl.float32)
+    if HAS_ALIBI:  # each row of the block is a (query, head) pair: one slope per row, in base 2
+        slope2 = tl.load(SLOPES + b * stride_slb + head * stride_slh, mask=row_ok, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -137,7 +150,12 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         # -- S_j = Q K_j^T * scale * log2(e), masked --
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:  # -- S = softcap tanh(S / softcap), in base 2 --
+            s = _tanh(tl.dot(q, kT, input_precision=DOT_PRECISION) * softcap_in, FAST_TANH) * softcap_out
+        else:
+            s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:  # -- S -= slope |i + seqlen - Nq - j| --
+            s = s - slope2[:, None] * tl.abs(pos[:, None] - cols[None, :]).to(tl.float32)
         allowed = col_ok[None, :]
         if MASK_RIGHT:
             allowed = allowed & (cols[None, :] <= pos[:, None] + win_right)
@@ -164,13 +182,13 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
 
 
 @triton.jit
-def _decode_combine_kernel(O_part, LSE_part, Out, LSE,
+def _decode_combine_kernel(O_part, LSE_part, Out, LSE, SINKS,
                            stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
                            stride_ls, stride_lb, stride_lh,
                            stride_ob, stride_om, stride_oh, stride_od,
                            H, Nq, NUM_SPLITS,
                            D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED_LSE: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
+                           HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -182,9 +200,16 @@ def _decode_combine_kernel(O_part, LSE_part, Out, LSE,
                   other=float("-inf"))
     # -- M = max_s lse_s, w_s = exp2(lse_s - M) (0 for a split that saw no key) --
     m = tl.max(lse, 0)
+    if HAS_SINKS:
+        # -- the sink joins once, as one more split with no value: M = max(M, sink),
+        # sum w += exp2(sink - M); a row that saw no key gets O = 0, LSE = sink --
+        sink2 = tl.load(SINKS + h) * 1.4426950408889634  # NOTE: log2(e)
+        m = tl.maximum(m, sink2)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp2(sink2 - m_safe)
     o = tl.load(O_part + offs_s[:, None] * stride_ps + b * stride_pb + h * stride_ph + i * stride_pm
                 + offs_d[None, :] * stride_pd, mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     # -- O = sum_s w_s O_s / sum_s w_s --
@@ -208,7 +233,7 @@ SPLIT_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4), (
 #: The interpreter's one config (small tiles keep the CPU tests quick).
 INTERPRETER_BLOCK_N = 16
 _AUTOTUNE_KEY = ["NK_BUCKET", "NUM_SPLITS", "BLOCK_M", "HEAD_DIM", "HAS_SEQLENS", "MASK_LEFT", "MASK_RIGHT",
-                 "DOT_PRECISION"]
+                 "DOT_PRECISION", "HAS_ALIBI", "HAS_SOFTCAP"]
 
 
 def _triton_configs():
@@ -250,7 +275,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _flash_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cache_seqlens: Optional[torch.Tensor], softmax_scale: float, window_left: int,
-                      window_right: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      window_right: int, num_splits: int, alibi_slopes: Optional[torch.Tensor] = None,
+                      softcap: float = 0.0,
+                      sink_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
@@ -269,20 +296,26 @@ def _flash_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     args = (q, k_cache, v_cache, seqlens, o_part, lse_part, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *o_part.stride(), *lse_part.stride()[:3], Hkv, group, Nq, Nk_max, softmax_scale * LOG2E,
             max(window_left, 0), max(window_right, 0), num_splits, nk_bucket(Nk_max))
+    # NOTE: the variants as flash_v2 takes them (SINKS only in the merge, where it joins once).
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
+    args = args + variant
     meta = dict(D=D, HEAD_DIM=head_dim, HAS_SEQLENS=cache_seqlens is not None, MASK_LEFT=window_left >= 0,
-                MASK_RIGHT=window_right >= 0, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m)
+                MASK_RIGHT=window_right >= 0, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m,
+                **variant_flags)
     grid = (num_splits, B * Hkv, m_blocks)
     if _INTERPRET:
         wrap_triton(_decode_split_kernel)[grid](*args, **meta, BLOCK_N=INTERPRETER_BLOCK_N)
     else:
         wrap_triton(_SPLIT_TUNER)[grid](*args, **meta)
     wrap_triton(_decode_combine_kernel)[(Nq, B * H)](
-        o_part, lse_part, out, lse, *o_part.stride(), *lse_part.stride()[:3], *out.stride(), H, Nq, num_splits,
-        D=D, HEAD_DIM=head_dim, MASKED_LSE=MASKED_ROW_LSE, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        o_part, lse_part, out, lse, q if sink_logits is None else sink_logits, *o_part.stride(),
+        *lse_part.stride()[:3], *out.stride(), H, Nq, num_splits, D=D, HEAD_DIM=head_dim, MASKED_LSE=MASKED_ROW_LSE,
+        HAS_SINKS=sink_logits is not None, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return out, lse
 
 
-def _flash_decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left, window_right, num_splits):
+def _flash_decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left, window_right, num_splits,
+                           alibi_slopes=None, softcap=0.0, sink_logits=None):
     B, Nq, H, D = q.shape
     return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
@@ -319,7 +352,8 @@ def check_num_splits(num_splits) -> int:
 # ----------------------------------------------------------------------------------------
 
 def flash_decode(q, k_cache, v_cache, cache_seqlens=None, softmax_scale=None, causal: bool = False,
-                 window_size=(-1, -1), num_splits: int = 0, return_lse: bool = False):
+                 window_size=(-1, -1), num_splits: int = 0, return_lse: bool = False, alibi_slopes=None,
+                 softcap: float = 0.0, sink_logits=None):
     """softmax(Q K^T * softmax_scale) V for a few queries per sequence against a KV cache.
 
     Arguments:
@@ -340,9 +374,14 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens=None, softmax_scale=None, ca
         num_splits: how many programs share one sequence's key range; 0 picks from the SM
             count and the cache length (``pick_num_splits``); 1 is flash_v2's grid
         return_lse: also return the float32 logsumexp of each row
+        alibi_slopes: optional float32 (nheads,) or (batch, nheads): key j gets the bias
+            -slope * |i + cache_seqlens[b] - seqlen_q - j| in query i's row (in the split pass)
+        softcap: 0 (off) or > 0: scores become softcap * tanh(scores / softcap) (split pass)
+        sink_logits: optional float32 (nheads,): exp(sink_h) joins each row's denominator, added
+            once in the logsumexp merge; the lse returned includes it
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype [, lse (batch, nheads, seqlen_q)];
-        a row that sees no key returns zeros and MASKED_ROW_LSE.
+        a row that sees no key returns zeros and MASKED_ROW_LSE (its sink logit with sink_logits).
     float16, bfloat16 or float32, headdim 16..256, CUDA tensors (CPU under the interpreter).
     Forward only.
     """
@@ -355,7 +394,10 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens=None, softmax_scale=None, ca
     seqlens = check_cache_seqlens(cache_seqlens, q.shape[0], q.device)
     splits = check_num_splits(num_splits)
     scale = default_scale(softmax_scale, q.shape[-1])
-    out, lse = _decode_op(q, k_cache, v_cache, seqlens, scale, left, right, splits)
+    slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    cap = check_softcap(softcap)
+    sinks = check_sink_logits(sink_logits, q.shape[2], q.device)
+    out, lse = _decode_op(q, k_cache, v_cache, seqlens, scale, left, right, splits, slopes, cap, sinks)
     return (out, lse) if return_lse else out
 
 

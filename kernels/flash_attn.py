@@ -17,10 +17,12 @@ never materialises them). The calls run on the registry backend ``flash_v2`` unl
 is chosen: ``set_backend(name)``, ``with use_backend(name):`` or the keyword-only
 ``backend=name`` that every function takes after flash-attn's own arguments.
 
-An argument fatrain does not implement (softcap != 0, alibi_slopes, rotary_cos / rotary_sin,
-rotary_interleaved=False, cache_batch_idx, cache_leftpad, block_table) raises
-NotImplementedError naming it when given a value other than flash-attn's default; none is
-ignored. ``deterministic=True`` asks backends with that option for their deterministic
+``softcap`` and ``alibi_slopes`` ((nheads,) or (batch, nheads) float32, flash-attn's ALiBi) go
+to the backend, which must have the registry features ``softcap`` / ``alibi`` (flash_v2 and
+its decode kernel do; another backend raises naming itself and the feature). An argument
+fatrain does not implement (rotary_cos / rotary_sin, rotary_interleaved=False,
+cache_batch_idx, cache_leftpad, block_table) raises NotImplementedError naming it when given
+a value other than flash-attn's default; none is ignored. ``deterministic=True`` asks backends with that option for their deterministic
 backward; False (flash-attn's default) leaves the backend's own default, which for flash_v2
 is deterministic too.
 
@@ -89,8 +91,14 @@ def _refuse_unimplemented(**given) -> None:
             f"(leave {'it' if len(bad) == 1 else 'them'} at flash-attn's default)")
 
 
-def _unimplemented_common(softcap, alibi_slopes) -> dict:
-    return dict(softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None))
+def _variant_kwargs(softcap, alibi_slopes) -> dict:
+    """flash-attn's softcap and alibi_slopes as the attention call's keywords (only those that are set)."""
+    kwargs = {}
+    if softcap is None or isinstance(softcap, torch.Tensor) or softcap != 0.0:
+        kwargs["softcap"] = softcap
+    if alibi_slopes is not None:
+        kwargs["alibi_slopes"] = alibi_slopes
+    return kwargs
 
 
 def _backend_kwargs(name: str, deterministic) -> dict:
@@ -105,11 +113,13 @@ def _check_return_flag(name: str, value) -> bool:
     return value
 
 
-def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, deterministic, return_attn_probs, backend):
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs, backend):
     name = _resolve(backend)
     return_attn_probs = _check_return_flag("return_attn_probs", return_attn_probs)
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                  return_lse=return_attn_probs, **_backend_kwargs(name, deterministic))
+                  return_lse=return_attn_probs, **_backend_kwargs(name, deterministic),
+                  **_variant_kwargs(softcap, alibi_slopes))
     if dropout_p:
         kwargs["dropout_p"] = dropout_p
     result = get_backend(name)(q, k, v, **kwargs)
@@ -120,7 +130,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, deterministic
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, deterministic, return_attn_probs, backend):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend):
     name = _resolve(backend)
     return_attn_probs = _check_return_flag("return_attn_probs", return_attn_probs)
     # NOTE: varlen_attention takes no backend options; the registry's flash backends run their
@@ -129,7 +139,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     result = varlen_attention(name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                              window_size=window_size, return_lse=return_attn_probs)
+                              window_size=window_size, return_lse=return_attn_probs,
+                              **_variant_kwargs(softcap, alibi_slopes))
     if return_attn_probs:
         out, lse = result
         return out, lse, None
@@ -166,16 +177,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             (a row of zeros returns zeros)
         window_size: (left, right), -1 meaning infinite; query i sees keys in
             [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]
-        softcap, alibi_slopes: not implemented (0.0 and None only)
+        softcap: 0.0 (off) or > 0: scores become softcap * tanh(scores / softcap)
+        alibi_slopes: None, or float32 (nheads,) or (batch_size, nheads): key j gets the bias
+            -slope * |i + seqlen_k - seqlen_q - j| in query i's row
         deterministic: True asks for the backend's deterministic backward
         return_attn_probs: also return softmax_lse and None (in place of the probabilities)
         backend: keyword only, not flash-attn's: the registry backend (default: current_backend())
     Returns:
         out (batch_size, seqlen_q, nheads, headdim) [, softmax_lse (batch_size, nheads, seqlen_q), None]
     """
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes))
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, deterministic, return_attn_probs,
-                  backend)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, backend)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -183,10 +195,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               backend=None):
     """``flash_attn_func`` on q, k, v stacked in one tensor, qkv (batch_size, seqlen, 3, nheads,
     headdim) (views, no copy). Arguments and returns as flash_attn_func's."""
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes))
     _check_packed("qkv", qkv, 5, 2, 3, "(batch_size, seqlen, 3, nheads, headdim)")
-    return _dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
-                  deterministic, return_attn_probs, backend)
+    return _dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, backend)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -194,10 +205,9 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              backend=None):
     """``flash_attn_func`` with k and v stacked, kv (batch_size, seqlen_k, 2, nheads_k, headdim)
     (views, no copy). Arguments and returns as flash_attn_func's."""
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes))
     _check_packed("kv", kv, 5, 2, 2, "(batch_size, seqlen_k, 2, nheads_k, headdim)")
-    return _dense(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, deterministic,
-                  return_attn_probs, backend)
+    return _dense(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, backend)
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,25 +225,26 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: the longest query / key sequence
         causal, window_size: per sequence, aligned to the bottom-right of each sequence's
             (seqlen_q_b, seqlen_k_b) as flash_attn_func's
-        block_table: not implemented (None only); softcap, alibi_slopes, deterministic,
-            return_attn_probs, backend: as flash_attn_func's
+        block_table: not implemented (None only); softcap, deterministic, return_attn_probs,
+            backend: as flash_attn_func's; alibi_slopes: (nheads,) or (batch_size, nheads) float32,
+            the bias within each sequence
     Returns:
         out (total_q, nheads, headdim) [, softmax_lse (nheads, total_q), None]
     Through ``varlen.varlen_attention`` (its limits on the q and k packings apply).
     """
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes), block_table=(block_table, None))
+    _refuse_unimplemented(block_table=(block_table, None))
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                   causal, window_size, deterministic, return_attn_probs, backend)
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False, *, backend=None):
     """``flash_attn_varlen_func`` on qkv (total, 3, nheads, headdim) with one packing for q, k and v."""
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes))
     _check_packed("qkv", qkv, 4, 1, 3, "(total, 3, nheads, headdim)")
     return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                   softmax_scale, causal, window_size, deterministic, return_attn_probs, backend)
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   backend)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -241,10 +252,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                                     backend=None):
     """``flash_attn_varlen_func`` with kv (total_k, 2, nheads_k, headdim)."""
-    _refuse_unimplemented(**_unimplemented_common(softcap, alibi_slopes))
     _check_packed("kv", kv, 4, 1, 2, "(total_k, 2, nheads_k, headdim)")
     return _varlen(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, deterministic, return_attn_probs, backend)
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   backend)
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,15 +301,17 @@ def _uniform_length(cache_seqlens, capacity: int) -> Optional[int]:
     return lengths.pop() if len(lengths) == 1 else -1
 
 
-def _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_size, num_splits):
-    """(out, lse) over each row's valid prefix of the caches."""
+def _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_size, num_splits,
+                       variants: dict):
+    """(out, lse) over each row's valid prefix of the caches; ``variants``: softcap, alibi_slopes."""
     capacity = k_cache.shape[1]
     if name == "flash_v2" and (q.shape[1] <= DECODE_MAX_SEQLEN_Q or isinstance(cache_seqlens, torch.Tensor)):
         from .decode import flash_decode
         return flash_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                            causal=causal, window_size=window_size, num_splits=num_splits, return_lse=True)
+                            causal=causal, window_size=window_size, num_splits=num_splits, return_lse=True,
+                            **variants)
     attn = get_backend(name)
-    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, return_lse=True)
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, return_lse=True, **variants)
     length = _uniform_length(cache_seqlens, capacity)
     if length >= 0:
         if not 1 <= length <= capacity:
@@ -309,7 +322,9 @@ def _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     for b, n in enumerate(cache_seqlens.tolist()):
         if not 1 <= n <= capacity:
             raise ValueError(f"cache_seqlens[{b}] must be in 1..{capacity} (the cache's positions), got {n}")
-        out, lse = attn(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], **kwargs)
+        slopes = kwargs.get("alibi_slopes")
+        row = kwargs if slopes is None or slopes.dim() == 1 else dict(kwargs, alibi_slopes=slopes[b:b + 1])
+        out, lse = attn(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], **row)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
@@ -345,16 +360,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             i + (valid keys) - seqlen_q
         num_splits: the decode kernel's split count (0: its heuristic); flash_v2 only
         return_softmax_lse: also return softmax_lse (batch_size, nheads, seqlen_q)
-        rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table, softcap,
-        rotary_interleaved=False, alibi_slopes: not implemented (flash-attn's defaults only)
+        softcap, alibi_slopes: as flash_attn_func's (the decode kernel applies them in its split pass)
+        rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table,
+        rotary_interleaved=False: not implemented (flash-attn's defaults only)
         backend: keyword only, not flash-attn's: the registry backend (default: current_backend())
     Returns:
         out (batch_size, seqlen_q, nheads, headdim) [, softmax_lse (batch_size, nheads, seqlen_q)]
     """
     _refuse_unimplemented(rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
                           cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
-                          block_table=(block_table, None), softcap=(softcap, 0.0),
-                          rotary_interleaved=(rotary_interleaved, True), alibi_slopes=(alibi_slopes, None))
+                          block_table=(block_table, None), rotary_interleaved=(rotary_interleaved, True))
     name = _resolve(backend)
     return_softmax_lse = _check_return_flag("return_softmax_lse", return_softmax_lse)
     if name != "flash_v2" and num_splits != 0:
@@ -376,7 +391,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              "int32 tensor) with them")
         cache_seqlens = _append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
     out, lse = _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_size,
-                                  num_splits)
+                                  num_splits, _variant_kwargs(softcap, alibi_slopes))
     return (out, lse) if return_softmax_lse else out
 
 

@@ -28,6 +28,14 @@ m + log l on the host).
 Backward (Algorithm 4): for each K/V block j (dK~, dV~ on chip), for each Q block i:
     P = diag(l_i)^-1 exp(tau Q_i K_j^T - m_i)   dV~ += (P o Z)^T dO_i   dP = (dO_i V_j^T) o Z
     D_i = rowsum(dO_i o O_i)   dS = P o (dP - D_i)   dQ_i += tau dS K_j (HBM)   dK~ += tau dS^T Q_i
+Variants (each a constexpr switch, so the plain kernels are unchanged): soft-cap
+S_ij = c tanh(S_ij / c) after the scale (the backward recomputes the tanh and multiplies dS_ij
+by 1 - tanh^2 before lines 22-23); ALiBi S_ij -= slope_bh |r + Nk - Nq - c| after it (the
+(B, H) float32 slopes are read once per program). Sinks follow from O, l, m living in HBM:
+each row starts at m = sink_h, l = 1 (a key with score sink_h and no value), so every l and m
+and the returned lse include the sink, and the backward's P_ij is right unchanged; d sink_h =
+-sum_(b,i) e^(sink_h - m_i) / l_i D_i is reduced on the host from O, dO, l and m by torch's
+(atomic-free, deterministic) sums.
 Dropout: Z is ``_dropout.dropout_keep`` (counter-based, shared with naive and flash_v2), so
 the backward regenerates it from the seed. Masks: query r sits at key position
 r + Nk - Nq; a K/V block's inner loop covers only the Q blocks its window can see;
@@ -39,7 +47,8 @@ O rescaled every step, D_i recomputed for every (i, j)); O and dQ are float32 bu
 size of q in HBM. A program reads back what it wrote for an earlier K/V block, so a
 ``tl.debug_barrier()`` ends each outer step (not in a split backward). The inner loop is not
 software-pipelined (``NUM_STAGES``). K/V blocks are loaded even when no Q block sees them.
-float32 uses IEEE dots. Without a dropout_seed the seed is drawn on the host (a graph break
+float32 uses IEEE dots. The soft-cap's tanh is written with exp (no libdevice call, so the
+interpreter runs it). ALiBi slopes get no gradient. Without a dropout_seed the seed is drawn on the host (a graph break
 under torch.compile); the CPU interpreter cannot torch.compile the triton_ops. If Triton's
 staging needs more shared memory than the formula budgets, the eager launcher halves the
 blocks and warns. The returned lse is not differentiable. bfloat16 is wrong under the
@@ -58,8 +67,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dropout
-from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      check_triton_device, default_scale, normalize_window, refuse_variants)
+from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_deterministic, check_doc_ids, check_dropout,
+                      check_qkv, check_sink_logits, check_softcap, check_triton_device, default_scale,
+                      normalize_window)
 from ._dropout import dropout_keep
 
 BACKEND = "flash_v1"
@@ -100,6 +110,24 @@ def _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT, WIN
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)); e^(-2|x|) <= 1, so nothing overflows.
+
+    NOTE: written out because libdevice's tanh does not run under the CPU interpreter.
+    """
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _alibi_bias(slope, offs_m, offs_n, diag_offset):
+    """(BLOCK_M, BLOCK_N) ALiBi bias -slope * |r + diag_offset - c| (flash-attn's definition)."""
+    dist = tl.abs((offs_m[:, None] + diag_offset) - offs_n[None, :]).to(tl.float32)
+    return -slope * dist
+
+
+@triton.jit
 def _first_owned(lo, BLOCK: tl.constexpr, split, NUM_SPLITS):
     """The first block start >= lo (lo a multiple of BLOCK) whose block index is split mod NUM_SPLITS."""
     return lo + ((split + NUM_SPLITS - (lo // BLOCK) % NUM_SPLITS) % NUM_SPLITS) * BLOCK
@@ -118,22 +146,23 @@ def _doc_block(doc_base, stride_docn, offs, N_CTX_K):
 
 @triton.jit
 def _flash_v1_fwd_kernel(
-    Q, K, V, O, L, M, DOC,
+    Q, K, V, O, L, M, DOC, ALIBI,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_docb, stride_docn,
-    softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, GROUP, D,
+    stride_docb, stride_docn, stride_alibib, stride_alibih,
+    softmax_scale, softcap, N_CTX_Q, N_CTX_K, NHEADS, GROUP, D,
     WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed, NUM_SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Algorithm 1 for one (batch, query head) and the Q blocks i = split (mod NUM_SPLITS).
 
     O is float32 in HBM; L and M are (B, H, Nq). With NUM_SPLITS = 1 this is the paper's
     program; more splits give each (batch, head) NUM_SPLITS programs that own disjoint Q rows.
+    Sinks need nothing here: the launcher starts each row at m = sink_h, l = 1.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -150,6 +179,9 @@ def _flash_v1_fwd_kernel(
     d_valid = offs_d < D
     # Query row r sits at key position r + diag_offset (causal aligned bottom-right).
     diag_offset = N_CTX_K - N_CTX_Q
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + off_b * stride_alibib + off_h * stride_alibih)
 
     # -- line 6: for 1 <= j <= T_c --
     for start_n in range(0, N_CTX_K, BLOCK_N):
@@ -188,6 +220,12 @@ def _flash_v1_fwd_kernel(
                 m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
                 # -- line 10: S_ij = tau Q_i K_j^T, then MASK (Algorithm 2 lines 10-11) --
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+                if HAS_SOFTCAP:
+                    # -- soft-cap: S_ij = c tanh(S_ij / c) --
+                    s = softcap * _tanh(s / softcap)
+                if HAS_ALIBI:
+                    # -- ALiBi: S_ij -= slope |r + Nk - Nq - c| --
+                    s += _alibi_bias(slope, offs_m, offs_n, diag_offset)
                 allowed = _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT, WINDOW_RIGHT,
                                        HAS_LEFT, HAS_RIGHT)
                 if HAS_DOCS:
@@ -229,7 +267,7 @@ def _flash_v1_fwd_kernel(
 
 @triton.jit
 def _flash_v1_bwd_kernel(
-    Q, K, V, O, DO, L, M, DQ, DK, DV, DOC,
+    Q, K, V, O, DO, L, M, DQ, DK, DV, DOC, ALIBI,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -238,12 +276,12 @@ def _flash_v1_bwd_kernel(
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    stride_docb, stride_docn,
-    softmax_scale, N_CTX_Q, N_CTX_K, NHEADS, NHEADS_K, GROUP, D,
+    stride_docb, stride_docn, stride_alibib, stride_alibih,
+    softmax_scale, softcap, N_CTX_Q, N_CTX_K, NHEADS, NHEADS_K, GROUP, D,
     WINDOW_LEFT, WINDOW_RIGHT, dropout_p, dropout_scale, seed, NUM_SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Algorithm 4 for one (batch, key/value head), the GROUP query heads that share it, and the
     K/V blocks j = split (mod NUM_SPLITS).
@@ -251,6 +289,7 @@ def _flash_v1_bwd_kernel(
     With NUM_SPLITS = 1 this is the paper's program and dQ_i is read-modify-written (ATOMIC_DQ
     off: bit-reproducible). With more splits several programs add into the same dQ_i, so
     line 22 becomes a float32 atomic add in HBM (ATOMIC_DQ on), as flash-attn 1.x did.
+    With sinks, l_i and m_i include the sink, so P_ij is already right; d sink is the launcher's.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -293,6 +332,9 @@ def _flash_v1_bwd_kernel(
             do_base = DO + off_b.to(tl.int64) * stride_dob + off_h * stride_doh
             dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h * stride_dqh
             lm_offset = (off_b.to(tl.int64) * NHEADS + off_h) * N_CTX_Q
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(ALIBI + off_b * stride_alibib + off_h * stride_alibih)
             # -- line 10: for 1 <= i <= T_r --
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -315,8 +357,13 @@ def _flash_v1_bwd_kernel(
                         dq = tl.load(dq_ptrs, mask=qo_mask, other=0.0)
                     l_i = tl.load(L + lm_offset + offs_m, mask=m_valid, other=0.0)
                     m_i = tl.load(M + lm_offset + offs_m, mask=m_valid, other=float("-inf"))
-                    # -- lines 12-13: S_ij = tau Q_i K_j^T, MASK --
+                    # -- lines 12-13: S_ij = tau Q_i K_j^T (soft-capped, ALiBi-biased as forward), MASK --
                     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * softmax_scale
+                    if HAS_SOFTCAP:
+                        tanh_s = _tanh(s / softcap)
+                        s = softcap * tanh_s
+                    if HAS_ALIBI:
+                        s += _alibi_bias(slope, offs_m, offs_n, diag_offset)
                     allowed = _window_mask(offs_m, offs_n, m_valid, n_valid, diag_offset, WINDOW_LEFT,
                                            WINDOW_RIGHT, HAS_LEFT, HAS_RIGHT)
                     if HAS_DOCS:
@@ -343,6 +390,9 @@ def _flash_v1_bwd_kernel(
                     d_i = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
                     # -- line 21: dS_ij = P_ij o (dP_ij - D_i) --
                     ds = p * (dp - d_i[:, None])
+                    if HAS_SOFTCAP:
+                        # -- through the soft-cap: d(c tanh(x / c)) / dx = 1 - tanh^2 --
+                        ds = ds * (1.0 - tanh_s * tanh_s)
                     # -- line 22: dQ_i += tau dS_ij K_j in HBM (float32) --
                     dq_ij = softmax_scale * tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
                     if ATOMIC_DQ:
@@ -508,43 +558,58 @@ def _launch(kernel, grid, args, *, block_m: int, block_n: int, **meta) -> None:
             block_m, block_n = smaller
 
 
-def _mask_meta(window_left: int, window_right: int, doc_ids, dropout_p: float) -> dict:
-    """The constexpr switches: features that are off compile out of the kernels (dropout_p = 0 costs nothing)."""
+def _mask_meta(window_left: int, window_right: int, doc_ids, dropout_p: float, alibi_slopes,
+               softcap: float) -> dict:
+    """The constexpr switches: features that are off compile out of the kernels (dropout_p = 0, no
+    ALiBi and no soft-cap cost nothing)."""
     return dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DOCS=doc_ids is not None,
-                HAS_DROPOUT=dropout_p > 0.0)
+                HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0.0)
 
 
-def _mask_args(q: torch.Tensor, window_left: int, window_right: int, doc_ids, dropout_p: float, seed: int):
-    """(doc pointer and strides), (window, dropout) kernel arguments; q stands in for absent doc_ids."""
+def _mask_args(q: torch.Tensor, window_left: int, window_right: int, doc_ids, dropout_p: float, seed: int,
+               alibi_slopes):
+    """(doc and ALiBi pointers, their strides), (window, dropout) kernel arguments; q stands in
+    for absent doc_ids and slopes."""
     docs = (q, 0, 0) if doc_ids is None else (doc_ids, doc_ids.stride(0), doc_ids.stride(1))
+    slopes = (q, 0, 0) if alibi_slopes is None else (alibi_slopes, *alibi_slopes.stride())
     # NOTE: the scale 1 / (1 - p) is computed once on the host; unused when p = 0.
     drop = (window_left, window_right, dropout_p, 1.0 / (1.0 - dropout_p), seed)
-    return docs, drop
+    return (docs[0], slopes[0]), (*docs[1:], *slopes[1:]), drop
 
 
 @triton_op("fatrain::flash_v1_forward", mutates_args={})
 def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       window_left: int, window_right: int, doc_ids: Optional[torch.Tensor], dropout_p: float,
-                      seed: int, block_m: int, block_n: int, fwd_splits: int,
-                      bwd_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      seed: int, block_m: int, block_n: int, fwd_splits: int, bwd_splits: int,
+                      alibi_slopes: Optional[torch.Tensor], softcap: float,
+                      sink_logits: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run Algorithm 1 with Algorithm 2's mask and dropout; return out (input dtype), l and m (float32, (B, H, Nq)).
 
     ``fwd_splits`` programs per (batch, head) share its Q blocks; ``bwd_splits`` is for the backward.
+    ``alibi_slopes`` is (B, H) float32 or None; ``softcap`` 0 is off; with ``sink_logits`` (H,) the
+    returned l and m include each row's sink.
     """
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     # -- Algorithm 1 line 3: O = 0, l = 0, m = -inf in HBM (O in float32) --
     o = torch.zeros(B, Nq, H, D, device=q.device, dtype=torch.float32)
-    l = torch.zeros(B, H, Nq, device=q.device, dtype=torch.float32)
-    m = torch.full((B, H, Nq), float("-inf"), device=q.device, dtype=torch.float32)
+    if sink_logits is None:
+        l = torch.zeros(B, H, Nq, device=q.device, dtype=torch.float32)
+        m = torch.full((B, H, Nq), float("-inf"), device=q.device, dtype=torch.float32)
+    else:
+        # The sink is a key with score sink_h and no value, seen by every row: each row starts
+        # as if it had been visited first, m = sink_h and l = e^(sink_h - m) = 1 (O stays 0).
+        l = torch.ones(B, H, Nq, device=q.device, dtype=torch.float32)
+        m = sink_logits.detach().float()[None, :, None].expand(B, H, Nq).contiguous()
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
-    (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
+    (doc, slopes), strides, mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed,
+                                                   alibi_slopes)
     _launch(_flash_v1_fwd_kernel, (B * H, fwd_splits), (
-        q, k, v, o, l, m, doc,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *doc_strides,
-        softmax_scale, Nq, Nk, H, H // Hkv, D, *mask_args, fwd_splits,
+        q, k, v, o, l, m, doc, slopes,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
+        softmax_scale, softcap, Nq, Nk, H, H // Hkv, D, *mask_args, fwd_splits,
     ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
-        **_mask_meta(window_left, window_right, doc_ids, dropout_p),
+        **_mask_meta(window_left, window_right, doc_ids, dropout_p, alibi_slopes, softcap),
         INPUT_PRECISION=_input_precision(q.dtype), num_warps=_num_warps(head_dim_padded))
     return o.to(q.dtype), l, m
 
@@ -553,7 +618,8 @@ def _flash_v1_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        l: torch.Tensor, m: torch.Tensor, softmax_scale: float, window_left: int, window_right: int,
                        doc_ids: Optional[torch.Tensor], dropout_p: float, seed: int,
-                       block_m: int, block_n: int, bwd_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       block_m: int, block_n: int, bwd_splits: int, alibi_slopes: Optional[torch.Tensor],
+                       softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run Algorithm 4 with ``bwd_splits`` programs per (batch, K/V head); return dq, dk, dv in the input dtype."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -562,14 +628,15 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dk = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Nk, Hkv, D, device=q.device, dtype=v.dtype)
     head_dim_padded = max(MIN_BLOCK, triton.next_power_of_2(D))
-    (doc, *doc_strides), mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed)
+    (doc, slopes), strides, mask_args = _mask_args(q, window_left, window_right, doc_ids, dropout_p, seed,
+                                                   alibi_slopes)
     _launch(_flash_v1_bwd_kernel, (B * Hkv, bwd_splits), (
-        q, k, v, out, do, l, m, dq, dk, dv, doc,
+        q, k, v, out, do, l, m, dq, dk, dv, doc, slopes,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(), *doc_strides,
-        softmax_scale, Nq, Nk, H, Hkv, H // Hkv, D, *mask_args, bwd_splits,
+        *dq.stride(), *dk.stride(), *dv.stride(), *strides,
+        softmax_scale, softcap, Nq, Nk, H, Hkv, H // Hkv, D, *mask_args, bwd_splits,
     ), block_m=block_m, block_n=block_n, HEAD_DIM=head_dim_padded,
-        **_mask_meta(window_left, window_right, doc_ids, dropout_p),
+        **_mask_meta(window_left, window_right, doc_ids, dropout_p, alibi_slopes, softcap),
         INPUT_PRECISION=_input_precision(q.dtype), ATOMIC_DQ=bwd_splits > 1,
         num_warps=_num_warps(head_dim_padded))
     return dq.to(q.dtype), dk, dv
@@ -580,22 +647,40 @@ def _flash_v1_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 # ----------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, window_left, window_right, doc_ids, dropout_p, seed, block_m, block_n, _, bwd_splits = inputs
+    (q, k, v, softmax_scale, window_left, window_right, doc_ids, dropout_p, seed, block_m, block_n, _, bwd_splits,
+     alibi_slopes, softcap, sink_logits) = inputs
     out, l, m = output
     # The seed, not the mask, is saved: the backward regenerates Z_ij (Algorithm 4 line 15).
-    ctx.save_for_backward(q, k, v, out, l, m, doc_ids)
+    ctx.save_for_backward(q, k, v, out, l, m, doc_ids, alibi_slopes, sink_logits)
     ctx.softmax_scale = softmax_scale
     ctx.window = (window_left, window_right)
     ctx.dropout = (dropout_p, seed)
     ctx.blocks = (block_m, block_n, bwd_splits)
+    ctx.softcap = softcap
+
+
+def _sink_grad(dout, out, l, m, sink_logits):
+    """d sink_h = -sum over (b, i) of P_sink,i D_i, where P_sink,i = e^(sink_h - m_i) / l_i is the
+    sink's probability in row i and D_i = rowsum(dO_i o O_i) (Algorithm 4 line 20): the sink
+    enters each row's softmax with no value, so its dP is 0 and dS_sink = P_sink (0 - D_i).
+
+    NOTE: computed from the HBM tensors with torch's reductions, which use no atomics: the same
+    bits every run, whatever the backward's split count.
+    """
+    d_i = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, Nq)
+    p_sink = torch.exp(sink_logits.float()[None, :, None] - m) / l
+    return -(p_sink * d_i).sum(dim=(0, 2))
 
 
 def _backward(ctx, dout, dl, dm):
     # dl, dm: l and m are statistics, not outputs a loss depends on (lse is detached).
-    q, k, v, out, l, m, doc_ids = ctx.saved_tensors
+    q, k, v, out, l, m, doc_ids, alibi_slopes, sink_logits = ctx.saved_tensors
     dq, dk, dv = _flash_v1_backward(dout, q, k, v, out, l, m, ctx.softmax_scale, *ctx.window, doc_ids,
-                                    *ctx.dropout, *ctx.blocks)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                    *ctx.dropout, *ctx.blocks, alibi_slopes, ctx.softcap)
+    dsink = None
+    if sink_logits is not None and ctx.needs_input_grad[15]:
+        dsink = _sink_grad(dout, out, l, m, sink_logits).to(sink_logits.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, dsink
 
 
 _flash_v1_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -612,7 +697,8 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
                        softcap: float = 0.0, sink_logits=None):
     """FlashAttention-1 (Algorithms 1, 2 and 4): exact attention with O, l and m kept in HBM.
 
-    Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
+    Arguments as in fatrain.kernels (the registry), ALiBi slopes, soft-cap and sink logits
+    included (d sink_logits is deterministic at any split); float16, bfloat16 or float32, headdim
     16..256, CUDA tensors (CPU tensors under the Triton interpreter). Its own options:
         sram_bytes: the on-chip budget M in bytes that sets the block sizes
             (None: :func:`set_sram_bytes`'s value, else the GPU's shared memory per block)
@@ -628,9 +714,11 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     Limits: the returned lse is not differentiable; torch.compile works on a GPU only (not
     through the CPU interpreter); without a dropout_seed the seed is drawn on the host.
     """
-    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
     check_triton_device(q)
+    slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
+    cap = check_softcap(softcap)
+    sinks = check_sink_logits(sink_logits, H, q.device)
     check_doc_ids(doc_ids, B, Nk, q.device)
     if doc_ids is not None and Nq > Nk:
         raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
@@ -645,7 +733,8 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
     check_deterministic(deterministic)
     splits = resolve_num_splits(num_splits, deterministic, B, H, Hkv, Nq, Nk, block_m, block_n, q.device)
-    out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n, *splits)
+    out, l, m = _flash_v1_forward(q, k, v, scale, left, right, doc_ids, p, seed, block_m, block_n, *splits,
+                                  slopes, cap, sinks)
     results = [out]
     if return_lse:
         l, m = l.detach(), m.detach()
@@ -678,4 +767,4 @@ def flash_v1_attention_backward(do, q, k, v, out, lse, *, causal: bool = False, 
     # NOTE: the kernel reads l and m as contiguous (B, H, Nq) rows.
     m = lse.float().contiguous()
     return _flash_v1_backward(do, q, k, v, out, torch.ones_like(m), m, scale, left, right, doc_ids, 0.0, 0,
-                              block_m, block_n, splits[1])
+                              block_m, block_n, splits[1], None, 0.0)

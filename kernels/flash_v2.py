@@ -30,6 +30,20 @@ kernels), in the interpreter opaque custom ops. Configs are autotuned per shape 
 (``_autotune.py``, lists in ``_flash_v2_configs.py``); ``configs``/``pin`` choose one,
 ``block_m``/``block_n`` fix the tiles for ablations.
 
+Variants (constexprs HAS_ALIBI, HAS_SOFTCAP, HAS_SINKS; off, they compile out: the plain
+kernels' sm_90 PTX is the same instruction stream with them as without). Each pass forms
+the base-2 scores from the raw tile (``_score_mod``), before the mask:
+    S = softcap * tanh(qk * scale / softcap) * log2(e) - slope_bh * log2(e) * |i + Nk - Nq - j|
+(without the soft-cap S = qk * scale * log2(e) - ...; the slope is loaded once per program,
+the distance recomputed per tile, so no bias is stored). The forward folds the sink into its
+epilogue: m = max(m_i, sink), l = l_i 2^(m_i - m) + 2^(sink - m), O = acc 2^(m_i - m) / l,
+LSE = (m + log2 l) ln 2, so a row that sees no key gets O = 0 and LSE = sink. The backward
+recomputes P from that LSE (the sink is in it), dS = P o (dP - Delta) o (1 - tanh^2) with the
+soft-cap, and d sink_h = -sum_(b, i) exp(sink_h - LSE_i) Delta_i from the Delta the first pass
+already writes, reduced by a torch sum (deterministic; no atomics). tanh: the MUFU's
+tanh.approx.f32 for half-precision inputs on NVIDIA GPUs (as flash-attn's soft-cap), else
+1 - 2 / (exp(2x) + 1). ALiBi and the soft-cap leave the masks, and so the block skipping, as they are.
+
 VARLEN mode (``flash_v2_varlen_attention``): sequences packed without padding, q
 (total_q, H, D) and k, v (total_k, Hkv, D) with their own offsets cu_seqlens_q and
 cu_seqlens_k. The grid is (cdiv(max_seqlen_q, BLOCK_M), batch * H) (dK/dV: max_seqlen_k,
@@ -65,8 +79,8 @@ from torch.library import wrap_triton
 from . import _dropout
 from . import _flash_v2_configs as _configs
 from ._autotune import picks, shape_class_autotuned
-from ._common import (MASKED_ROW_LSE, check_deterministic, check_doc_ids, check_dropout, check_qkv,
-                      default_scale, normalize_window, refuse_variants, register_op)
+from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_deterministic, check_doc_ids, check_dropout,
+                      check_qkv, check_sink_logits, check_softcap, default_scale, normalize_window, register_op)
 from ._dropout import dropout_apply, dropout_apply_t
 from ._tma import use_tma, use_tma_stats
 
@@ -108,6 +122,37 @@ def _mask_tile(x, rows, cols, doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
         if mixed_docs:
             x = tl.where(doc_q == doc_k, x, fill)
     return x
+
+
+@triton.jit
+def _tanh(x, FAST_TANH: tl.constexpr):
+    """tanh in float32: FAST_TANH, the MUFU's tanh.approx.f32 (2^-11 relative error, as flash-attn's
+    soft-cap; half-precision inputs on NVIDIA GPUs only); else 1 - 2 / (exp(2x) + 1), which
+    saturates to +-1 without a NaN and runs in the interpreter."""
+    if FAST_TANH:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # NOTE: 2 log2(e)
+
+
+@triton.jit
+def _score_mod(qk, rows, cols, seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
+    """The variants' base-2 scores of a raw Q K^T tile, and tanh of the soft-cap (for dS):
+        S = softcap * tanh(qk * scale / softcap) * log2(e)    (softcap_in = scale / softcap,
+                                                               softcap_out = softcap * log2(e))
+        S = S - slope * log2(e) * |i + Nk - Nq - j|            (slope2 = slope * log2(e))
+    rows and cols broadcast to qk's orientation; ALiBi's |.| makes the transposed tile alike."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * softcap_in, FAST_TANH)
+        s = t * softcap_out
+    else:
+        t = qk  # NOTE: unused without the soft-cap
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(rows + seq_shift - cols).to(tl.float32)
+    return s, t
 
 
 @triton.jit
@@ -185,11 +230,31 @@ def _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in, softcap_out,
+                     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(softcap_in, softcap_out, slope2) as float32: the soft-cap's factors and the ALiBi slope of
+    (sequence off_b, head off_h) in base 2; zeros for the variants that are off."""
+    if HAS_SOFTCAP:  # NOTE: fp64 under torch.compile, see _fwd_kernel
+        softcap_in = tl.cast(softcap_in, tl.float32)
+        softcap_out = tl.cast(softcap_out, tl.float32)
+    else:
+        softcap_in = 0.0
+        softcap_out = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + off_b * stride_slb + off_h * stride_slh) * 1.4426950408889634  # NOTE: log2(e)
+    else:
+        slope2 = 0.0
+    return softcap_in, softcap_out, slope2
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
                offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
+               softcap_in, softcap_out, slope2,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """One key block of Algorithm 1's inner loop. MASKED: a window edge, the diagonal or the Nk
     tail crosses it; with documents the id mask applies only where the pair spans several (mixed_docs).
     USE_TMA: K_j and V_j come through tensor descriptors (zero fill past Nk and past D), else
@@ -213,10 +278,17 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     else:
         kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP or HAS_ALIBI:
+        # -- S_ij = softcap tanh(S_ij / softcap) - slope |i + Nk - Nq - j|, already in base 2 --
+        qk, _ = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+                           HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        s_scale = 1.0
+    else:
+        s_scale = qk_scale  # the plain path folds the scale into the exponent
     qk = _mask_tile(qk, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
                     win_right, float("-inf"), MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- m_new = max(m_i, rowmax(S_ij)) --
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * s_scale)
     if MASKED or HAS_DOCS:
         # NOTE: a row that has seen no key yet keeps m = -inf; subtract 0 instead so
         # exp2(-inf - -inf) never makes a NaN (its P and alpha are 0 either way).
@@ -224,7 +296,7 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     else:
         m_sub = m_new
     # -- P_ij = exp2(S_ij - m_new); rescale the running sums lazily --
-    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    p = tl.math.exp2(qk * s_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -248,10 +320,11 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
 def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
-               seed, dropout_p, off_bh, Nq,
+               seed, dropout_p, off_bh, Nq, softcap_in, softcap_out, slope2,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """Key blocks [lo, hi) of Algorithm 1's inner loop; MASKED=False only for blocks every row's window sees whole."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V_blk + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -264,13 +337,16 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
                 acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q,
                                            doc_k[None, :], mixed_docs, offs_m, offs_d, Nk, seq_shift, win_left,
-                                           win_right, qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
-                                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                                           win_right, qk_scale, seed, dropout_p, off_bh, Nq, softcap_in,
+                                           softcap_out, slope2, D, HEAD_DIM, MASKED, MASK_LEFT, MASK_RIGHT,
+                                           HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI,
+                                           FAST_TANH)
         else:
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, 0,
                                        False, offs_m, offs_d, Nk, seq_shift, win_left, win_right,
-                                       qk_scale, seed, dropout_p, off_bh, Nq, D, HEAD_DIM, MASKED,
-                                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                                       qk_scale, seed, dropout_p, off_bh, Nq, softcap_in, softcap_out, slope2,
+                                       D, HEAD_DIM, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
+                                       HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         kT_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -284,10 +360,12 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
                 stride_ob, stride_om, stride_oh, stride_od,
                 stride_docb, stride_docn, stride_lseb, stride_lseh,
                 H, GROUP, Nq, Nk, qk_scale, win_left, win_right, seed, dropout_p, dropout_scale,
+                SLOPES, SINKS, stride_slb, stride_slh, softcap_in, softcap_out,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_LSE: tl.constexpr,
-                USE_TMA: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                USE_TMA: tl.constexpr, VARLEN: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_SINKS: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # NOTE (2026-11, torch 2.11): torch.compile launches this kernel with Python floats typed
     # fp64; without the cast S, P and the accumulator silently become fp64.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -308,6 +386,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
         if start_m >= Nq:  # the grid covers max_seqlen_q; this sequence is shorter
             return
     seq_shift = Nk - Nq
+    softcap_in, softcap_out, slope2 = _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in,
+                                                       softcap_out, HAS_ALIBI, HAS_SOFTCAP)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -359,27 +439,43 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                    stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                    offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
-                                   qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
-                                   MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                                   qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
+                                   HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
+                                   HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
-                               qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, False, MASK_LEFT,
-                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                               qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
+                               HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                               USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                                offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
-                               qk_scale, seed, dropout_p, pid_bh, Nq, D, HEAD_DIM, BLOCK_N, True, MASK_LEFT,
-                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                               qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
+                               HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                               USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
 
-    # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    if HAS_DROPOUT:
-        acc = acc * (dropout_scale / l_safe)[:, None]  # O_i = acc / l_i / (1 - p)
+    if HAS_SINKS:
+        # -- the sink joins the denominator: m = max(m_i, sink), l = l_i 2^(m_i - m) + 2^(sink - m);
+        # a row that saw no key (m_i = -inf) gives O = 0 and LSE = sink --
+        sink2 = tl.load(SINKS + off_h) * 1.4426950408889634  # NOTE: log2(e)
+        m_f = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_f)
+        l_f = l_i * alpha + tl.math.exp2(sink2 - m_f)
+        if HAS_DROPOUT:
+            acc = acc * (alpha * dropout_scale / l_f)[:, None]
+        else:
+            acc = acc * (alpha / l_f)[:, None]
+        lse = (m_f + tl.math.log2(l_f)) * 0.6931471805599453  # NOTE: ln(2)
     else:
-        acc = acc / l_safe[:, None]
-    lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
+        # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        if HAS_DROPOUT:
+            acc = acc * (dropout_scale / l_safe)[:, None]  # O_i = acc / l_i / (1 - p)
+        else:
+            acc = acc / l_safe[:, None]
+        lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
     tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + q_start + offs_m, lse, mask=row_ok)
     O_blk = Out + off_b * stride_ob + q_start * stride_om + off_h * stride_oh
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
@@ -413,10 +509,11 @@ def _bwd_preprocess(Out, DO, Delta, LSE, LSE2,
 def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d,
                 doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
-                DQ_blk, stride_dqm, dq_scale, D: tl.constexpr, MASKED: tl.constexpr,
+                DQ_blk, stride_dqm, dq_scale, softcap_in, softcap_out, slope2, D: tl.constexpr, MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """One query block against the program's K/V block; masks as in _fwd_block (USE_TMA: Q and
     dO rows through tensor descriptors, as K and V in _fwd_block; STATS_TMA: the rows' LSE and
     Delta too, LSE_row and Delta_row being 1-D descriptors). ATOMIC_DQ: also
@@ -449,7 +546,12 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     # +1-2% at d=64 and d=128.
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # -- P^T = exp2(S^T - LSE), recomputed --
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if HAS_SOFTCAP or HAS_ALIBI:
+        sT, tT = _score_mod(qkT, rows[None, :], offs_n[:, None], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+                            HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        pT = tl.math.exp2(sT - lse2[None, :])
+    else:
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
                     win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- dV += (P o Z)^T dO (times 1 / (1 - p) at the end) --
@@ -468,7 +570,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     if HAS_DROPOUT:
         dpT = dropout_apply_t(dpT, seed, bh, offs_n, rows, dropout_p)
         delta = delta * (1.0 - dropout_p)
-    dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:  # -- through the soft-cap: d tanh(x) = 1 - tanh(x)^2 --
+        dsT = dsT * (1.0 - tT * tT)
+    dsT = dsT.to(qT.dtype)
     dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
         # NOTE: scaled here (softmax scale, and 1 / (1 - p) with dropout), so the host's only
@@ -489,11 +594,12 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
 def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row, DOC_row, stride_docn, doc_k,
                     k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
-                    seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale,
+                    seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, softcap_in, softcap_out, slope2,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """Query blocks [lo, hi) against one K/V block; MASKED=True applies the window and tail masks."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     qT_ptrs = Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
@@ -508,14 +614,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                 dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
-                                     stride_dqm, dq_scale, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
-                                     HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, DQ_TMA)
+                                     stride_dqm, dq_scale, softcap_in, softcap_out, slope2, D, MASKED, MASK_LEFT,
+                                     MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA,
+                                     DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, MASKED,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-                                 STATS_TMA, DQ_TMA)
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale,
+                                 softcap_in, softcap_out, slope2, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
+                                 DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, DQ_TMA, HAS_SOFTCAP,
+                                 HAS_ALIBI, FAST_TANH)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -531,10 +639,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
               stride_docb, stride_docn, DQ, stride_dqb, stride_dqm, stride_dqh, stride_lseb, stride_lseh,
               H, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
+              SLOPES, stride_slb, stride_slh, softcap_in, softcap_out,
               D: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
               STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, VARLEN: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -610,29 +720,31 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
         Q_desc, DO_desc = _row_sources(Q_blk, DO_blk, Nq, stride_qm, stride_dom, D, BLOCK_M, HEAD_DIM, USE_TMA)
         stat_row = off_b * stride_lseb + off_h * stride_lseh + q_start  # (B, H, Nq) or varlen (H, total_q)
         LSE_row, Delta_row = _stat_sources(LSE + stat_row, Delta + stat_row, Nq, BLOCK_M, STATS_DESC)
+        cap_in, cap_out, slope2 = _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in,
+                                                   softcap_out, HAS_ALIBI, HAS_SOFTCAP)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, True,
-                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC, DQ_TMA)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
+                                     slope2, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                     ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
-                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, False,
-                                 MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                 USE_TMA, STATS_DESC, DQ_TMA)
+                                 qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
+                                 slope2, D, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                 ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
-                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, D, BLOCK_M, True,
-                                     MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ,
-                                     USE_TMA, STATS_DESC, DQ_TMA)
+                                     qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
+                                     slope2, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                     ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
         dv *= dropout_scale
@@ -647,9 +759,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d, doc_q, doc_k,
               mixed_docs, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
-              D: tl.constexpr, MASKED: tl.constexpr,
+              softcap_in, softcap_out, slope2, D: tl.constexpr, MASKED: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """One key block of the dQ loop; masks (and USE_TMA) as in _fwd_block."""
     if USE_TMA:  # NOTE: the two loads adjacent share one barrier (see _fwd_block)
         k = K_desc.load([start_n, 0])
@@ -666,7 +779,12 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
         vT = tl.load(vT_ptrs, mask=kv_ok, other=0.0)
     # -- P = exp2(S - LSE), recomputed --
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s, t = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+                          HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        p = tl.math.exp2(s - lse2[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     p = _mask_tile(p, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
                    win_right, 0.0, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS)
     # -- dS = P * (dP - Delta), dP = (dO V^T) o Z / (1 - p); dQ += dS K --
@@ -674,6 +792,8 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
     if HAS_DROPOUT:
         dp = dropout_apply(dp, seed, off_bh, offs_m, cols, dropout_p)  # NOTE: 1 / (1 - p) is in delta, dq
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:  # -- through the soft-cap: d tanh(x) = 1 - tanh(x)^2 --
+        ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -682,10 +802,11 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                   DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                   offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
-                  seed, dropout_p, dropout_scale, off_bh, Nq,
+                  seed, dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """Key blocks [lo, hi) against the program's query block."""
     kT_ptrs = K_blk + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_blk + (lo + offs_n)[None, :] * stride_vn + offs_d[:, None] * stride_vd
@@ -698,13 +819,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_k
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
                 dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m,
                                offs_d, doc_q, doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right,
-                               qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT,
-                               MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                               qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2,
+                               D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA,
+                               HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         else:
             dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d,
                            doc_q, 0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
-                           dropout_p, dropout_scale, off_bh, Nq, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                           DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                           dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2, D, MASKED,
+                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA, HAS_SOFTCAP,
+                           HAS_ALIBI, FAST_TANH)
         kT_ptrs += BLOCK_N * stride_kn
         vT_ptrs += BLOCK_N * stride_vn
     return dq
@@ -720,9 +843,11 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
             stride_docb, stride_docn, stride_lseb, stride_lseh,
             H, GROUP, Nq, Nk, qk_scale, sm_scale, win_left, win_right, seed, dropout_p, dropout_scale,
+            SLOPES, stride_slb, stride_slh, softcap_in, softcap_out,
             D: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # NOTE: fp64 under torch.compile, see _fwd_kernel
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -742,6 +867,8 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
         if start_m >= Nq:  # the grid covers max_seqlen_q; this sequence is shorter
             return
     seq_shift = Nk - Nq
+    softcap_in, softcap_out, slope2 = _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in,
+                                                       softcap_out, HAS_ALIBI, HAS_SOFTCAP)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -801,18 +928,21 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                            stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                            offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
-                           win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
-                           MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                           win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
+                           slope2, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                           USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                        offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
-                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, False,
-                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
+                       slope2, D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                       USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
                        offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
-                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, D, BLOCK_N, True,
-                       MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA)
+                       win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
+                       slope2, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                       USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     if HAS_DROPOUT:
         dq *= sm_scale * dropout_scale
     else:
@@ -830,7 +960,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
 PASSES = ("fwd", "dkdv", "dkdv_atomic", "dq")
 _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv, "dkdv_atomic": _bwd_dkdv, "dq": _bwd_dq}
 _AUTOTUNE_KEY = ["Nq", "Nk", "HEAD_DIM", "MASK_LEFT", "MASK_RIGHT", "HAS_DOCS", "HAS_DROPOUT", "DOT_PRECISION",
-                 "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA", "VARLEN"]
+                 "ATOMIC_DQ", "USE_TMA", "STATS_TMA", "DQ_TMA", "VARLEN", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_SINKS"]
 
 
 def _autotuned_pass(name: str, wide: bool):
@@ -961,9 +1091,39 @@ def _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed):
     return doc, doc_strides, scalars, flags
 
 
+def _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, sinks_arg: bool = True):
+    """Kernel arguments of the variants: (SLOPES[, SINKS], the slopes' two strides, softcap_in,
+    softcap_out) and their constexprs (a variant that is off compiles out; its pointers are q)."""
+    slopes = (q, 0, 0) if alibi_slopes is None else (alibi_slopes, *alibi_slopes.stride())
+    sinks = (q if sink_logits is None else sink_logits,) if sinks_arg else ()
+    cap_in, cap_out = (softmax_scale / softcap, softcap * LOG2E) if softcap > 0.0 else (0.0, 0.0)
+    # NOTE: tanh.approx.f32 (inline PTX) for half-precision inputs on NVIDIA GPUs, as flash-attn's
+    # soft-cap; float32 keeps the exact formula, and so does the interpreter.
+    fast_tanh = (not _INTERPRET and q.device.type == "cuda" and torch.version.hip is None
+                 and q.dtype in (torch.float16, torch.bfloat16))
+    flags = dict(HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0.0, FAST_TANH=fast_tanh)
+    if sinks_arg:
+        flags["HAS_SINKS"] = sink_logits is not None
+    return (slopes[0], *sinks, slopes[1], slopes[2], cap_in, cap_out), flags
+
+
+def _sink_grad(sink_logits: Optional[torch.Tensor], lse: torch.Tensor, delta: torch.Tensor,
+               head_dim: int) -> torch.Tensor:
+    """d sink_h = -sum over rows of exp(sink_h - LSE_i) Delta_i (the sink's probability times
+    rowsum(dO o O)); lse, delta have the heads on ``head_dim``. A torch reduction, so bit-identical
+    on every run (no atomics). Empty (0,) without sinks."""
+    if sink_logits is None:
+        return lse.new_empty((0,))
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    terms = torch.exp(sink_logits.view(shape) - lse) * delta
+    return -terms.sum(dim=[d for d in range(lse.dim()) if d != head_dim])
+
+
 def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
                   softmax_scale: float, window_left: int, window_right: int, dropout_p: float, seed: int,
-                  block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_m: int, block_n: int, alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                  sink_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     out = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
@@ -974,10 +1134,11 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     # NOTE: the kernels read cu_seqlens only when VARLEN; q stands in for them.
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale)
     args = (q, k, v, out, lse, *doc, q, q, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
-            lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars)
+            lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars, *variant)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v), VARLEN=False)
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=use_tma(k, v), VARLEN=False, **variant_flags)
     _launch("fwd", grid, args, meta, D, (block_m, block_n))
     return out, lse
 
@@ -985,8 +1146,10 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
 def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, doc_ids: Optional[torch.Tensor], softmax_scale: float, window_left: int,
                   window_right: int, dropout_p: float, seed: int, block_m: int,
-                  block_n: int, deterministic: bool = True,
-                  bulk_reduce_dq: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_n: int, deterministic: bool = True, bulk_reduce_dq: bool = True,
+                  alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                  sink_logits: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     HEAD_DIM = triton.next_power_of_2(D)
@@ -996,7 +1159,9 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
-    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=False)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=False,
+                **variant_flags)
     blocks = (block_m, block_n)
     tma_dkdv = use_tma(q, do)
     tma_dq = use_tma(k, v)
@@ -1012,7 +1177,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         # launch, one read of dO fewer), which the dK/dV pass then reads.
         args = (q, k, v, do, out, lse, lse2, delta, dq, *doc, q, q,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *doc_strides,
-                lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
+                lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars,
+                *variant)
         _launch("dq", grid_q, args, dict(meta, USE_TMA=tma_dq), D, blocks)
     else:
         wrap_triton(_bwd_preprocess)[(triton.cdiv(Nq, _configs.PREPROCESS_BLOCK_M), B * H)](
@@ -1029,25 +1195,28 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     args = (q, k, v, do, lse2, delta, dk, dv, *doc, q, q,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *doc_strides,
             dq_acc, *dq_strides, lse.stride(0), lse.stride(1),
-            H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars)
+            H, Hkv, H // Hkv, Nq, Nk, softmax_scale * LOG2E, softmax_scale, *scalars, *variant)
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
             dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=tma_dkdv, STATS_TMA=tma_dkdv and use_tma_stats(Nq),
                  DQ_TMA=not deterministic and bulk_reduce_dq and tma_dkdv and not _INTERPRET and use_tma(dq_acc)),
             D, blocks)
+    dsink = _sink_grad(sink_logits, lse, delta, 1)
     if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv
-    return dq, dk, dv
+        return dq_acc.to(q.dtype), dk, dv, dsink
+    return dq, dk, dv, dsink
 
 
 def _flash_v2_fwd_fake(q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m,
-                       block_n):
+                       block_n, alibi_slopes=None, softcap=0.0, sink_logits=None):
     B, Nq, H, D = q.shape
     return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 def _flash_v2_bwd_fake(do, q, k, v, out, lse, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
-                       block_m, block_n, deterministic=True, bulk_reduce_dq=True):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                       block_m, block_n, deterministic=True, bulk_reduce_dq=True, alibi_slopes=None, softcap=0.0,
+                       sink_logits=None):
+    dsink = lse.new_empty((0,) if sink_logits is None else tuple(sink_logits.shape))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
 
 
 _flash_v2_fwd_op = register_op("flash_v2_fwd", _flash_v2_fwd, _flash_v2_fwd_fake)
@@ -1062,8 +1231,9 @@ def _varlen_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                         window_left: int, window_right: int, block_m: int,
-                         block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         window_left: int, window_right: int, block_m: int, block_n: int,
+                         alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                         sink_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     total_q, H, D = q.shape
     Hkv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -1076,11 +1246,13 @@ def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * H)
 
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale)
     args = (q, k, v, out, lse, *doc, cu_seqlens_q, cu_seqlens_k, *_varlen_strides(q), *_varlen_strides(k),
             *_varlen_strides(v), *_varlen_strides(out), *doc_strides, 0, lse.stride(0),
-            H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, *scalars)
+            H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, *scalars, *variant)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
-                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=False, VARLEN=True)  # packed rows: pointer loads
+                MASKED_LSE=MASKED_ROW_LSE, USE_TMA=False, VARLEN=True,  # packed rows: pointer loads
+                **variant_flags)
     _launch("fwd", grid, args, meta, D, (block_m, block_n))
     return out, lse
 
@@ -1088,8 +1260,10 @@ def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
-                         window_right: int, block_m: int, block_n: int,
-                         deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         window_right: int, block_m: int, block_n: int, deterministic: bool = True,
+                         alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                         sink_logits: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -1100,11 +1274,15 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if total_q == 0 or total_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        # NOTE: rows without keys have LSE = sink and O = 0, so Delta = 0 and the sink's gradient is 0 too.
+        dsink = lse.new_empty((0,)) if sink_logits is None else torch.zeros_like(sink_logits)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsink
     doc, doc_strides, scalars, flags = _mask_args(q, None, window_left, window_right, 0.0, 0)
     delta = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=True)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=True,
+                **variant_flags)
     blocks = (block_m, block_n)
 
     def grid_q(meta):
@@ -1117,7 +1295,7 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         args = (q, k, v, do, out, lse, lse2, delta, dq, *doc, cu_seqlens_q, cu_seqlens_k,
                 *_varlen_strides(q), *_varlen_strides(k), *_varlen_strides(v), *_varlen_strides(do),
                 *_varlen_strides(out), *_varlen_strides(dq), *doc_strides, 0, lse.stride(0),
-                H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars)
+                H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars, *variant)
         _launch("dq", grid_q, args, dict(meta, USE_TMA=False), D, blocks)
     else:
         # The packed rows as a batch of one with total_q queries: the (H, total_q) statistics
@@ -1131,25 +1309,29 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     args = (q, k, v, do, lse2, delta, dk, dv, *doc, cu_seqlens_q, cu_seqlens_k,
             *_varlen_strides(q), *_varlen_strides(k), *_varlen_strides(v), *_varlen_strides(do),
             *_varlen_strides(dk), *_varlen_strides(dv), *doc_strides, dq_acc, *dq_strides, 0, lse.stride(0),
-            H, Hkv, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars)
+            H, Hkv, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, softmax_scale, *scalars, *variant)
     # NOTE: no tensor descriptors for the statistics or the dQ reduce-add here: a sequence's
     # rows start at any packed offset, so its LSE row is not 16-byte aligned.
     _launch("dkdv" if deterministic else "dkdv_atomic", grid_kv, args,
             dict(meta, ATOMIC_DQ=not deterministic, USE_TMA=False, STATS_TMA=False, DQ_TMA=False),
             D, blocks)
+    dsink = _sink_grad(sink_logits, lse, delta, 0)
     if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv
-    return dq, dk, dv
+        return dq_acc.to(q.dtype), dk, dv, dsink
+    return dq, dk, dv, dsink
 
 
 def _flash_v2_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                              window_left, window_right, block_m, block_n):
+                              window_left, window_right, block_m, block_n, alibi_slopes=None, softcap=0.0,
+                              sink_logits=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 def _flash_v2_varlen_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              softmax_scale, window_left, window_right, block_m, block_n, deterministic=True):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                              softmax_scale, window_left, window_right, block_m, block_n, deterministic=True,
+                              alibi_slopes=None, softcap=0.0, sink_logits=None):
+    dsink = lse.new_empty((0,) if sink_logits is None else tuple(sink_logits.shape))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink
 
 
 _flash_v2_varlen_fwd_op = register_op("flash_v2_varlen_fwd", _flash_v2_varlen_fwd, _flash_v2_varlen_fwd_fake)
@@ -1164,10 +1346,11 @@ class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed, block_m, block_n,
-                deterministic):
+                deterministic, alibi_slopes=None, softcap=0.0, sink_logits=None):
         out, lse = _flash_v2_fwd_op(q, k, v, doc_ids, softmax_scale, window_left, window_right, dropout_p, seed,
-                                    block_m, block_n)
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+                                    block_m, block_n, alibi_slopes, softcap, sink_logits)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids, alibi_slopes, sink_logits)
+        ctx.softcap = softcap
         ctx.softmax_scale = softmax_scale
         ctx.window = (window_left, window_right)
         ctx.dropout = (dropout_p, seed)  # the seed, not the mask: the backward regenerates Z
@@ -1178,24 +1361,28 @@ class FlashV2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        q, k, v, out, lse, doc_ids, alibi_slopes, sink_logits = ctx.saved_tensors
         # NOTE (2026-11, torch 2.11): torch.compile's analysis of which arguments a Triton kernel
         # mutates does not see a tensor descriptor's reduce-add, so under compile dQ's float32
         # accumulator came back unwritten (zeros); there the atomic pass adds with pointer atomics.
-        dq, dk, dv = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
-                                      *ctx.dropout, *ctx.blocks, ctx.deterministic,
-                                      not torch.compiler.is_compiling())
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv, dsink = _flash_v2_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.softmax_scale, *ctx.window,
+                                             *ctx.dropout, *ctx.blocks, ctx.deterministic,
+                                             not torch.compiler.is_compiling(), alibi_slopes, ctx.softcap,
+                                             sink_logits)
+        return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None,
+                dsink if sink_logits is not None else None)
 
 
 class FlashV2VarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                window_right, block_m, block_n, deterministic):
+                window_right, block_m, block_n, deterministic, alibi_slopes=None, softcap=0.0, sink_logits=None):
         out, lse = _flash_v2_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           softmax_scale, window_left, window_right, block_m, block_n)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+                                           softmax_scale, window_left, window_right, block_m, block_n,
+                                           alibi_slopes, softcap, sink_logits)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits)
+        ctx.softcap = softcap
         ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
         ctx.softmax_scale = softmax_scale
         ctx.window = (window_left, window_right)
@@ -1206,10 +1393,12 @@ class FlashV2VarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = _flash_v2_varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-                                             ctx.softmax_scale, *ctx.window, *ctx.blocks, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sink_logits = ctx.saved_tensors
+        dq, dk, dv, dsink = _flash_v2_varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                    *ctx.max_seqlens, ctx.softmax_scale, *ctx.window, *ctx.blocks,
+                                                    ctx.deterministic, alibi_slopes, ctx.softcap, sink_logits)
+        return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None,
+                dsink if sink_logits is not None else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1241,13 +1430,17 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
             torch.compile, whose mutation analysis misses the reduce-add).
     Limits: without a dropout_seed the seed is drawn on the host (a graph break under
     torch.compile: pass a seed to compile with fullgraph=True). Under autocast the inputs are
-    cast to the autocast dtype, and so is the output.
+    cast to the autocast dtype, and so is the output. alibi_slopes, softcap and sink_logits as
+    the registry defines them (the bias recomputed from the slopes in each pass; d sink_logits
+    reduced by a torch sum from per-row terms, so bit-identical on every run).
     """
-    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
     B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
     check_doc_ids(doc_ids, B, Nk, q.device)
+    slopes = check_alibi_slopes(alibi_slopes, B, q.shape[2], q.device)
+    cap = check_softcap(softcap)
+    sinks = check_sink_logits(sink_logits, q.shape[2], q.device)
     if doc_ids is not None and Nq > Nk:
         raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
     p = check_dropout(dropout_p)
@@ -1265,7 +1458,7 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out, lse = FlashV2Function.apply(q, k, v, doc_ids, scale, window_left, window_right, p, seed, *blocks,
-                                     deterministic)
+                                     deterministic, slopes, cap, sinks)
     results = [out]
     if return_lse:
         results.append(lse)
@@ -1292,8 +1485,9 @@ def flash_v2_attention_backward(do, q, k, v, out, lse, *, causal: bool = False, 
     check_deterministic(deterministic)
     # NOTE: the statistics kernels index lse's last dim with stride 1.
     lse = lse.float().contiguous()
-    return _flash_v2_bwd_op(do, q, k, v, out, lse, doc_ids, scale, window_left, window_right, 0.0, 0, *blocks,
-                            deterministic, not torch.compiler.is_compiling())
+    dq, dk, dv, _ = _flash_v2_bwd_op(do, q, k, v, out, lse, doc_ids, scale, window_left, window_right, 0.0, 0,
+                                     *blocks, deterministic, not torch.compiler.is_compiling())
+    return dq, dk, dv
 
 
 def _check_varlen_layout(q, k, v) -> None:
@@ -1336,7 +1530,8 @@ def _check_varlen_offsets(name: str, cu_seqlens, batch: Optional[int], total: in
 def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                               causal: bool = False, softmax_scale=None, window_size=(-1, -1),
                               return_lse: bool = False, block_m: Optional[int] = None,
-                              block_n: Optional[int] = None, deterministic: bool = True):
+                              block_n: Optional[int] = None, deterministic: bool = True, alibi_slopes=None,
+                              softcap: float = 0.0, sink_logits=None):
     """FlashAttention-2 over sequences packed without padding, with their own query and key
     packings (flash-attn's ``flash_attn_varlen_func`` layout): sequence b's queries
     q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] attend only to its keys k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].
@@ -1362,6 +1557,11 @@ def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q:
             infinite. causal forces right = 0.
         return_lse: also return the float32 logsumexp, (nheads, total_q) as flash-attn's
         block_m, block_n, deterministic: as in :func:`flash_v2_attention`
+        alibi_slopes: optional float32 (nheads,) or (batch, nheads), batch = the number of
+            sequences: key j of sequence b gets -slope[b, h] * |i + Nk_b - Nq_b - j| in its query i's row
+        softcap: 0 (off) or > 0: scores become softcap * tanh(scores / softcap)
+        sink_logits: optional float32 (nheads,), differentiable: exp(sink_h) in every row's
+            denominator (a row without keys gets lse = sink_h)
     Returns:
         out (total_q, nheads, headdim) [, lse (nheads, total_q)]
 
@@ -1378,6 +1578,9 @@ def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q:
                                  "max_seqlen_k", q.device)
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
+    slopes = check_alibi_slopes(alibi_slopes, cu_q.numel() - 1, q.shape[1], q.device)
+    cap = check_softcap(softcap)
+    sinks = check_sink_logits(sink_logits, q.shape[1], q.device)
     blocks = check_blocks(block_m, block_n) or (-1, -1)  # -1: autotune (the ops take ints)
     check_deterministic(deterministic)
     if not (q.device.type == "cuda" or (_INTERPRET and q.device.type == "cpu")):
@@ -1387,7 +1590,7 @@ def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q:
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out, lse = FlashV2VarlenFunction.apply(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                                           window_right, *blocks, deterministic)
+                                           window_right, *blocks, deterministic, slopes, cap, sinks)
     return (out, lse) if return_lse else out
 
 

@@ -6,7 +6,8 @@ visit, and which of them need the mask). Here the mask_mod is the registry contr
 query i sits at key position pos = i + seqlen_k - seqlen_q (bottom-right alignment) and
 sees keys in [pos - left, pos + right] of window_size (left, right), causal being right = 0;
 with doc_ids only keys of the document of key position pos. GQA is flex's ``enable_gqa``
-(no copy of K or V); the logsumexp is flex's ``return_lse``.
+(no copy of K or V); the logsumexp is flex's ``return_lse``. ALiBi and the soft-cap are a
+``score_mod`` (``_score_mod``).
 
 On CUDA the function is compiled once (``torch.compile(dynamic=False)``), so each new
 (shape, mask) compiles one kernel; on the CPU it runs eagerly (flex's reference path,
@@ -28,8 +29,8 @@ import functools
 
 import torch
 
-from ._common import (MASKED_ROW_LSE, check_doc_ids, check_dropout, check_qkv, default_scale, normalize_window,
-                      refuse_variants, unsupported)
+from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_doc_ids, check_dropout, check_qkv, check_softcap,
+                      default_scale, normalize_window, refuse_variants, unsupported)
 
 BACKEND = "flex"
 _BLOCK_MASKS: collections.OrderedDict = collections.OrderedDict()
@@ -82,6 +83,23 @@ def _mask_mod(Nq: int, Nk: int, left: int, right: int, doc_ids):
     return mask_mod
 
 
+def _score_mod(Nq: int, Nk: int, slopes, cap: float):
+    """The variants as a flex score_mod (the score arrives scaled): softcap * tanh(s / softcap),
+    then ALiBi's -slope[b, h] * |q_idx + Nk - Nq - kv_idx|; None when neither is asked for."""
+    if slopes is None and cap == 0.0:
+        return None
+    shift = Nk - Nq
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if cap > 0.0:
+            score = cap * torch.tanh(score / cap)
+        if slopes is not None:
+            score = score - slopes[b, h] * (q_idx + shift - kv_idx).abs()
+        return score
+
+    return score_mod
+
+
 def _block_mask(B: int, Nq: int, Nk: int, left: int, right: int, doc_ids, device: torch.device):
     """The cached BlockMask of one (shape, window, doc_ids, device), or None when nothing is masked."""
     if left < 0 and right < 0 and doc_ids is None:
@@ -112,15 +130,18 @@ def flex_attention_backend(q, k, v, *, causal: bool = False, softmax_scale=None,
     Arguments as in fatrain.kernels (the registry); float16, bfloat16 or float32, headdim
     16..256; no options of its own. Limits: dropout_p > 0 and return_dropout_mask raise
     NotImplementedError (FlexAttention has no dropout); a dropout_seed is ignored at p = 0,
-    as everywhere.
+    as everywhere. alibi_slopes and softcap go into a ``score_mod`` (a new soft-cap value
+    compiles a new kernel); sink_logits raise (no exact sink with a gradient through flex here).
     """
-    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits)
+    refuse_variants(BACKEND, alibi_slopes, softcap, sink_logits, allowed=("alibi", "softcap"))
     B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=(16, 256),
                                      dtypes=(torch.float16, torch.bfloat16, torch.float32))
     check_doc_ids(doc_ids, B, Nk, q.device)
     if doc_ids is not None and Nq > Nk:
         raise ValueError(f"doc_ids need seqlen_q <= seqlen_k, got seqlen_q {Nq} > seqlen_k {Nk}")
     scale = default_scale(softmax_scale, D)
+    slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
+    score_mod = _score_mod(Nq, Nk, slopes, check_softcap(softcap))
     if check_dropout(dropout_p) > 0.0:
         raise unsupported(BACKEND, "dropout_p > 0", "FlexAttention has no attention dropout")
     if return_dropout_mask:
@@ -128,7 +149,7 @@ def flex_attention_backend(q, k, v, *, causal: bool = False, softmax_scale=None,
     left, right = normalize_window(window_size, causal)
     block_mask = _block_mask(B, Nq, Nk, left, right, doc_ids, q.device)
     result = _flex(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                             scale=scale, enable_gqa=Hkv != H, return_lse=return_lse)
+                             score_mod=score_mod, scale=scale, enable_gqa=Hkv != H, return_lse=return_lse)
     if not return_lse:
         return result.transpose(1, 2)
     out, lse = result

@@ -9,6 +9,10 @@ gradient of ``qkv`` from the three gradients (Q's and K's rotated back, V's copi
 autograd neither concatenates the three gradients nor runs the element-wise graph of the
 rotation. The rotation is GPT-NeoX's (the model's ``apply_rope``): pairs (x[:d/2], x[d/2:])
 turned by the angle of each position, computed in float32, rounded once to the input dtype.
+The tables carry any RoPE scaling (``model.rope_scaling``): interpolated or NTK/YaRN frequencies
+are in the angles, and YaRN's attention temperature multiplies cos and sin, so the kernel applies
+``mscale * R(angle)`` forward and its transpose ``mscale * R(-angle)`` backward without a
+branch of its own.
 
 Why: in eager PyTorch, ``apply_rope`` on Q and K is about ten element-wise kernels forward and
 more backward, each a round trip of the activations through HBM in float32; on GPT-2 small at
@@ -154,7 +158,8 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: in
         qkv: (batch, seqlen, (n_head + 2 * n_kv_head) * head_dim), any float dtype; a CUDA
             tensor (or a CPU one under the Triton interpreter)
         cos, sin: float32 (seqlen, head_dim / 2) or (batch, seqlen, head_dim / 2) tables of
-            each position's angles (``fatrain.model.rope_tables`` without its head axis)
+            each position's angles (``fatrain.model.rope_tables`` without its head axis), scaled
+            by YaRN's attention temperature where the model's rope_scaling has one
         n_head, n_kv_head: query and key/value heads (n_head % n_kv_head == 0)
     Returns:
         q (batch, seqlen, n_head, head_dim), k and v (batch, seqlen, n_kv_head, head_dim),

@@ -66,7 +66,8 @@ def cu_seqlens_to_doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      *, causal: bool = False, softmax_scale=None, dropout_p: float = 0.0, window_size=(-1, -1),
-                     return_lse: bool = False, dropout_seed: int | None = None):
+                     return_lse: bool = False, dropout_seed: int | None = None, alibi_slopes=None,
+                     softcap: float = 0.0, sink_logits=None):
     """Attention over sequences packed without padding, through ``backend_name``'s doc_ids path.
 
     Arguments:
@@ -83,6 +84,10 @@ def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max
             packed batch of one (row/column = packed token index).
         return_lse: also return the float32 logsumexp, (nheads, total_q), as flash-attn's
             varlen functions do
+        alibi_slopes: optional float32 (nheads,) or (batch, nheads) (one row per sequence), the
+            bias -slope * |i + Nk_b - Nq_b - j| within each sequence; softcap, sink_logits: as the
+            backend takes them (registry features ``alibi``, ``softcap``, ``sinks``). Per-sequence
+            slopes take the per-sequence route unless the backend is flash_v2.
     Returns:
         out (total_q, nheads, headdim) [, lse (nheads, total_q)]
     """
@@ -101,11 +106,26 @@ def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max
 
         return flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                                         return_lse=return_lse, **info.fixed)
+                                         return_lse=return_lse, alibi_slopes=alibi_slopes, softcap=softcap,
+                                         sink_logits=sink_logits, **info.fixed)
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, window_size=window_size,
                   return_lse=return_lse)
     if dropout_seed is not None:
         kwargs["dropout_seed"] = dropout_seed
+    if softcap:
+        kwargs["softcap"] = softcap
+    if sink_logits is not None:
+        kwargs["sink_logits"] = sink_logits
+    per_sequence_slopes = isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() == 2
+    if alibi_slopes is not None and not per_sequence_slopes:
+        kwargs["alibi_slopes"] = alibi_slopes
+    if per_sequence_slopes:
+        # NOTE: checked here, since each call below sees one row of the slopes.
+        if tuple(alibi_slopes.shape) != (cu_seqlens_q.numel() - 1, q.shape[1]):
+            raise ValueError(f"alibi_slopes must have shape (nheads,) = ({q.shape[1]},) or (batch, nheads) = "
+                             f"{(cu_seqlens_q.numel() - 1, q.shape[1])}, got {tuple(alibi_slopes.shape)}")
+        return _per_sequence(attn, q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), return_lse, kwargs,
+                             alibi_slopes)
     if cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k):
         doc_ids = cu_seqlens_to_doc_ids(cu_seqlens_q, total_q)[None]
         result = attn(q[None], k[None], v[None], doc_ids=doc_ids, **kwargs)
@@ -116,23 +136,28 @@ def varlen_attention(backend_name: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max
     return _per_sequence(attn, q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), return_lse, kwargs)
 
 
-def _per_sequence(attn, q, k, v, offsets_q: list[int], offsets_k: list[int], return_lse: bool, kwargs: dict):
-    """One ordinary call per sequence, outputs (and logsumexps) concatenated in packed order.
-    A sequence without keys gives zeros and MASKED_ROW_LSE (a fully masked row's values)."""
+def _per_sequence(attn, q, k, v, offsets_q: list[int], offsets_k: list[int], return_lse: bool, kwargs: dict,
+                  alibi_slopes=None):
+    """One ordinary call per sequence, outputs (and logsumexps) concatenated in packed order
+    (with (batch, nheads) alibi_slopes, sequence b's call gets row b). A sequence without keys
+    gives zeros and MASKED_ROW_LSE (a fully masked row's values; its sink logits with sinks)."""
     if len(offsets_q) != len(offsets_k):
         raise ValueError(f"cu_seqlens_k must have as many sequences as cu_seqlens_q ({len(offsets_q)} entries), "
                          f"got {len(offsets_k)}")
     H = q.shape[1]
     outs, lses = [], []
     bounds = zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])
-    for q_lo, q_hi, k_lo, k_hi in bounds:
+    sinks = kwargs.get("sink_logits")
+    for b, (q_lo, q_hi, k_lo, k_hi) in enumerate(bounds):
         if q_hi == q_lo:
             continue
         if k_hi == k_lo:
             outs.append(q.new_zeros((q_hi - q_lo, H, v.shape[-1])))
-            lses.append(torch.full((H, q_hi - q_lo), MASKED_ROW_LSE, dtype=torch.float32, device=q.device))
+            empty = torch.full((H, q_hi - q_lo), MASKED_ROW_LSE, dtype=torch.float32, device=q.device)
+            lses.append(empty if sinks is None else sinks.detach()[:, None].expand(H, q_hi - q_lo).clone())
             continue
-        result = attn(q[None, q_lo:q_hi], k[None, k_lo:k_hi], v[None, k_lo:k_hi], **kwargs)
+        call = kwargs if alibi_slopes is None else dict(kwargs, alibi_slopes=alibi_slopes[b:b + 1])
+        result = attn(q[None, q_lo:q_hi], k[None, k_lo:k_hi], v[None, k_lo:k_hi], **call)
         out, lse = result if return_lse else (result, None)
         outs.append(out[0])
         if return_lse:

@@ -26,8 +26,9 @@ from triton.compiler import ASTSource  # noqa: E402
 import fatrain  # noqa: E402,F401
 from fatrain.kernels import _dropout, decode, flash_v1, flash_v2  # noqa: E402
 
-FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale"}
-FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc"}
+FLOATS = {"qk_scale", "sm_scale", "softmax_scale", "dropout_p", "dropout_scale", "softcap", "softcap_in",
+          "softcap_out"}
+FP32_POINTERS = {"LSE", "LSE2", "Delta", "L", "M", "O_acc", "DQ_acc", "SLOPES", "SINKS", "ALIBI"}
 INT_POINTERS = {"DOC", "DOC_RANGE", "Mask", "CU_Q", "CU_K"}
 BF16_POINTERS = {"Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"}
 
@@ -70,7 +71,8 @@ def ptxas_report(ptx: str) -> str:
 
 
 def compile_one(label, fn, constexprs, num_warps, num_stages, pointer_types=None, maxnreg=None):
-    constexprs = dict(constexprs)
+    params = inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters
+    constexprs = {k: v for k, v in constexprs.items() if k in params}  # e.g. HAS_SINKS: the forward's only
     sig = signature(fn, constexprs, pointer_types or {})
     # NOTE: like a launch on real tensors: pointers and other strides divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
@@ -97,12 +99,16 @@ def v2_cases():
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False),
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=True),
              dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True),
-             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, VARLEN=True)]
+             dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, VARLEN=True),
+             # the attention variants, all on (FAST_TANH: the soft-cap's tanh.approx of half inputs)
+             dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, HAS_ALIBI=True,
+                  HAS_SOFTCAP=True, HAS_SINKS=True, FAST_TANH=True)]
+    off = dict(HAS_ALIBI=False, HAS_SOFTCAP=False, HAS_SINKS=False, FAST_TANH=False)
     for d, f, tma in ((d, f, tma) for d in (64, 128) for f in flags for tma in (False, True)):
         # tma: tiles through tensor descriptors (the H100 default), else pointer tiles
         tag = ("+".join(k for k, v in f.items() if v) or "plain") + (" tma" if tma else "")
         varlen = f.get("VARLEN", False)
-        f = dict(f, USE_TMA=tma, VARLEN=varlen)
+        f = {**off, **f, "USE_TMA": tma, "VARLEN": varlen}
         stats_tma = tma and not varlen  # VARLEN: a sequence's statistics rows are not 16-byte aligned
         for c in flash_v2.configs("fwd", head_dim=d)[:3]:
             yield (f"v2 fwd d={d} {tag} {_label(c)}", flash_v2._fwd_kernel,
@@ -129,30 +135,36 @@ def _label(config: dict) -> str:
 def v1_cases():
     for d in (64, 128):
         for bm, bn in ((64, 64), (64, 128), (128, 128)):
-            for drop in (False, True):
-                f = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=drop)
+            # the variants (ALiBi and soft-cap; sinks are host-side) on the widest mask only
+            for drop, variants in ((False, False), (True, False), (True, True)):
+                f = dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=drop, HAS_ALIBI=variants,
+                         HAS_SOFTCAP=variants)
                 meta = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, INPUT_PRECISION="tf32", **f)
+                tag = f"drop={drop}" + (" alibi+softcap" if variants else "")
                 for w in sorted({flash_v1._num_warps(d), 8, 16}):
-                    yield (f"v1 fwd d={d} {bm}x{bn} drop={drop} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
+                    yield (f"v1 fwd d={d} {bm}x{bn} {tag} w{w}", flash_v1._flash_v1_fwd_kernel, meta, w, 1,
                            {"O": "*fp32"})
                     for atomic in (False, True):
-                        yield (f"v1 bwd d={d} {bm}x{bn} drop={drop} w{w}{' atomic' if atomic else ''}",
+                        yield (f"v1 bwd d={d} {bm}x{bn} {tag} w{w}{' atomic' if atomic else ''}",
                                flash_v1._flash_v1_bwd_kernel, dict(meta, ATOMIC_DQ=atomic), w, 1,
                                {"O": "*bf16", "DQ": "*fp32"})
 
 
 def decode_cases():
-    """The split pass with every mask and per-sequence lengths on, at each autotune config, and
-    the combine pass; the scratch O_part / LSE_part are float32 and SEQLENS int32."""
+    """The split pass with every mask, per-sequence lengths, ALiBi and the soft-cap on, at each
+    autotune config, and the combine pass with sinks; the scratch O_part / LSE_part are float32
+    and SEQLENS int32."""
     pointers = {"SEQLENS": "*i32", "O_part": "*fp32", "LSE_part": "*fp32"}
     for d in (64, 128):
         for block_m in (16, 64):
             for block_n, w, s in decode.SPLIT_CONFIGS:
                 yield (f"decode split d={d} m{block_m} n{block_n} w{w} s{s}", decode._decode_split_kernel,
                        dict(D=d, HEAD_DIM=d, HAS_SEQLENS=True, MASK_LEFT=True, MASK_RIGHT=True,
-                            DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n), w, s, pointers)
+                            DOT_PRECISION="tf32", HAS_ALIBI=True, HAS_SOFTCAP=True, FAST_TANH=True,
+                            BLOCK_M=block_m, BLOCK_N=block_n), w, s, pointers)
         yield (f"decode combine d={d}", decode._decode_combine_kernel,
-               dict(D=d, HEAD_DIM=d, MASKED_LSE=0.0, BLOCK_S=64), 4, 1, {"O_part": "*fp32", "LSE_part": "*fp32"})
+               dict(D=d, HEAD_DIM=d, MASKED_LSE=0.0, HAS_SINKS=True, BLOCK_S=64), 4, 1,
+               {"O_part": "*fp32", "LSE_part": "*fp32"})
 
 
 def main():

@@ -153,6 +153,7 @@ def test_attention_and_one_step_gradients_on_two_gloo_ranks(tmp_path):
     (["trainer.strategy=ddp", "trainer.context_parallel=4", "trainer.cp_strategy=ulysses"],
      "model.n_head=4 and its KV heads (2) must be divisible by trainer.context_parallel=4"),
     (["trainer.strategy=ddp", "trainer.context_parallel=2", "model.attn_dropout=0.1"], "model.attn_dropout=0.1"),
+    (["trainer.strategy=ddp", "trainer.context_parallel=2", "model.attn_softcap=30"], "model.attn_softcap=30"),
     (["trainer.context_parallel=0"], "trainer.context_parallel"),
     (["trainer.cp_strategy=zigzag"], "trainer.cp_strategy='zigzag' is not allowed"),
 ])

@@ -12,6 +12,7 @@ import pytest
 from fatrain.cli import bench as bench_cli
 from fatrain.cli import eval as eval_cli
 from fatrain.cli import max_context as max_context_cli
+from fatrain.cli import bench_report as bench_report_cli
 from fatrain.cli import report as report_cli
 from fatrain.cli import sample as sample_cli
 from fatrain.cli import train as train_cli
@@ -89,7 +90,8 @@ def test_training_writes_no_empty_log_file(monkeypatch, tmp_path, capsys):
     assert not [name for name in os.listdir(run_dir) if name.endswith(".log")]
 
 
-@pytest.mark.parametrize("cli, prog", [(report_cli, "fatrain-report"), (max_context_cli, "fatrain-max-context")])
+@pytest.mark.parametrize("cli, prog", [(report_cli, "fatrain-report"), (max_context_cli, "fatrain-max-context"),
+                                       (bench_report_cli, "python -m fatrain.cli.bench_report")])
 def test_plain_scripts_help_lists_key_value_settings(cli, prog, capsys):
     with pytest.raises(SystemExit) as stopped:
         cli.main(["--help"])
@@ -137,9 +139,11 @@ def test_max_context_key_value_search_settings(tmp_path, capsys):
 
 
 def test_max_context_on_the_cpu_refuses_half_precision_with_one_line(tmp_path, capsys):
+    # The default search (GPT-2 small in bf16) is refused before anything starts, saying what runs there.
     out = tmp_path / "mc"
-    assert max_context_cli.main(["backends=[naive]", f"out={out}", "trainer.device=cpu",
-                                 "trainer.precision=bf16"]) == 2
+    assert max_context_cli.main([f"out={out}", "trainer.device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: trainer.precision=bf16 is not searched on the CPU (allowed there: trainer.precision=fp32)"]
+    assert err == ["error: trainer.precision=bf16 with model gpt2-small is not searched on the CPU: for a functional "
+                   "check there use backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 "
+                   "limit=1024, or run on a GPU"]
     assert not out.exists()

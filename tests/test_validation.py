@@ -59,6 +59,7 @@ TRAIN_GROUPS = {"model": config.ModelConfig, "attention": config.AttentionConfig
 @pytest.mark.parametrize("schema, prefix, ranges", [
     *[(schema, f"{group}.", TRAIN_RANGES) for group, schema in TRAIN_GROUPS.items()],
     (config.EvalSettings, "eval.", EVAL_RANGES), (config.PasskeySettings, "passkey.", EVAL_RANGES),
+    (config.RulerSettings, "ruler.", EVAL_RANGES), (config.ExtensionConfig, "extension.", TRAIN_RANGES),
     (config.SampleConfig, "", SAMPLE_RANGES), (config.BenchConfig, "", BENCH_RANGES),
 ])
 def test_every_numeric_setting_has_a_range(schema, prefix, ranges):
@@ -116,6 +117,10 @@ BAD_TRAIN = [
     ("attention=flash_v1 attention.sram_bytes=0", "attention.sram_bytes"),
     ("attention=flash_v1 attention.num_splits=-1", "attention.num_splits"),
     ("attention=naive attention.num_splits=2", "attention.num_splits"),  # a backend without the option
+    ("model.rope_scaling.factor=0.5", "model.rope_scaling.factor"),
+    ("model.rope_scaling.type=yarn", "model.rope_scaling.original_seq_len"),
+    ("model.rope_scaling.type=longrope", "model.rope_scaling.type"),
+    ("extension.finetune_steps=0", "extension.finetune_steps"),
 ]
 
 
@@ -151,6 +156,9 @@ def test_messages_say_what_the_sentinels_mean():
 
 BAD_EVAL = [
     ("eval.seq_lens=[128,0]", "eval.seq_lens"),
+    ("eval.tasks=[passkey,niah]", "eval.tasks"),
+    ("ruler.trials=0", "ruler.trials"),
+    ("ruler.common_freq=2 ruler.rare_freq=3", "ruler.common_freq"),
     ("eval.batch_size=0", "eval.batch_size"),
     ("eval.batches=-1", "eval.batches"),
     ("eval.bucket_size=0", "eval.bucket_size"),
@@ -171,7 +179,7 @@ BAD_EVAL = [
 
 @pytest.mark.parametrize("override, key", BAD_EVAL, ids=[o for o, _ in BAD_EVAL])
 def test_bad_eval_value_is_refused_naming_the_key(override, key):
-    cfg = _compose("eval", ["ckpt_path=unused.pt", override])
+    cfg = _compose("eval", ["ckpt_path=unused.pt", *override.split()])
     with pytest.raises(ValueError) as info:
         validate_eval_config(cfg)
     assert str(info.value).startswith(key), str(info.value)
@@ -283,13 +291,13 @@ def test_triton_backend_on_cpu_without_the_interpreter_names_the_device(name, mo
     assert os.environ["TRITON_INTERPRET"] == "0"
 
 
-@pytest.mark.parametrize("args, named", [(["--granularity", "0"], "--granularity=0"),
-                                         (["--start", "-1024"], "--start=-1024"),
-                                         (["--limit", "512"], "--limit=512")])
+@pytest.mark.parametrize("args, named", [(["granularity=0"], "granularity=0"),
+                                         (["start=-1024"], "start=-1024"),
+                                         (["limit=512"], "limit=512")])
 def test_max_context_cli_bad_search_arguments_exit_2_with_one_line(tmp_path, capsys, args, named):
     from fatrain.cli import max_context as max_context_cli
 
-    assert max_context_cli.main([*args, "--out", str(tmp_path / "out"), "trainer.device=cpu"]) == 2
+    assert max_context_cli.main([*args, f"out={tmp_path / 'out'}", "trainer.device=cpu"]) == 2
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), lines
     assert not (tmp_path / "out").exists()

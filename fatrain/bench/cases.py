@@ -1,6 +1,10 @@
 """The cases of a benchmark sweep, their inputs, and the FLOPs each call does.
 
 A sweep is the product dtype x head dim x causal x window x documents x dropout x seqlen;
+each attention variant other than ``none`` (``alibi``: the ALiBi paper's slopes for the head
+count; ``softcap``: SOFTCAP; ``sinks``: one sink logit per head, learnable) is added on the
+sweep's first window, document length and dropout only (its baseline case), so a variant
+costs one more case per (dtype, head dim, causal, seqlen), not a product;
 each case has batch = tokens_per_batch // seqlen (at least 1) and nheads = hidden // headdim,
 as in the FlashAttention papers (16k tokens, hidden 2048).
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,16 +45,55 @@ class Case:
     seqlen: int
     batch: int
     nheads: int
+    variant: str = "none"
+
+
+#: The attention variants a sweep may time (``variants``); none is plain attention.
+VARIANTS = ("none", "alibi", "softcap", "sinks")
+#: The soft-cap of the ``softcap`` variant: Gemma 2's attention logit cap.
+SOFTCAP = 50.0
 
 
 def make_cases(cfg) -> list[Case]:
     """Every case of the sweep, seqlen ascending within a series (so an OOM can skip the rest)."""
     cases = []
-    for dtype, d, causal, window, doc_len, p, n in itertools.product(
-            cfg.dtypes, cfg.headdims, cfg.causal, cfg.windows, cfg.doc_lens, cfg.dropout_ps, sorted(cfg.seqlens)):
+    base = (cfg.windows[0], cfg.doc_lens[0], cfg.dropout_ps[0])
+    for dtype, d, causal, window, doc_len, p, variant, n in itertools.product(
+            cfg.dtypes, cfg.headdims, cfg.causal, cfg.windows, cfg.doc_lens, cfg.dropout_ps,
+            cfg.get("variants", ["none"]), sorted(cfg.seqlens)):
+        if variant != "none" and (window, doc_len, p) != base:
+            continue
         cases.append(Case(dtype, d, bool(causal), int(window), int(doc_len), float(p), n,
-                          max(1, cfg.tokens_per_batch // n), cfg.hidden // d))
+                          max(1, cfg.tokens_per_batch // n), cfg.hidden // d, str(variant)))
     return cases
+
+
+def variant_kwargs(case: Case, device) -> dict:
+    """The attention call's keywords of the case's variant (empty for none)."""
+    if case.variant == "alibi":
+        from fatrain.kernels._common import alibi_slopes_for
+        return {"alibi_slopes": alibi_slopes_for(case.nheads).to(device)}
+    if case.variant == "softcap":
+        return {"softcap": SOFTCAP}
+    if case.variant == "sinks":
+        return {"sink_logits": torch.zeros(case.nheads, device=device, requires_grad=True)}
+    return {}
+
+
+def sdpa_alibi_bias_call(q, k, v, case: Case) -> Callable:
+    """What a user of PyTorch's SDPA has for ALiBi: the bias materialised, (1, H, N, N) in the
+    input dtype with the causal mask and window folded in as -inf, passed as ``attn_mask``
+    (SDPA then picks a kernel that takes a float mask, the memory-efficient one on CUDA)."""
+    from fatrain.kernels._common import alibi_bias, allowed_mask, alibi_slopes_for
+
+    slopes = alibi_slopes_for(case.nheads).to(q.device)[None]
+    bias = alibi_bias(slopes, case.seqlen, case.seqlen).to(q.dtype)
+    if case.causal or case.window >= 0:
+        left, right = window_pair(case.window, case.causal)
+        keep = allowed_mask(case.seqlen, case.seqlen, causal=case.causal, window_size=(left, right), device=q.device)
+        bias = bias.masked_fill(~keep, float("-inf"))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return lambda: sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias).transpose(1, 2)
 
 
 def make_doc_ids(batch: int, seqlen: int, mean_len: int, generator: torch.Generator) -> torch.Tensor:

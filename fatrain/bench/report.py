@@ -2,7 +2,7 @@
 
 ``summarize`` prints one backend's TFLOP/s over each of several others' per case, with the
 target ratios of the bench config's ``summary`` marked where missed; ``summarize_features``
-prints how much faster each window / documents / dropout case runs than the plain one.
+prints how much faster each window / documents / dropout / variant case runs than the plain one.
 Both read one CSV or several (a sweep split over runs).
 """
 
@@ -15,9 +15,12 @@ from collections import defaultdict
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 from fatrain.config import BENCH_MODES
+from fatrain.plotting import (date_span, describe, device_names, plain_numbers, pyplot, seq_len_axis, short_length,
+                              value_axis)
+from fatrain.plotting import title as wrapped_title
 
 COLUMNS = ["impl", "mode", "causal", "seqlen", "headdim", "batch", "nheads", "dtype", "tflops", "ms",
-           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "modelled_hbm_gb", "rounds", "ms_spread",
+           "peak_mem_mib", "status", "window", "doc_len", "dropout_p", "variant", "modelled_hbm_gb", "rounds", "ms_spread",
            "gpu", "torch", "triton", "git_sha", "date", "note"]
 
 CsvPaths = Union[str, os.PathLike, Iterable[str]]
@@ -55,6 +58,8 @@ def feature_label(row: dict) -> str:
         parts.append(f" doc={row['doc_len']}")
     if float(row["dropout_p"]) > 0:
         parts.append(f" p={float(row['dropout_p']):g}")
+    if row.get("variant", "none") not in ("none", ""):
+        parts.append(f" {row['variant']}")
     return "".join(parts)
 
 
@@ -76,20 +81,39 @@ def console_table(rows: list[dict]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "TFLOP/s") -> Optional[str]:
-    """One subplot per (mode, head dim, causal[, dtype]): ``column`` vs seqlen, one line per impl."""
-    import matplotlib
+def run_description(rows: list[dict]) -> str:
+    """'NVIDIA H100 80GB HBM3, bf16, batch x seqlen = 16k-32k, heads x d = 2048, torch 2.11.0, triton 3.6.0,
+    2026-11-26': what ran where, from the rows' own columns (a plot's title)."""
+    def span(values: set) -> str:
+        low, high = min(values), max(values)
+        return short_length(low) if low == high else f"{short_length(low)}-{short_length(high)}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sized = [r for r in rows if r.get("batch") and r.get("nheads")]
+    tokens = {int(r["batch"]) * int(r["seqlen"]) for r in sized}
+    widths = {int(r["nheads"]) * int(r["headdim"]) for r in sized}
+    return describe(device_names(r.get("gpu") for r in rows), device_names(r.get("dtype") for r in rows),
+                    tokens and f"batch x seqlen = {span(tokens)}",
+                    widths and f"heads x d = {', '.join(map(str, sorted(widths)))}",
+                    device_names(r.get("torch") and f"torch {r['torch']}" for r in rows),
+                    device_names(r.get("triton") and f"triton {r['triton']}" for r in rows),
+                    date_span(r.get("date") for r in rows))
 
+
+def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "attention throughput (TFLOP/s)",
+         title: str = "Attention throughput") -> Optional[str]:
+    """One subplot per (mode, head dim, causal[, dtype]): ``column`` vs seqlen, one line per impl.
+
+    A panel whose values span more than 10x (naive's TFLOP/s beside the flash kernels') has a
+    log value axis; the figure's title says what ran where (GPU, dtype, shapes, versions, date).
+    """
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok" and r.get(column) not in (None, "")]
     if not ok:
         return None
     modes = [m for m in BENCH_MODES if any(r["mode"] == m for r in ok)]
     several_dtypes = len({r["dtype"] for r in ok}) > 1
     panels = sorted({(int(r["headdim"]), r["causal"], r["dtype"] if several_dtypes else "") for r in ok})
-    fig, axes = plt.subplots(len(modes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(modes)),
+    fig, axes = plt.subplots(len(modes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(modes) + 0.5),
                              squeeze=False, sharex=True)
     for (i, mode), (j, (d, causal, dtype)) in itertools.product(enumerate(modes), enumerate(panels)):
         ax = axes[i][j]
@@ -101,16 +125,16 @@ def plot(rows: list[dict], path: str, column: str = "tflops", ylabel: str = "TFL
         for label, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        seqlens = sorted({n for points in lines.values() for n, _ in points})
-        ax.set_xticks(seqlens, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in seqlens])
-        ax.minorticks_off()
+        seq_len_axis(ax, sorted({n for points in lines.values() for n, _ in points}), label="seqlen (tokens)")
+        if value_axis(ax, [v for points in lines.values() for _, v in points]) == "linear":
+            ax.yaxis.set_major_formatter(plain_numbers())
         ax.set_title(f"{mode}, d={d}, {'causal' if causal == 'True' else 'non-causal'} {dtype}".strip(), fontsize=10)
-        ax.set_xlabel("seqlen")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(True, alpha=0.3, which="both")
         if lines:
             ax.legend(fontsize=7)
+    where = run_description(ok)
+    fig.suptitle(wrapped_title(title, where, width=45 * len(panels)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -124,7 +148,9 @@ def report(csv_path: str, make_plots: bool = True, log: Callable[[str], None] = 
     if not make_plots:
         return []
     stem = os.path.splitext(csv_path)[0]
-    paths = [plot(rows, stem + ".png"), plot(rows, stem + "_memory.png", "peak_mem_mib", "peak extra MiB")]
+    paths = [plot(rows, stem + ".png"),
+             plot(rows, stem + "_memory.png", "peak_mem_mib", "peak memory beyond the inputs (MiB)",
+                  "Attention peak GPU memory allocated during one call, beyond its inputs")]
     return [p for p in paths if p]
 
 
@@ -136,7 +162,7 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
               target_min_seqlen: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """Print a Markdown table of TFLOP/s ratios numerator / each denominator per case; return its rows.
 
-    A case is (dtype, mode, head dim, causal, window, documents, dropout, seqlen); a ratio is
+    A case is (dtype, mode, head dim, causal, window, documents, dropout, variant, seqlen); a ratio is
     blank where either side has no ``ok`` row. A ratio below ``targets[denominator]``, in one
     of ``target_modes`` at seqlen >= ``target_min_seqlen``, is marked with ``!``.
     """
@@ -145,25 +171,26 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
     for r in _read_all(csv_path):
         if r["status"] == "ok":
             key = (r["dtype"], r["mode"], int(r["headdim"]), r["causal"], int(r["window"]), int(r["doc_len"]),
-                   float(r["dropout_p"]), int(r["seqlen"]))
+                   float(r["dropout_p"]), _variant(r), int(r["seqlen"]))
             tflops[key][r["impl"]] = float(r["tflops"])
     table = []
     for key in sorted(tflops):
         if numerator not in tflops[key]:
             continue
-        dtype, mode, d, causal, window, doc_len, p, n = key
+        dtype, mode, d, causal, window, doc_len, p, variant, n = key
         row = {"dtype": dtype, "mode": mode, "headdim": d, "causal": causal, "window": window, "doc_len": doc_len,
-               "dropout_p": p, "seqlen": n, numerator: tflops[key][numerator]}
+               "dropout_p": p, "variant": variant, "seqlen": n, numerator: tflops[key][numerator]}
         for den in denominators:
             row[den] = tflops[key][numerator] / tflops[key][den] if den in tflops[key] else None
         table.append(row)
-    header = ["dtype", "mode", "d", "causal", "window", "doc", "p", "N", f"{numerator} TFLOP/s"]
+    header = ["dtype", "mode", "d", "causal", "window", "doc", "p", "variant", "N", f"{numerator} TFLOP/s"]
     header += [f"/ {den}" for den in denominators]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     misses = 0
     for row in table:
         cells = [row["dtype"], row["mode"], str(row["headdim"]), row["causal"], str(row["window"]),
-                 str(row["doc_len"]), f"{row['dropout_p']:g}", str(row["seqlen"]), f"{row[numerator]:.4g}"]
+                 str(row["doc_len"]), f"{row['dropout_p']:g}", row["variant"], str(row["seqlen"]),
+                 f"{row[numerator]:.4g}"]
         for den in denominators:
             ratio, target = row[den], targets.get(den)
             miss = (ratio is not None and target is not None and row["seqlen"] >= target_min_seqlen
@@ -179,26 +206,34 @@ def summarize(csv_path: CsvPaths, numerator: str, denominators: Iterable[str],
     return table
 
 
+def _variant(row: dict) -> str:
+    """A row's attention variant (none, alibi, softcap, sinks); rows from before the column: none."""
+    return row.get("variant") or "none"
+
+
 def summarize_features(csv_path: CsvPaths, impl: str, log: Callable[[str], None] = print) -> list[dict]:
-    """Print how much faster (or slower) each window / documents / dropout case runs than the plain one.
+    """Print how much faster (or slower) each window / documents / dropout / variant case runs than the plain one.
 
     speedup = ms(plain) / ms(case), the plain case having the same impl, mode, dtype, head dim,
-    causal and seqlen with no window, one document and no dropout.
+    causal and seqlen with no window, one document, no dropout and no variant (a variant's
+    cost over plain attention is 1 / speedup).
     """
     ms: dict[tuple, float] = {}
     for r in _read_all(csv_path):
         if r["status"] == "ok" and r["impl"] == impl:
             key = (r["dtype"], r["mode"], int(r["headdim"]), r["causal"], int(r["seqlen"]))
-            ms[key + (int(r["window"]), int(r["doc_len"]), float(r["dropout_p"]))] = float(r["ms"])
+            ms[key + (int(r["window"]), int(r["doc_len"]), float(r["dropout_p"]), _variant(r))] = float(r["ms"])
     table = []
     for key in sorted(ms):
-        plain = ms.get(key[:5] + (-1, 0, 0.0))
-        if key[5:] != (-1, 0, 0.0) and plain is not None:
-            table.append(dict(zip(("dtype", "mode", "headdim", "causal", "seqlen", "window", "doc_len", "dropout_p"),
-                                  key), ms=ms[key], plain_ms=plain, speedup=plain / ms[key]))
-    lines = ["| dtype | mode | d | causal | N | window | doc | p | ms | plain ms | speedup |", "|" + "---|" * 11]
+        plain = ms.get(key[:5] + (-1, 0, 0.0, "none"))
+        if key[5:] != (-1, 0, 0.0, "none") and plain is not None:
+            table.append(dict(zip(("dtype", "mode", "headdim", "causal", "seqlen", "window", "doc_len", "dropout_p",
+                                   "variant"), key), ms=ms[key], plain_ms=plain, speedup=plain / ms[key]))
+    lines = ["| dtype | mode | d | causal | N | window | doc | p | variant | ms | plain ms | speedup |",
+             "|" + "---|" * 12]
     lines += [f"| {r['dtype']} | {r['mode']} | {r['headdim']} | {r['causal']} | {r['seqlen']} | {r['window']} | "
-              f"{r['doc_len']} | {r['dropout_p']:g} | {r['ms']:.3f} | {r['plain_ms']:.3f} | {r['speedup']:.2f} |"
-              for r in table]
+              f"{r['doc_len']} | {r['dropout_p']:g} | {r['variant']} | {r['ms']:.3f} | {r['plain_ms']:.3f} | "
+              f"{r['speedup']:.2f} |" for r in table]
     log(f"{impl}: feature cases against the plain case\n" + "\n".join(lines))
     return table
+

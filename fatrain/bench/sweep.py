@@ -34,7 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
-from fatrain.bench.cases import DTYPES, Case, make_cases, make_doc_ids, tflops, window_pair
+from fatrain.bench.cases import (DTYPES, Case, make_cases, make_doc_ids, sdpa_alibi_bias_call, tflops, variant_kwargs,
+                                 window_pair)
 from fatrain.bench.report import COLUMNS, csv_header, format_row, read_rows
 from fatrain.bench.timing import mode_fn, peak_extra_mib, time_ms
 from fatrain.config import validate_bench_config
@@ -53,10 +54,15 @@ def resolve_impl(name: str):
         return exc
 
 
-def make_call(fn: Callable, q, k, v, case: Case, doc_ids) -> Callable:
+def make_call(fn: Callable, q, k, v, case: Case, doc_ids, name: str = "") -> Callable:
     """fn(q, k, v) with the case's features; only those the case uses are passed, so a backend
-    without them still runs plain cases."""
-    kwargs = {"causal": case.causal}
+    without them still runs plain cases. ALiBi on a PyTorch SDPA backend (which has no slopes)
+    is SDPA with the bias materialised, the alternative its users have."""
+    # NOTE: only the plain sdpa entry (PyTorch picks the kernel); the pinned ones have no float mask.
+    if (case.variant == "alibi" and name and backend_info(name).module == "sdpa" and not backend_info(name).fixed
+            and doc_ids is None and case.dropout_p == 0):
+        return sdpa_alibi_bias_call(q, k, v, case)
+    kwargs = {"causal": case.causal, **variant_kwargs(case, q.device)}
     if case.dropout_p > 0:
         kwargs["dropout_p"] = case.dropout_p
     if case.window >= 0:
@@ -173,13 +179,14 @@ def run_sweep(cfg, out_dir: str, log: Callable[[str], None] = print) -> str:
 def case_row(name: str, mode: str, case: Case) -> dict:
     return {"impl": name, "mode": mode, "causal": case.causal, "seqlen": case.seqlen, "headdim": case.headdim,
             "batch": case.batch, "nheads": case.nheads, "dtype": case.dtype, "window": case.window,
-            "doc_len": case.doc_len, "dropout_p": case.dropout_p, "status": "ok", "note": ""}
+            "doc_len": case.doc_len, "dropout_p": case.dropout_p, "variant": case.variant, "status": "ok",
+            "note": ""}
 
 
 def row_key(row: dict) -> tuple:
     """What identifies a measurement, as the CSV spells it (so rows read back compare equal)."""
     return tuple(str(row[c]) for c in ("impl", "mode", "dtype", "headdim", "causal", "window", "doc_len",
-                                       "dropout_p", "seqlen", "batch", "nheads"))
+                                       "dropout_p", "seqlen", "batch", "nheads")) + (row.get("variant") or "none",)
 
 
 def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, device, oom_at: dict,
@@ -191,7 +198,8 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
     """
     row = case_row(name, mode, case)
     row["modelled_hbm_gb"] = modelled_hbm_gb(name, case, mode, device)
-    series = (name, mode, case.dtype, case.headdim, case.causal, case.window, case.doc_len, case.dropout_p)
+    series = (name, mode, case.dtype, case.headdim, case.causal, case.window, case.doc_len, case.dropout_p,
+              case.variant)
     if isinstance(impl, Exception):
         return {**row, "status": classify(impl), "note": short(impl)}
     if q is None:
@@ -201,7 +209,7 @@ def measure(name: str, impl, mode: str, case: Case, q, k, v, doc_ids, cfg, devic
     fn = None
     try:
         if name not in calls:
-            calls[name] = make_call(impl, q, k, v, case, doc_ids)
+            calls[name] = make_call(impl, q, k, v, case, doc_ids, name)
         fn = mode_fn(calls[name], mode, q)
         ms = time_ms(fn, device, cfg, grad_to_none=[q, k, v])
         for t in (q, k, v):

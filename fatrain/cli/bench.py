@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> str:
     if s.numerator in cfg.impls:
         summarize(csv_path, s.numerator, s.denominators, targets=s.targets, target_modes=s.target_modes,
                   target_min_seqlen=s.target_min_seqlen)
-        if len(cfg.windows) > 1 or len(cfg.doc_lens) > 1 or len(cfg.dropout_ps) > 1:
+        if len(cfg.windows) > 1 or len(cfg.doc_lens) > 1 or len(cfg.dropout_ps) > 1 or len(cfg.variants) > 1:
             summarize_features(csv_path, s.numerator)
     return csv_path
 

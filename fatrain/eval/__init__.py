@@ -8,6 +8,8 @@
     numbers    -> per length: loss, perplexity, bits per byte or token, loss per position
                   bucket (loss.py)
                -> passkey accuracy over passkey.context_lens x passkey.depths (passkey.py)
+               -> RULER-style tasks (eval.tasks): accuracy per task x length (x depth), a mean
+                  per length (tasks.py)
                -> backend agreement: the same batches with each of eval.backends, in fp32
                   (agreement.py)
     outputs    -> eval.json, the plots, a W&B eval job in the training run's group, and
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, fields
 
 from omegaconf import OmegaConf
 
@@ -31,7 +34,9 @@ from fatrain.kernels import autotune_seconds
 from fatrain.eval.loading import LoadedCheckpoint, find_checkpoints, load_model, with_backend
 from fatrain.eval.loss import multi_length_eval, split_stream
 from fatrain.eval.passkey import run_passkey
+from fatrain.eval.tasks import TaskParams, run_tasks
 from fatrain.eval.report import log_to_wandb, summary_line, table_rows, write_json, write_plots, write_table
+from fatrain.plotting import describe_model
 from fatrain.progress import note_interpreter
 from fatrain.runtime import autocast_for, check_precision, run_info
 
@@ -73,16 +78,19 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
     byte_level = tokenizer.name == "byte"
     lengths_out = multi_length_eval(loaded.model, tokens, doc_ids, lengths, train_len=train_len, split=e.split,
                                     batch_size=batch_size, max_batches=e.batches, bucket_size=e.bucket_size,
-                                    device=device, autocast=autocast, count_bytes=byte_level)
+                                    device=device, autocast=autocast, count_bytes=byte_level,
+                                    long_documents=e.long_documents)
     result = {
         "checkpoint": os.path.abspath(path),
         "step": loaded.state.get("step"),
         "tokens_seen": loaded.state.get("tokens_seen"),
         "train": {"seq_len": train_len, "attention": saved_cfg.attention.backend,
+                  "model": describe_model(loaded.model.num_params(), OmegaConf.to_container(saved_cfg.model), None),
                   "group": OmegaConf.select(saved_cfg, "logger.wandb.group"),
                   "project": OmegaConf.select(saved_cfg, "logger.wandb.project"),
                   "wandb_id": loaded.state.get("wandb_id")},
         "attention": loaded.spec.attention,
+        "rope_scaling": asdict(loaded.spec.rope_scaling),
         "data": {"name": train_cfg.data.name, "source": train_cfg.data.source, "path": train_cfg.data.path,
                  "hf_name": train_cfg.data.hf_name, "split": e.split, "split_tokens": int(len(tokens))},
         "tokenizer": tokenizer.name,
@@ -90,6 +98,7 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         "precision": e.precision,
         "batch_size": batch_size,
         "bucket_size": e.bucket_size,
+        "long_documents": e.long_documents,
         "lengths": lengths_out,
         "environment": run_info(device),
         "notes": loaded.notes,
@@ -99,6 +108,13 @@ def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:
         result["passkey"] = run_passkey(loaded.model, tokenizer, context_lens=list(p.context_lens) or lengths,
                                         depths=list(p.depths), trials=p.trials, seed=p.seed, digits=p.key_digits,
                                         batch_size=batch_size, device=device, autocast=autocast)
+    if e.tasks:
+        r = cfg.ruler
+        params = TaskParams(**{f.name: r[f.name] for f in fields(TaskParams)})
+        result["long_tasks"] = run_tasks(loaded.model, tokenizer, list(e.tasks),
+                                         context_lens=list(r.context_lens) or lengths, depths=list(r.depths),
+                                         trials=r.trials, seed=r.seed, params=params, batch_size=batch_size,
+                                         device=device, autocast=autocast)
     if e.backends:
         evaluated = [r for r in lengths_out if "skipped" not in r]
         if evaluated:

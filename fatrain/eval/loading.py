@@ -10,8 +10,8 @@ reason. The tokenizer and document masking are always the checkpoint's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, get_type_hints
 
 import torch
 from omegaconf import OmegaConf
@@ -45,8 +45,8 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
                device: str = "auto", device_key: str = "eval.device") -> LoadedCheckpoint:
     """Load ``path`` and build its GPT with the overrides applied; raise CheckpointError if they do not fit.
 
-    Only GPTSpec's runtime fields (``RUNTIME_SPEC_FIELDS``: the attention backend and
-    window among them) may differ from the checkpoint; a model override that changes a
+    Only GPTSpec's runtime fields (``RUNTIME_SPEC_FIELDS``: the attention backend, the
+    window and the RoPE scaling among them) may differ from the checkpoint; a model override that changes a
     shape (``model.n_head=8`` for a 4-head checkpoint) is an error naming both values.
     """
     state = load_checkpoint(path)
@@ -60,6 +60,10 @@ def load_model(path: str, *, model_overrides=None, attention_overrides=None, dat
                               f"{str(e).splitlines()[0]}") from None
     notes = []
     _set_values(cfg.model, model_overrides)
+    scaling = cfg.model.rope_scaling
+    if scaling.type == "yarn" and scaling.original_seq_len is None:
+        scaling.original_seq_len = cfg.data.seq_len  # the length the checkpoint was trained at
+        notes.append(f"model.rope_scaling.original_seq_len={scaling.original_seq_len}: the checkpoint's data.seq_len")
     _set_values(cfg.attention, attention_overrides)
     trained_with = {"tokenizer": cfg.data.tokenizer, "document_masking": cfg.data.document_masking}
     _set_values(cfg.data, data_overrides)
@@ -102,17 +106,20 @@ def _on_schema(schema, values: dict):
     added or removed (data.num_workers was).
     """
     node = OmegaConf.structured(schema)
-    known = {f.name for f in fields(schema)}
+    known = {f.name: f for f in fields(schema)}
+    hints = get_type_hints(schema)
     for key, value in values.items():
         if key in known:
-            node[key] = value
+            node[key] = _on_schema(hints[key], value) if is_dataclass(hints[key]) and isinstance(value, dict) else value
     return node
 
 
 def _set_values(node, overrides) -> None:
-    """Copy the non-null values of ``overrides`` onto ``node``."""
+    """Copy the non-null values of ``overrides`` onto ``node`` (a nested group key by key)."""
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if OmegaConf.is_dict(value) and OmegaConf.is_dict(node.get(key)):
+            _set_values(node[key], value)
+        elif value is not None:
             node[key] = value
 
 

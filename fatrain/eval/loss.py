@@ -11,6 +11,9 @@ counts in the numerator (predicting where a document ends is part of modelling t
 Position buckets count positions inside a block. Blocks are packed from consecutive
 documents, so with several documents per block a late position is not always a late
 position in its document; on a single long document (tinyshakespeare) the two agree.
+``eval.long_documents=true`` keeps only blocks that lie inside one document of at least
+seq_len + 1 tokens (consecutive blocks from each such document's start), so position p of a
+block is position p of its document and the curve measures the use of context alone.
 
 Caution / known limits: each length reads blocks from the start of the split, so at a
 fixed ``eval.batches`` the longer lengths cover more text; the shorter lengths' text is a
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -71,12 +75,34 @@ def evaluate_blocks(model: GPT, blocks: PackedBlocks, *, batch_size: int, max_ba
     return result
 
 
+def long_document_blocks(tokens, doc_ids, seq_len: int) -> tuple[PackedBlocks, int]:
+    """Blocks of ``seq_len + 1`` tokens inside single documents of at least that many tokens, from each
+    document's start; and how many documents are that long."""
+    ids = np.asarray(doc_ids) if isinstance(doc_ids, np.ndarray) else np.asarray(doc_ids[np.arange(len(doc_ids))])
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]))
+    starts, long_docs = [], 0
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b - a >= seq_len + 1:
+            long_docs += 1
+            starts.extend(range(a, b - seq_len, seq_len))
+    return PackedBlocks(tokens, doc_ids, seq_len, starts=np.array(starts, dtype=np.int64)), long_docs
+
+
 def multi_length_eval(model, tokens, doc_ids, lengths, *, train_len: int, split: str, batch_size: int,
-                      max_batches, bucket_size: int, device, autocast, count_bytes: bool) -> list[dict]:
-    """One result per length; a length the split cannot fill once is recorded as skipped, not raised."""
+                      max_batches, bucket_size: int, device, autocast, count_bytes: bool,
+                      long_documents: bool = False) -> list[dict]:
+    """One result per length; a length the split cannot fill once is recorded as skipped, not raised.
+    ``long_documents``: only blocks inside one document of at least the length (see the module docstring)."""
     results = []
     for length in progress(lengths, desc=f"evaluating {split} loss by length", unit="length"):
-        blocks = PackedBlocks(tokens, doc_ids, length)
+        if long_documents:
+            blocks, long_docs = long_document_blocks(tokens, doc_ids, length)
+            if len(blocks) == 0:
+                results.append({"seq_len": length, "skipped": f"the {split} split has no document of at least "
+                                                              f"seq_len+1={length + 1} tokens"})
+                continue
+        else:
+            blocks = PackedBlocks(tokens, doc_ids, length)
         if len(blocks) == 0:
             results.append({"seq_len": length, "skipped": f"the {split} split has {len(tokens)} tokens, "
                                                           f"fewer than one block of seq_len+1={length + 1}"})
@@ -84,5 +110,7 @@ def multi_length_eval(model, tokens, doc_ids, lengths, *, train_len: int, split:
         result = evaluate_blocks(model, blocks, batch_size=batch_size, max_batches=max_batches,
                                  bucket_size=bucket_size, device=device, autocast=autocast, count_bytes=count_bytes)
         result["beyond_training_length"] = length > train_len
+        if long_documents:
+            result["long_documents"] = long_docs
         results.append(result)
     return results

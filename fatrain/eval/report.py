@@ -2,7 +2,10 @@
 
     eval.json             every number of one checkpoint's evaluation
     loss_vs_position.png  mean loss per position bucket, one line per evaluated length
-    passkey.png           passkey accuracy, context length x depth of the key
+    passkey.png           passkey accuracy, context length x depth of the key; a cell that was not
+                          run says why ("no room": the length cannot hold the task), with a note
+    task_<name>.png       a RULER-style task's accuracy, context length x depth (one row without depth)
+    tasks_summary.png     accuracy per context length, one line per task and their mean
     table.csv, table.md   one row per evaluated checkpoint (several for a run or sweep folder)
     W&B                   one run (job_type=eval) in the training run's group
 """
@@ -17,6 +20,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from fatrain.eval.loading import sweep_overrides
+from fatrain.plotting import date_span, describe, pyplot, title, value_axis
 
 
 def write_json(obj, path: str) -> None:
@@ -29,49 +33,156 @@ def write_json(obj, path: str) -> None:
 # ----- plots -------------------------------------------------------------------------------------
 
 
+def run_description(result: dict) -> str:
+    """'0.2M-parameter GPT (2 layers, d_model 64), fp32, cpu (...), 2026-12-03': a title's second line."""
+    environment = result.get("environment") or {}
+    return describe(result.get("train", {}).get("model"), result.get("precision"), environment.get("gpu"),
+                    date_span([environment.get("date")]))
+
+
+# Short heat-map labels for why a passkey cell was not run, by a phrase of the recorded reason.
+SKIP_LABELS = (("cannot hold", "no room"), ("longer than", "> max len"), ("exceeds", "> max len"),
+               ("max_seq_len", "> max len"), ("split", "no data"))
+
+
+def skip_label(reason: str) -> str:
+    """'no room', '> max len', 'no data' or 'skipped': a cell's label for ``reason``."""
+    for phrase, label in SKIP_LABELS:
+        if phrase in reason:
+            return label
+    return "skipped"
+
+
+def passkey_cell_labels(passkey: dict) -> tuple[list[list[str]], list[str]]:
+    """The text of every heat-map cell (accuracy, or why it was not run) and the notes that explain
+    the labels: one line per skipped length, '<label>: <reason>'."""
+    skipped = passkey.get("skipped") or {}
+    labels, notes = [], {}
+    for row in passkey["accuracy"]:
+        cells = []
+        for length, value in zip(passkey["context_lens"], row):
+            if value is not None:
+                cells.append(f"{value:.2f}")
+                continue
+            reason = skipped.get(str(length))
+            label = skip_label(reason) if reason else "not run"
+            notes[length] = f"{label}: {reason}" if reason else f"not run: context {length} has no result"
+            cells.append(label)
+        labels.append(cells)
+    return labels, list(notes.values())
+
+
 def write_plots(result: dict, out_dir: str) -> dict:
     """loss_vs_position.png (one line per length) and passkey.png (context x depth heat map)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = {}
+    where = run_description(result)
     evaluated = [r for r in result["lengths"] if "skipped" not in r]
     if evaluated:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        losses = []
         for r in evaluated:
             centers = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
+            losses += [b["loss"] for b in r["buckets"]]
             ax.plot(centers, [b["loss"] for b in r["buckets"]], marker=".", label=f"seq_len {r['seq_len']}")
         ax.axvline(result["train"]["seq_len"], color="grey", linestyle="--", linewidth=1, label="training length")
-        ax.set_xlabel(f"position in the sequence (buckets of {result['bucket_size']})")
+        # NOTE: positions stay linear, so the stretch past the training length reads in proportion.
+        value_axis(ax, losses)
+        ax.set_xlabel(f"position in the sequence (tokens; buckets of {result['bucket_size']})")
         ax.set_ylabel("mean loss (nats/token)")
-        ax.set_title(f"step {result['step']}, attention={result['attention']}, {result['data']['split']} split")
-        ax.legend()
+        ax.set_title(title(f"Loss by position: step {result['step']}, attention={result['attention']}, "
+                           f"{result['data']['split']} split", where), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         files["loss_vs_position"] = os.path.join(out_dir, "loss_vs_position.png")
         fig.savefig(files["loss_vs_position"], dpi=120)
         plt.close(fig)
     passkey = result.get("passkey")
-    if passkey and any(v is not None for row in passkey["accuracy"] for v in row):
+    if passkey and passkey["context_lens"] and passkey["depths"]:
         grid = [[float("nan") if v is None else v for v in row] for row in passkey["accuracy"]]
-        fig, ax = plt.subplots(figsize=(1.2 * len(passkey["context_lens"]) + 2.5, 0.6 * len(passkey["depths"]) + 2))
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        labels, notes = passkey_cell_labels(passkey)
+        height = 0.6 * len(passkey["depths"]) + 2.4 + 0.25 * len(notes)
+        fig, ax = plt.subplots(figsize=(max(1.2 * len(passkey["context_lens"]) + 2.5, 6.5), height))
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # a cell not run: grey, with its reason
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(passkey["context_lens"])), [str(c) for c in passkey["context_lens"]])
         ax.set_yticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
         for i, row in enumerate(passkey["accuracy"]):
             for j, value in enumerate(row):
                 color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
-                ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
+                ax.text(j, i, labels[i][j], ha="center", va="center", color=color,
+                        fontsize=9 if value is not None else 8)
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("depth of the key")
-        ax.set_title(f"passkey accuracy ({passkey['trials']} trials per cell)")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        files["passkey"] = os.path.join(out_dir, "passkey.png")
-        fig.savefig(files["passkey"], dpi=120)
-        plt.close(fig)
+        ax.set_ylabel("depth of the key (fraction of the filler)")
+        ax.set_title(title(f"Passkey retrieval ({passkey['trials']} trials per cell)", where, width=60), fontsize=10)
+        fig.colorbar(image, ax=ax, label="accuracy (fraction of trials retrieved)")
+        if notes:
+            fig.text(0.01, 0.01, "\n".join(["grey cells were not run:", *notes]), fontsize=7, va="bottom", ha="left",
+                     wrap=True)
+            fig.tight_layout(rect=(0, 0.04 + 0.05 * len(notes), 1, 1))
+        else:
+            fig.tight_layout()
+    files.update(write_task_plots(result.get("long_tasks"), out_dir, plt))
     return files
+
+
+def _heat_map(plt, grid, context_lens, row_labels, ylabel, title, path):
+    values = [[float("nan") if v is None else v for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.2 * len(context_lens) + 2.5, 0.6 * len(row_labels) + 2))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(context_lens)), [str(c) for c in context_lens])
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
+            ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
+    """task_<name>.png per task (context x depth heat map) and tasks_summary.png (accuracy vs length)."""
+    files = {}
+    if not long_tasks:
+        return files
+    trials = long_tasks["trials"]
+    for name, entry in long_tasks["tasks"].items():
+        depths = entry["depths"]
+        labels = [f"{d:g}" for d in depths] if depths is not None else ["all"]
+        files[f"task_{name}"] = os.path.join(out_dir, f"task_{name}.png")
+        _heat_map(plt, entry["accuracy"], entry["context_lens"], labels, "depth" if depths is not None else "",
+                  f"{name} accuracy ({trials} trials per cell)", files[f"task_{name}"])
+    summary = long_tasks["summary"]
+    lens = summary["context_lens"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in long_tasks["tasks"].items():
+        means = [_mean_of([row[j] for row in entry["accuracy"]]) for j in range(len(lens))]
+        ax.plot(lens, [float("nan") if m is None else m for m in means], marker=".", label=name)
+    ax.plot(lens, [float("nan") if m is None else m for m in summary["mean_accuracy"]], marker="o", color="k",
+            linewidth=2, label="mean over tasks")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lens, [str(n) for n in lens])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title("long-context tasks: accuracy by context length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["tasks_summary"] = os.path.join(out_dir, "tasks_summary.png")
+    fig.savefig(files["tasks_summary"], dpi=120)
+    plt.close(fig)
+    return files
+
+
+def _mean_of(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 # ----- W&B -------------------------------------------------------------------------------------
@@ -94,6 +205,17 @@ def flat_metrics(result: dict) -> dict:
             for j, length in enumerate(passkey["context_lens"]):
                 if passkey["accuracy"][i][j] is not None:
                     out[f"passkey/accuracy@{length}/depth{depth:g}"] = passkey["accuracy"][i][j]
+    long_tasks = result.get("long_tasks")
+    if long_tasks:
+        for name, entry in long_tasks["tasks"].items():
+            for i, row in enumerate(entry["accuracy"]):
+                depth = "" if entry["depths"] is None else f"/depth{entry['depths'][i]:g}"
+                for j, length in enumerate(entry["context_lens"]):
+                    if row[j] is not None:
+                        out[f"tasks/{name}/accuracy@{length}{depth}"] = row[j]
+        for length, mean in zip(long_tasks["summary"]["context_lens"], long_tasks["summary"]["mean_accuracy"]):
+            if mean is not None:
+                out[f"tasks/mean_accuracy@{length}"] = mean
     agreement = result.get("backend_agreement", {})
     if "max_abs_diff" in agreement:
         out["eval/backend_max_abs_diff"] = agreement["max_abs_diff"]
@@ -131,12 +253,22 @@ def log_to_wandb(cfg, result: dict, saved_cfg: dict, out_dir: str) -> Optional[s
 # ----- the table over checkpoints, the console line -----------------------------------------------
 
 
+def run_folder_name(checkpoint: str) -> str:
+    """The name of the training run a checkpoint belongs to: its run folder's (the folder that holds
+    ``checkpoints/``), or the folder the checkpoint lies in."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.basename(folder) == "checkpoints":
+        folder = os.path.dirname(folder)
+    return os.path.basename(folder) or folder
+
+
 def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
     """One row per (run name, result): step, backends, loss and bits per length, passkey per length."""
     rows = []
     for name, r in results:
-        row = {"run": name or ".", "step": r["step"], "tokens_seen": r["tokens_seen"],
+        row = {"run": name or run_folder_name(r["checkpoint"]), "step": r["step"], "tokens_seen": r["tokens_seen"],
                "train_attention": r["train"]["attention"], "attention": r["attention"],
+               "rope_scaling": _scaling_label(r.get("rope_scaling")),
                "overrides": sweep_overrides(os.path.join(root, name)) if os.path.isdir(root) else ""}
         unit = r["bits_unit"]
         for length in r["lengths"]:
@@ -148,10 +280,20 @@ def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
             for j, n in enumerate(p["context_lens"]):
                 cells = [row_[j] for row_ in p["accuracy"] if row_[j] is not None]
                 row[f"passkey@{n}"] = sum(cells) / len(cells) if cells else None
+        if "long_tasks" in r:
+            summary = r["long_tasks"]["summary"]
+            for n, mean in zip(summary["context_lens"], summary["mean_accuracy"]):
+                row[f"tasks@{n}"] = mean
         if "max_abs_diff" in r.get("backend_agreement", {}):
             row["backend_max_abs_diff"] = r["backend_agreement"]["max_abs_diff"]
         rows.append(row)
     return rows
+
+
+def _scaling_label(scaling: Optional[dict]) -> str:
+    if not scaling or scaling.get("type", "none") == "none":
+        return "none"
+    return f"{scaling['type']} x{scaling['factor']:g}"
 
 
 def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
