@@ -42,7 +42,6 @@ the batch for pairs that a document crosses.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -115,22 +114,6 @@ def shard_index(seq_len: int, n: int, cp_rank: int, device=None) -> torch.Tensor
     c = seq_len // (2 * n)
     a, b = rank_chunks(n, cp_rank)
     return torch.cat((torch.arange(a * c, (a + 1) * c, device=device), torch.arange(b * c, (b + 1) * c, device=device)))
-
-
-@dataclasses.dataclass(frozen=True)
-class PairCall:
-    """One backend call of a ring step: batch rows [b0, b1), query rows [q0, q1) of the local
-    shard, key rows [k0, k1) of the visiting shard, with the mask the backend applies."""
-
-    b0: int
-    b1: int
-    q0: int
-    q1: int
-    k0: int
-    k1: int
-    causal: bool
-    window_left: int  # -1: unlimited
-    doc_chunk: Optional[int] = None  # the chunk whose document ids the call passes (diagonal pairs)
 
 
 def pair_calls(qa: int, kb: int, c: int, batch: int, window_left: int, docs=None) -> list[tuple]:

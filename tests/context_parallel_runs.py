@@ -45,7 +45,7 @@ def _max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_attention(cp: ContextParallel, case, seed: int) -> None:
+def check_attention(cp: ContextParallel, case, seed: int, device="cpu", dtype=torch.float32) -> None:
     from fatrain.context_parallel import context_attention
 
     name, backend, strategy, B, T, H, Hkv, D, left, with_docs = case
@@ -60,16 +60,21 @@ def check_attention(cp: ContextParallel, case, seed: int) -> None:
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*leaves, **kw)
     ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-    low = [t.clone().requires_grad_() for t in (q, k, v)]  # torch's own float32 error, the yardstick
+    # torch's own error in the run's dtype on its device, the yardstick
+    docs = None if docs is None else docs.to(device)
+    kw["doc_ids"] = docs
+    low = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     low_out = reference_attention(*low, upcast=False, **kw)
-    low_grads = torch.autograd.grad(low_out, low, dout)
+    low_grads = [g.cpu() for g in torch.autograd.grad(low_out, low, dout.to(device, dtype))]
+    low_out = low_out.cpu()
 
     index = shard_index(T, cp.degree, cp.cp_rank)
     cp.set_documents(docs)
-    local = [t[:, index].clone().requires_grad_() for t in (q, k, v)]
+    local = [t[:, index].to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = context_attention(cp, backend, *local, causal=True, window_size=(left, -1),
-                            doc_ids=None if docs is None else docs[:, index])
-    grads = torch.autograd.grad(out, local, dout[:, index])
+                            doc_ids=None if docs is None else docs[:, index.to(device)])
+    grads = [g.cpu() for g in torch.autograd.grad(out, local, dout[:, index].to(device, dtype))]
+    out = out.cpu()
     pairs = [(out, ref[:, index], low_out[:, index], "out", 2)]
     pairs += [(g, r[:, index], w[:, index], f"d{n}", 3) for g, r, w, n in zip(grads, ref_grads, low_grads, "qkv")]
     for got, want, yard, what, factor in pairs:
@@ -106,14 +111,31 @@ def check_model_gradients(cp: ContextParallel, strategy: str) -> None:
         assert _max_err(got / cp.degree, ref) < 1e-5, (strategy, name, _max_err(got / cp.degree, ref))
 
 
-def attention_and_gradient_checks(rank: int, world_size: int, store_path: str) -> None:
+# GPU: flash_v2 in bf16 over NCCL, long enough for several key blocks per chunk pair.
+GPU_CASES = [
+    ("ring-flash_v2-bf16-window-docs", "flash_v2", "ring", 2, 2048, 8, 2, 64, 700, True),
+    ("ring-flash_v2-bf16-causal", "flash_v2", "ring", 1, 4096, 8, 8, 128, -1, False),
+    ("ulysses-flash_v2-bf16-docs", "flash_v2", "ulysses", 2, 2048, 8, 2, 64, -1, True),
+]
+
+
+def attention_and_gradient_checks(rank: int, world_size: int, store_path: str, device_type: str = "cpu") -> None:
+    """CPU: every case of ATTENTION_CASES in fp32 and the model gradients, on gloo. CUDA: GPU_CASES
+    in bf16 on NCCL, one GPU per rank."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store_path}",
+                            rank=rank, world_size=world_size)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
+        mesh = init_device_mesh(device_type, (1, world_size), mesh_dim_names=("dp", "cp"))
         cp = ContextParallel(world_size, "ring", mesh=mesh, rank=rank, world_size=world_size)
+        if device_type == "cuda":
+            for i, case in enumerate(GPU_CASES):
+                check_attention(cp, case, seed=200 + i, device=torch.device("cuda", rank), dtype=torch.bfloat16)
+            return
         for i, case in enumerate(ATTENTION_CASES):
             check_attention(cp, case, seed=100 + i)
         for strategy in ("ring", "ulysses"):

@@ -146,6 +146,13 @@ def test_attention_and_one_step_gradients_on_two_gloo_ranks(tmp_path):
     mp.spawn(context_parallel_runs.attention_and_gradient_checks, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ring_and_ulysses_flash_v2_bf16_on_two_gpus(tmp_path):
+    mp.spawn(context_parallel_runs.attention_and_gradient_checks, args=(2, str(tmp_path / "store"), "cuda"),
+             nprocs=2)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.strategy=ddp", "trainer.context_parallel=3"], "data.seq_len=32 must be divisible by 2 x"),
     (["trainer.context_parallel=2"], "needs trainer.strategy=ddp or fsdp"),
