@@ -100,7 +100,7 @@ def _per_sequence_reference(q, k, v, cu_q, cu_k, upcast, **kwargs):
             continue
         if k_hi == k_lo:
             outs.append(q[q_lo:q_hi].to(dtype) * 0)  # zeros that keep the graph connected
-            lses.append(torch.full((q.shape[1], q_hi - q_lo), MASKED_ROW_LSE, dtype=torch.float64))
+            lses.append(torch.full((q.shape[1], q_hi - q_lo), MASKED_ROW_LSE, dtype=torch.float64, device=q.device))
             continue
         out, lse = reference_attention(q[None, q_lo:q_hi], k[None, k_lo:k_hi], v[None, k_lo:k_hi], upcast=upcast,
                                        return_lse=True, **kwargs)
