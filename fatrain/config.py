@@ -125,6 +125,8 @@ class TrainerConfig:
     strategy: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
     dist_backend: str = "auto"  # auto | nccl | gloo (auto: nccl on GPUs, gloo on the CPU)
     dist_timeout_s: int = 600  # a collective waiting longer than this fails the job
+    context_parallel: int = 1  # ranks that split each sequence (fatrain.context_parallel); data parallel = ranks / it
+    cp_strategy: str = "ring"  # ring (K/V rotate, logsumexp merge) | ulysses (all-to-all over heads)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1337
     log_every: int = 10
@@ -326,6 +328,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "trainer.tokens_per_step": Range(lo=0, lo_open=True, special=((None, "from trainer.batch_size"),)),
     "trainer.grad_accum_steps": POSITIVE,
     "trainer.dist_timeout_s": POSITIVE,
+    "trainer.context_parallel": POSITIVE,
     "trainer.seed": SEED,
     "trainer.log_every": POSITIVE,
     "trainer.eval_every": Range(lo=0, special=((0, "only the final validation"),)),
@@ -377,6 +380,9 @@ def validate_train_config(cfg) -> None:
     _choice(t.strategy, STRATEGIES, "trainer.strategy")
     _choice(t.on_nonfinite, NONFINITE_ACTIONS, "trainer.on_nonfinite")
     _choice(t.dist_backend, ("auto", "nccl", "gloo"), "trainer.dist_backend")
+    from fatrain.context_parallel import check_context_parallel_config
+
+    check_context_parallel_config(cfg)
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 

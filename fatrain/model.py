@@ -422,17 +422,22 @@ class GPT(nn.Module):
             matmul_params -= self.lm_head.weight.numel()  # already counted in num_params
         return 6 * matmul_params + attn
 
-    def forward(self, idx, targets=None, *, doc_ids=None, cache: KVCache | None = None, reduction="mean"):
+    def forward(self, idx, targets=None, *, doc_ids=None, cache: KVCache | None = None, reduction="mean",
+                positions=None):
         """Logits (B, T, vocab) and, with targets, the cross-entropy loss.
 
         doc_ids (B, T) restricts attention to each document when the model was built with
         document masking, and restarts RoPE positions when rope_reset_per_document is set.
         reduction='none' returns the per-token loss (B, T), for evaluation by position.
+        positions (T,) or (B, T): the RoPE position of each token, given when idx is a shard of
+        a longer sequence (context parallelism: the positions are the full sequence's).
         """
         B, T = idx.shape
         cos = sin = None  # ALiBi or no positions: nothing is rotated
         if self.spec.position == "rope":
-            if self.spec.rope_reset_per_document and doc_ids is not None:
+            if positions is not None:
+                pass
+            elif self.spec.rope_reset_per_document and doc_ids is not None:
                 positions = positions_from_doc_ids(doc_ids)
             else:
                 start = cache.length if cache is not None else 0

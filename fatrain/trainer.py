@@ -42,6 +42,7 @@ from fatrain.checkpoint import (CheckpointError, CheckpointManager, DamagedCheck
                                 list_checkpoints, load_checkpoint, load_metadata)
 from fatrain.checkpoint import check_dcp_metadata, dcp_cause, dcp_exception_type, safe_load_planner
 from fatrain.config import validate_train_config
+from fatrain.context_parallel import build_context_parallel
 from fatrain.data import BlockLoader, build_data, make_train_loader
 from fatrain.distributed import DistEnv
 from fatrain.interrupt import StopSignals, signal_name
@@ -225,12 +226,18 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         world, rank = self.dist.world_size, self.dist.rank
-        self.batch_size = micro_batch_size(t, cfg.data.seq_len, world)
+        # Context parallelism: the ranks of one context group read the same batch, so the data is
+        # sharded over the data-parallel index only.
+        self.cp = build_context_parallel(cfg, self.dist)
+        self.dp_rank, self.dp_size = (self.cp.dp_rank, self.cp.dp_size) if self.cp else (rank, world)
+        self.batch_size = micro_batch_size(t, cfg.data.seq_len, self.dp_size)
         self.data = build_data(cfg.data, seed=t.seed)
-        self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=rank, world_size=world,
-                                              device=self.device)
+        self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=self.dp_rank,
+                                              world_size=self.dp_size, device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
         self.model = GPT(self.spec).to(self.device)
+        if self.cp:
+            self.cp.install(self.model)
         if world > 1:
             seed_everything(t.seed + rank)  # different dropout masks on different ranks
         # self.model stays the bare GPT (its state_dict has plain names); forward_model is what the
@@ -264,7 +271,7 @@ class Trainer:
         self.progress = progress
         # Global: all ranks together. (FSDP2's DTensor parameters report their full size, so the
         # parameter counts and FLOPs are the whole model's on every rank.)
-        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len * world
+        self.tokens_per_step = self.batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dp_size
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len, causal=True)
         peak = peak_flops(self.device, t.precision, t.peak_tflops)
         self.peak_flops = peak * world if peak else None
@@ -373,16 +380,26 @@ class Trainer:
         """Validation loss per token over every rank's share of the validation batches."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
-        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dist.rank,
-                             world_size=self.dist.world_size, device=self.device)
+        sent_before = self.cp.bytes_sent if self.cp is not None else 0
+        loader = BlockLoader(self.data.val, self.batch_size, seed=0, shuffle=False, rank=self.dp_rank,
+                             world_size=self.dp_size, device=self.device)
         for batch in loader.eval_batches(self.cfg.trainer.eval_batches):
+            inputs = self.model_inputs(batch)
             with self.autocast():
-                _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
-            totals[0] += loss.double() * batch["input_ids"].numel()
-            totals[1] += batch["input_ids"].numel()
+                _, loss = self.forward_model(**inputs)
+            totals[0] += loss.double() * inputs["idx"].numel()
+            totals[1] += inputs["idx"].numel()
         distributed.all_reduce(totals, self.dist)
+        if self.cp is not None:
+            self.cp.bytes_sent = sent_before  # the training steps' traffic is counted without validation's
         self.model.train()
         return (totals[0] / totals[1]).item()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The forward's arguments for ``batch``: the whole sequences, or this rank's context shard."""
+        if self.cp:
+            return self.cp.shard_batch(batch, self.spec)
+        return {"idx": batch["input_ids"], "targets": batch["labels"], "doc_ids": batch["doc_ids"]}
 
     def grad_sync(self, sync: bool):
         """Context for one micro-step's backward: all-reduce / reduce-scatter gradients only when ``sync``."""
@@ -476,7 +493,13 @@ class Trainer:
             peaks = torch.tensor(list(memory.values()), dtype=torch.float64, device=self.device)
             distributed.all_reduce(peaks, self.dist, op="max")
             memory = dict(zip(memory, peaks.tolist()))
-        return {"train/loss": loss.item(), **memory}
+        metrics = {"train/loss": loss.item(), **memory}
+        if self.cp is not None:
+            # The context group's traffic: what this rank sent per step since the last log (the fullest rank).
+            sent = torch.tensor(self.cp.bytes_sent / max(1, len(losses)), dtype=torch.float64, device=self.device)
+            metrics["comm/cp_sent_bytes_per_step"] = distributed.all_reduce(sent, self.dist, op="max").item()
+            self.cp.bytes_sent = 0
+        return metrics
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -512,9 +535,10 @@ class Trainer:
             for micro in range(t.grad_accum_steps):
                 batch = next(batches)
                 # Gradients are reduced across ranks on the last micro-step only.
+                inputs = self.model_inputs(batch)
                 with self.grad_sync(micro == t.grad_accum_steps - 1):
                     with self.autocast():
-                        _, loss = self.forward_model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+                        _, loss = self.forward_model(**inputs)
                         loss = loss / t.grad_accum_steps
                     self.scaler.scale(loss).backward()
                 step_loss += loss.detach()
@@ -847,6 +871,9 @@ def _train_in(cfg, run_dir: str, dist_env: DistEnv) -> dict:
                f"precision={t.precision}, tokens/step={trainer.tokens_per_step}")
         if dist_env.distributed:
             msg += f", strategy={dist_env.strategy} on {dist_env.world_size} ranks ({dist_env.backend})"
+        if trainer.cp is not None:
+            msg += (f", context_parallel={trainer.cp.degree} ({trainer.cp.strategy}) x data parallel "
+                    f"{trainer.cp.dp_size}")
         if dist_env.is_main:
             (progress.write if progress is not None else print)(msg)
         logger.log({"model/params": n}, 0)

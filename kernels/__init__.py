@@ -117,6 +117,10 @@ class BackendInfo:
     on_cpu: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     variant_of: Optional[str] = None  # a backend run with fixed options, for benchmarks and ablations
     run_info: Optional[str] = None  # function(seq_len) of the module: what a run records of it (autotune picks)
+    # function of the module: (do, q, k, v, out, lse, *, causal, softmax_scale, window_size, doc_ids,
+    # **options) -> (dq, dk, dv), the recompute backward with the forward's out and lse given
+    # (get_backward; ring attention calls it with the merged out and lse); None: not exposed.
+    backward: Optional[str] = None
 
     def supports(self, feature: str, device: str = "cuda") -> bool:
         if feature not in FEATURES:
@@ -134,14 +138,16 @@ class BackendInfo:
 
 
 _BACKENDS: tuple[BackendInfo, ...] = (
-    BackendInfo("naive", "standard attention, S and P held in memory (the baseline)", "naive", "naive_attention"),
+    BackendInfo("naive", "standard attention, S and P held in memory (the baseline)", "naive", "naive_attention",
+                backward="naive_attention_backward"),
     BackendInfo("flash_v1", "FlashAttention-1 (Algorithms 1, 2 and 4): K/V-block outer loop, O, l, m in HBM",
                 "flash_v1", "flash_v1_attention", options=("sram_bytes", "num_splits", "deterministic"),
-                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_ALL),
+                triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), features=_ALL,
+                backward="flash_v1_attention_backward"),
     BackendInfo("flash_v2", "FlashAttention-2: one program per query block, logsumexp, split backward",
                 "flash_v2", "flash_v2_attention", options=("block_m", "block_n", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256),
-                features=_ALL, run_info="autotune_picks"),
+                features=_ALL, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("sdpa", "PyTorch's scaled_dot_product_attention, kernel chosen by PyTorch", "sdpa",
                 "sdpa_attention", features=_SDPA),
     BackendInfo("sdpa_flash", "PyTorch's SDPA pinned to its FlashAttention-2 kernel", "sdpa", "sdpa_attention",
@@ -160,11 +166,11 @@ _BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo("flash_v2_atomic", "flash_v2 with dQ added by atomics (deterministic=False)", "flash_v2",
                 "flash_v2_attention", fixed={"deterministic": False}, options=("block_m", "block_n"), triton=True,
                 dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v2",
-                features=_ALL, run_info="autotune_picks"),
+                features=_ALL, run_info="autotune_picks", backward="flash_v2_attention_backward"),
     BackendInfo("flash_v1_bh", "flash_v1 on the paper's grid, one program per (batch, head) (num_splits=1)",
                 "flash_v1", "flash_v1_attention", fixed={"num_splits": 1}, options=("sram_bytes", "deterministic"),
                 triton=True, dtypes=("float16", "bfloat16", "float32"), head_dims=(16, 256), variant_of="flash_v1",
-                features=_ALL),
+                features=_ALL, backward="flash_v1_attention_backward"),
 )
 _REGISTRY: dict[str, BackendInfo] = {b.name: b for b in _BACKENDS}
 
@@ -190,6 +196,19 @@ def get_backend(name: str) -> Callable:
     """The attention function registered as ``name``; an unknown name lists the valid ones."""
     info = backend_info(name)
     fn = getattr(importlib.import_module(f".{info.module}", __name__), info.function)
+    return functools.partial(fn, **info.fixed) if info.fixed else fn
+
+
+@functools.cache
+def get_backward(name: str) -> Callable:
+    """The recompute backward of backend ``name`` with the forward's out and lse given
+    (``BackendInfo.backward``); a backend without one raises an error naming it and those that have one."""
+    info = backend_info(name)
+    if info.backward is None:
+        have = ", ".join(b.name for b in _BACKENDS if b.backward is not None and b.variant_of is None)
+        raise ValueError(f"attention backend '{name}' exposes no backward with a given logsumexp (backends that "
+                         f"do: {have})")
+    fn = getattr(importlib.import_module(f".{info.module}", __name__), info.backward)
     return functools.partial(fn, **info.fixed) if info.fixed else fn
 
 
@@ -234,4 +253,4 @@ def autotune_seconds() -> float:
 
 
 __all__ = ["autotune_seconds", "FEATURES", "MASKED_ROW_LSE", "BackendInfo", "all_options", "available_backends", "backend_info",
-           "check_options", "get_backend", "reference_attention", "run_info"]
+           "check_options", "get_backend", "get_backward", "reference_attention", "run_info"]

@@ -742,3 +742,29 @@ def flash_v1_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     if return_dropout_mask:
         results.append(_dropout.dropout_mask(seed, B, H, Nq, Nk, p, q.device))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def flash_v1_attention_backward(do, q, k, v, out, lse, *, causal: bool = False, softmax_scale=None,
+                                window_size=(-1, -1), doc_ids=None, sram_bytes=None, num_splits: int = 0,
+                                deterministic: bool = False):
+    """dQ, dK, dV of :func:`flash_v1_attention` (no dropout) from dO and the forward's out and lse,
+    through Algorithm 4 with m = lse and l = 1 (so P = exp(S - lse)).
+
+    ``out`` and ``lse`` ((B, H, Nq), float32) may come from a larger computation than this call:
+    ring attention passes the output and logsumexp merged over every key block, and gets this
+    block's share of dQ and its dK, dV. Returns dq, dk, dv in the input dtype.
+    """
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=DTYPES)
+    check_triton_device(q)
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    scale = default_scale(softmax_scale, D)
+    left, right = normalize_window(window_size, causal)
+    if sram_bytes is None:
+        sram_bytes = device_sram_bytes(q.device)
+    block_m, block_n = _launch_blocks(Nq, Nk, D, _check_sram_bytes(sram_bytes))
+    check_deterministic(deterministic)
+    splits = resolve_num_splits(num_splits, deterministic, B, H, Hkv, Nq, Nk, block_m, block_n, q.device)
+    # NOTE: the kernel reads l and m as contiguous (B, H, Nq) rows.
+    m = lse.float().contiguous()
+    return _flash_v1_backward(do, q, k, v, out, torch.ones_like(m), m, scale, left, right, doc_ids, 0.0, 0,
+                              block_m, block_n, splits[1], None, 0.0)

@@ -1467,6 +1467,29 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     return results[0] if len(results) == 1 else tuple(results)
 
 
+def flash_v2_attention_backward(do, q, k, v, out, lse, *, causal: bool = False, softmax_scale=None,
+                                window_size=(-1, -1), doc_ids=None, block_m: Optional[int] = None,
+                                block_n: Optional[int] = None, deterministic: bool = True):
+    """dQ, dK, dV of :func:`flash_v2_attention` (no dropout) from dO and the forward's out and lse,
+    through the same recompute backward (P from Q, K and lse; Delta = rowsum(dO o O)).
+
+    ``out`` and ``lse`` ((B, H, Nq), float32) may come from a larger computation than this call:
+    ring attention passes the output and logsumexp merged over every key block, and gets this
+    block's share of dQ and its dK, dV. Returns dq, dk, dv in the input dtype.
+    """
+    check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    check_doc_ids(doc_ids, q.shape[0], k.shape[1], q.device)
+    window_left, window_right = normalize_window(window_size, causal)
+    scale = default_scale(softmax_scale, q.shape[-1])
+    blocks = check_blocks(block_m, block_n) or (-1, -1)
+    check_deterministic(deterministic)
+    # NOTE: the statistics kernels index lse's last dim with stride 1.
+    lse = lse.float().contiguous()
+    dq, dk, dv, _ = _flash_v2_bwd_op(do, q, k, v, out, lse, doc_ids, scale, window_left, window_right, 0.0, 0,
+                                     *blocks, deterministic, not torch.compiler.is_compiling())
+    return dq, dk, dv
+
+
 def _check_varlen_layout(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:

@@ -93,3 +93,40 @@ def naive_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropou
     if return_dropout_mask:
         results.append(keep)
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def naive_attention_backward(do, q, k, v, out, lse, *, causal: bool = False, softmax_scale=None,
+                             window_size=(-1, -1), doc_ids=None):
+    """dQ, dK, dV of :func:`naive_attention` (no dropout) from dO and the forward's out and lse.
+
+    ``out`` and ``lse`` ((B, H, Nq), float32) may come from a larger computation than this call:
+    ring attention passes the output and logsumexp merged over every key block, and gets this
+    block's share of dQ and its dK, dV. The recompute, with P materialised:
+        P = exp(S - lse)    Delta = rowsum(dO o O)    dS = P o (dO V^T - Delta)
+        dV = P^T dO         dQ = scale dS K           dK = scale dS^T Q
+    Returns dq, dk, dv in the input dtype.
+    """
+    B, Nq, Nk, H, Hkv, D = check_qkv(q, k, v, backend="naive")
+    check_doc_ids(doc_ids, B, Nk, q.device)
+    scale = default_scale(softmax_scale, D)
+    group = H // Hkv
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.to(dtype).view(B, Nq, Hkv, group, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Nq, D)
+    doh = do.to(dtype).view(B, Nq, Hkv, group, D).permute(0, 2, 3, 1, 4)
+    oh = out.to(dtype).view(B, Nq, Hkv, group, D).permute(0, 2, 3, 1, 4)
+    kh = k.to(dtype).permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, Nk, D)
+    vh = v.to(dtype).permute(0, 2, 1, 3)[:, :, None]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if needs_mask(Nq, Nk, causal, window_size, doc_ids):
+        mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
+        mask = mask[:, None, None] if mask.dim() == 3 else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.exp(scores - lse.to(dtype).view(B, Hkv, group, Nq)[..., None])
+    delta = (doh * oh).sum(-1, keepdim=True)
+    dprobs = torch.matmul(doh, vh.transpose(-1, -2))
+    dscores = probs * (dprobs - delta) * scale
+    dq = torch.matmul(dscores, kh)  # (B, Hkv, G, Nq, D)
+    dk = torch.matmul(dscores.transpose(-1, -2), qh).sum(2)  # (B, Hkv, Nk, D): the group's heads summed
+    dv = torch.matmul(probs.transpose(-1, -2), doh).sum(2)
+    dq = dq.permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
+    return dq.to(q.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)

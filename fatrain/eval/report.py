@@ -123,6 +123,9 @@ def write_plots(result: dict, out_dir: str) -> dict:
             fig.tight_layout(rect=(0, 0.04 + 0.05 * len(notes), 1, 1))
         else:
             fig.tight_layout()
+        files["passkey"] = os.path.join(out_dir, "passkey.png")
+        fig.savefig(files["passkey"], dpi=120)
+        plt.close(fig)
     files.update(write_task_plots(result.get("long_tasks"), out_dir, plt))
     return files
 
