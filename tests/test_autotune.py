@@ -261,3 +261,29 @@ def test_a_fresh_tuner_seeds_from_a_neighbours_file_and_reads_files_without_a_sh
         assert _launch(later, picked, 20, 1000) == 64 and seen == []
         assert _launch(later, picked, 40, 1000) == 32 and len(seen) == FULL_TIMINGS
     assert (_row(later, 20, 1000)["tuned"], _row(later, 40, 1000)["tuned"]) == ("cache", "full")
+
+
+def test_a_seeded_class_leaves_one_launch_in_an_accumulating_output(monkeypatch):
+    """The shortlist's trials add into Y too (reset before each): after a seeded tuning Y holds
+    exactly the pick's one launch, as after a full one."""
+    monkeypatch.setattr(_autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(_autotune, "PERSIST", False)
+    picked = torch.zeros(1, dtype=torch.int32)
+    seen = []
+
+    def scripted_bench(kernel_call, quantiles):
+        kernel_call()
+        seen.append(int(picked.item()))
+        return [{16: 0.3, 32: 0.2, 64: 0.1, 128: 0.4}[seen[-1]]] * 3
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128)]
+    tuner = _autotune.shape_class_autotuned(_accumulate_twice, configs, key=["Nq"], name="accumulate",
+                                            reset_to_zero=["Y"], do_bench=scripted_bench)
+    for n, tuned in ((20, "full"), (40, "seeded from q32-k1")):
+        x = torch.arange(n, dtype=torch.float32)
+        y = torch.zeros(n)
+        seen.clear()
+        tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, picked, n)
+        torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
+        assert picked.item() == 64 and _autotune.picks(tuner)[-1]["tuned"] == tuned
+    assert seen == [64, 32, 16]
