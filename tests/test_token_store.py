@@ -400,3 +400,27 @@ def test_streaming_bad_settings(tmp_path):
         build_data(streaming_config(folder, packing="doc_start"), seed=0)
     with pytest.raises(ValueError, match=r"the stream has 24 tokens in documents of at least data.min_doc_tokens=0"):
         build_data(streaming_config(folder, seq_len=30, streaming_val_tokens=100), seed=0)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_local_parquet_and_jsonl_folders_go_through_the_hub_path(tmp_path, fmt):
+    """A folder of Parquet or JSONL shards with a ``text`` column (the formats PG-19 and
+    FineWeb-Edu ship in) loads through ``data=hf data.hf_name=<folder>`` into the token store,
+    every document in file order, no network asked (a local path)."""
+    docs = docs_of(np.random.default_rng(5), 30, lo=3, hi=40)
+    folder = tmp_path / fmt
+    folder.mkdir()
+    for part in range(2):
+        chunk = docs[part * 15:(part + 1) * 15]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": chunk, "id": list(range(len(chunk)))}), folder / f"part-{part}.parquet")
+        else:
+            with open(folder / f"part-{part}.jsonl", "w") as out:
+                out.writelines(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(chunk))
+    cfg = DataConfig(name="local", source="hf", hf_name=str(folder), seq_len=8, val_fraction=0.2, num_proc=1)
+    store = open_token_store(cfg, ByteTokenizer())
+    assert store.num_documents == len(docs)
+    assert np.array_equal(store.take(np.arange(store.num_tokens)), np.concatenate(encoded(docs)))
