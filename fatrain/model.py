@@ -161,7 +161,8 @@ def check_backend_takes_variants(backend: str, position: str, attn_softcap: floa
     info = backend_info(backend)
     for feature, setting in variant_settings(position, attn_softcap, attn_sinks).items():
         if not info.supports(feature):
-            takers = [b for b in available_backends() if backend_info(b).supports(feature)]
+            takers = [b if "cpu" in backend_info(b).devices else f"{b} (CUDA only)"
+                      for b in available_backends() if backend_info(b).supports(feature)]
             raise ValueError(f"{setting} needs an attention backend with {feature}: attention.backend={backend} "
                              f"does not have it (backends with it: {', '.join(takers)})")
 

@@ -130,7 +130,7 @@ def test_a_checkpoint_from_before_the_variants_loads_as_rope(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (["attention=sdpa", "model.position=alibi"],
      r"model.position=alibi needs an attention backend with alibi: attention.backend=sdpa does not have it "
-     r"\(backends with it: flash_v1, flash_v2, flex, naive\)"),
+     r"\(backends with it: flash_v1, flash_v2, flex \(CUDA only\), naive\)"),
     (["attention=sdpa", "model.attn_softcap=30"], "model.attn_softcap=30.0 needs an attention backend with softcap"),
     (["attention=sdpa_math", "model.attn_sinks=true"], "model.attn_sinks=true needs an attention backend with sinks: "
                                                        "attention.backend=sdpa_math"),
