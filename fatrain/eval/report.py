@@ -55,7 +55,7 @@ def skip_label(reason: str) -> str:
 
 def passkey_cell_labels(passkey: dict) -> tuple[list[list[str]], list[str]]:
     """The text of every heat-map cell (accuracy, or why it was not run) and the notes that explain
-    the labels: one line per skipped length, '<label>: <reason>'."""
+    the labels: one line per skipped length, '<label>: <reason>' (passkey and the long-context tasks)."""
     skipped = passkey.get("skipped") or {}
     labels, notes = [], {}
     for row in passkey["accuracy"]:
@@ -100,56 +100,46 @@ def write_plots(result: dict, out_dir: str) -> dict:
         plt.close(fig)
     passkey = result.get("passkey")
     if passkey and passkey["context_lens"] and passkey["depths"]:
-        grid = [[float("nan") if v is None else v for v in row] for row in passkey["accuracy"]]
-        labels, notes = passkey_cell_labels(passkey)
-        height = 0.6 * len(passkey["depths"]) + 2.4 + 0.25 * len(notes)
-        fig, ax = plt.subplots(figsize=(max(1.2 * len(passkey["context_lens"]) + 2.5, 6.5), height))
-        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # a cell not run: grey, with its reason
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
-        ax.set_xticks(range(len(passkey["context_lens"])), [str(c) for c in passkey["context_lens"]])
-        ax.set_yticks(range(len(passkey["depths"])), [f"{d:g}" for d in passkey["depths"]])
-        for i, row in enumerate(passkey["accuracy"]):
-            for j, value in enumerate(row):
-                color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
-                ax.text(j, i, labels[i][j], ha="center", va="center", color=color,
-                        fontsize=9 if value is not None else 8)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("depth of the key (fraction of the filler)")
-        ax.set_title(title(f"Passkey retrieval ({passkey['trials']} trials per cell)", where, width=60), fontsize=10)
-        fig.colorbar(image, ax=ax, label="accuracy (fraction of trials retrieved)")
-        if notes:
-            fig.text(0.01, 0.01, "\n".join(["grey cells were not run:", *notes]), fontsize=7, va="bottom", ha="left",
-                     wrap=True)
-            fig.tight_layout(rect=(0, 0.04 + 0.05 * len(notes), 1, 1))
-        else:
-            fig.tight_layout()
         files["passkey"] = os.path.join(out_dir, "passkey.png")
-        fig.savefig(files["passkey"], dpi=120)
-        plt.close(fig)
-    files.update(write_task_plots(result.get("long_tasks"), out_dir, plt))
+        heat_map(plt, passkey, [f"{d:g}" for d in passkey["depths"]], "depth of the key (fraction of the filler)",
+                 f"Passkey retrieval ({passkey['trials']} trials per cell)", where,
+                 "accuracy (fraction of trials retrieved)", files["passkey"])
+    files.update(write_task_plots(result.get("long_tasks"), out_dir, plt, where))
     return files
 
 
-def _heat_map(plt, grid, context_lens, row_labels, ylabel, title, path):
-    values = [[float("nan") if v is None else v for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(1.2 * len(context_lens) + 2.5, 0.6 * len(row_labels) + 2))
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(context_lens)), [str(c) for c in context_lens])
+def heat_map(plt, cells: dict, row_labels: list[str], ylabel: str, heading: str, where: str, colorbar_label: str,
+             path: str) -> None:
+    """A context length x row heat map of ``cells`` (``accuracy`` rows, ``context_lens``, and
+    ``skipped``: length -> why it was not run): a cell not run is grey and says why, with a note."""
+    grid = [[float("nan") if v is None else v for v in row] for row in cells["accuracy"]]
+    labels, notes = passkey_cell_labels(cells)
+    lens = cells["context_lens"]
+    height = 0.6 * len(row_labels) + 2.4 + 0.25 * len(notes)
+    fig, ax = plt.subplots(figsize=(max(1.2 * len(lens) + 2.5, 6.5), height))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # a cell not run: grey, with its reason
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(lens)), [str(c) for c in lens])
     ax.set_yticks(range(len(row_labels)), row_labels)
-    for i, row in enumerate(grid):
+    for i, row in enumerate(cells["accuracy"]):
         for j, value in enumerate(row):
             color = "k" if value is None or value > 0.5 else "w"  # readable on viridis' dark and light ends
-            ax.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", color=color)
+            ax.text(j, i, labels[i][j], ha="center", va="center", color=color, fontsize=9 if value is not None else 8)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
+    ax.set_title(title(heading, where, width=60), fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(["grey cells were not run:", *notes]), fontsize=7, va="bottom", ha="left",
+                 wrap=True)
+        fig.tight_layout(rect=(0, 0.04 + 0.05 * len(notes), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
+def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt, where: str = "") -> dict:
     """task_<name>.png per task (context x depth heat map) and tasks_summary.png (accuracy vs length)."""
     files = {}
     if not long_tasks:
@@ -159,8 +149,8 @@ def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
         depths = entry["depths"]
         labels = [f"{d:g}" for d in depths] if depths is not None else ["all"]
         files[f"task_{name}"] = os.path.join(out_dir, f"task_{name}.png")
-        _heat_map(plt, entry["accuracy"], entry["context_lens"], labels, "depth" if depths is not None else "",
-                  f"{name} accuracy ({trials} trials per cell)", files[f"task_{name}"])
+        heat_map(plt, entry, labels, "depth of the needle" if depths is not None else "",
+                 f"{name} ({trials} trials per cell)", where, "exact-match accuracy", files[f"task_{name}"])
     summary = long_tasks["summary"]
     lens = summary["context_lens"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -174,7 +164,7 @@ def write_task_plots(long_tasks: Optional[dict], out_dir: str, plt) -> dict:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("exact-match accuracy")
-    ax.set_title("long-context tasks: accuracy by context length")
+    ax.set_title(title("Long-context tasks: accuracy by context length", where), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     files["tasks_summary"] = os.path.join(out_dir, "tasks_summary.png")
