@@ -85,6 +85,9 @@ def sdpa_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dropout
     mask, is_causal = None, False
     if plain and (not causal or Nq == Nk):
         is_causal = causal
+    elif plain and Nq == 1:
+        # One query at the bottom-right corner sees every key: no mask (one decoding step).
+        is_causal = False
     else:
         mask = allowed_mask(Nq, Nk, causal=causal, window_size=window_size, doc_ids=doc_ids, device=q.device)
         mask = mask[:, None] if mask.dim() == 3 else mask

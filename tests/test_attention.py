@@ -76,6 +76,7 @@ CPU_CASES = [
     Case("gqa", (1, 33, 7, 6, 3, 8)),  # head dim 8: only backends whose head_dims allow it
     Case("unaligned_causal", (1, 53, 29, 2, 2, 16), causal=(True,)),
     Case("unaligned_causal", (1, 29, 53, 2, 2, 80), causal=(True,)),
+    Case("unaligned_causal", (2, 1, 37, 4, 2, 16), causal=(True,)),  # one decoding step: sees every key
     Case("window", (1, 37, 37, 2, 2, 16), window=(7, 3)),
     Case("window", (1, 45, 61, 1, 1, 64), window=(4, -1)),
     Case("window", (1, 53, 29, 2, 2, 16), window=(3, 12), causal=(True,)),
