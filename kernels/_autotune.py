@@ -64,6 +64,15 @@ def bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=100, rep=100, quantiles=quantiles)
 
 
+def short_bench(kernel_call, quantiles):
+    """As :func:`bench` with 25 ms of warm-up and 25 of repetitions: for kernels of microseconds
+    (the decode split pass), where a thousand repetitions rank the configs and a longer timing
+    would make the first decoding step of a class cost seconds."""
+    from triton.testing import do_bench
+    kernel_call()
+    return do_bench(kernel_call, warmup=25, rep=25, quantiles=quantiles)
+
+
 class RefiningAutotuner(triton.runtime.autotuner.Autotuner):
     """triton's autotuner, then the fastest ``REFINE_TOP`` configs timed again in
     ``REFINE_ROUNDS`` interleaved rounds; the median of the rounds picks. ``refined`` keeps

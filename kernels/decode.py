@@ -29,9 +29,10 @@ can see, so a window of 4k keys over a 128k cache costs 4k keys, split across pr
 
 num_splits=0 picks the split count from the SM count, the programs the other axes already
 give and the power-of-two bucket of Nk_max, so one bucket gives one split count and one
-autotuner key: decoding token after token retunes only when the cache crosses a power of
-two. The split kernel is autotuned (``_autotune.autotuned``) keyed on that bucket, the split
-count, BLOCK_M, the head dim and the mask flags.
+autotuner key. The split kernel is tuned per shape class (``_autotune.shape_class_autotuned``:
+the decode class of Nq and the power-of-two bucket of the cache's Nk, with the split count,
+BLOCK_M, the head dim and the mask flags exact), its picks kept in the cache folder, so decoding
+token after token into a preallocated cache tunes once, and a second process not at all.
 
 Variants (flash_v2's): ALiBi and the soft-cap change S in the split pass (one slope per
 (query, head) row); a sink logit joins the merge once, as one more split with no value:
@@ -55,7 +56,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._autotune import autotuned, picks
+from ._autotune import picks, shape_class_autotuned, short_bench
 from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_qkv, check_sink_logits, check_softcap,
                       check_triton_device, default_scale, normalize_window, register_op)
 from .flash_v2 import _tanh, _variant_args
@@ -84,13 +85,12 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
                          stride_vb, stride_vn, stride_vh, stride_vd,
                          stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
                          stride_ls, stride_lb, stride_lh,
-                         Hkv, GROUP, Nq, Nk_max, qk_scale, win_left, win_right, NUM_SPLITS, NK_BUCKET,
+                         Hkv, GROUP, Nq, Nk, qk_scale, win_left, win_right, NUM_SPLITS,
                          SLOPES, stride_slb, stride_slh, softcap_in, softcap_out,
                          D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # NOTE: NK_BUCKET is not read here: it is the autotuner's shape class of Nk_max.
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -110,9 +110,9 @@ def _decode_split_kernel(Q, K, V, SEQLENS, O_part, LSE_part,
     # -- the keys this sequence holds, and the chunk of them this split owns --
     if HAS_SEQLENS:
         seqlen = tl.load(SEQLENS + b)
-        seqlen = tl.minimum(tl.maximum(seqlen, 0), Nk_max)
+        seqlen = tl.minimum(tl.maximum(seqlen, 0), Nk)
     else:
-        seqlen = Nk_max
+        seqlen = Nk
     shift = seqlen - Nq  # query i sits at key position i + shift
     first_i = (pid_m * BLOCK_M) // GROUP
     last_i = (tl.minimum((pid_m + 1) * BLOCK_M, rows_total) - 1) // GROUP
@@ -232,7 +232,7 @@ SPLIT_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4), (
                  (64, 8, 4))
 #: The interpreter's one config (small tiles keep the CPU tests quick).
 INTERPRETER_BLOCK_N = 16
-_AUTOTUNE_KEY = ["NK_BUCKET", "NUM_SPLITS", "BLOCK_M", "HEAD_DIM", "HAS_SEQLENS", "MASK_LEFT", "MASK_RIGHT",
+_AUTOTUNE_KEY = ["Nq", "Nk", "NUM_SPLITS", "BLOCK_M", "HEAD_DIM", "HAS_SEQLENS", "MASK_LEFT", "MASK_RIGHT",
                  "DOT_PRECISION", "HAS_ALIBI", "HAS_SOFTCAP"]
 
 
@@ -240,7 +240,10 @@ def _triton_configs():
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in SPLIT_CONFIGS]
 
 
-_SPLIT_TUNER = None if _INTERPRET else autotuned(_decode_split_kernel, _triton_configs(), _AUTOTUNE_KEY)
+#: Tuned once per shape class (the decode class of Nq, the power-of-two bucket of Nk) with picks kept on
+#: disk, and timed briefly: the split pass takes microseconds, so 25 ms of repetitions rank the configs.
+_SPLIT_TUNER = None if _INTERPRET else shape_class_autotuned(_decode_split_kernel, _triton_configs(), _AUTOTUNE_KEY,
+                                                             name="decode_split", do_bench=short_bench)
 
 
 def nk_bucket(nk: int) -> int:
@@ -295,7 +298,7 @@ def _flash_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     head_dim = triton.next_power_of_2(D)
     args = (q, k_cache, v_cache, seqlens, o_part, lse_part, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *o_part.stride(), *lse_part.stride()[:3], Hkv, group, Nq, Nk_max, softmax_scale * LOG2E,
-            max(window_left, 0), max(window_right, 0), num_splits, nk_bucket(Nk_max))
+            max(window_left, 0), max(window_right, 0), num_splits)
     # NOTE: the variants as flash_v2 takes them (SINKS only in the merge, where it joins once).
     variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
     args = args + variant
