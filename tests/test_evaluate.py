@@ -21,6 +21,7 @@ from fatrain.checkpoint import CheckpointError
 from fatrain.data import PackedBlocks
 from fatrain.config import register_configs
 from fatrain.eval import backend_agreement, find_checkpoints, load_model, run_eval, split_stream
+from fatrain.eval.report import comparison_labels
 from fatrain.trainer import run_training as run
 
 register_configs()
@@ -156,6 +157,25 @@ def test_sweep_folder_gives_one_table(trained, tmp_path):
     assert rows[0]["loss@32"] == rows[1]["loss@32"]  # the same checkpoint twice
     assert (tmp_path / "out" / "0_optim.lr=0.001" / "ckpt_00000003" / "eval.json").exists()
     assert "| run |" in open(summary["table_md"]).read()
+
+
+def test_sweep_folder_gets_comparison_plots(trained, tmp_path):
+    sweep = tmp_path / "multirun"
+    for job, overrides in (("0", ["experiment=x", "model.position=rope"]), ("1", ["experiment=x", "model.position=alibi"])):
+        os.makedirs(sweep / job / "checkpoints")
+        os.makedirs(sweep / job / ".hydra")
+        shutil.copy(trained["ckpt"], sweep / job / "checkpoints")
+        (sweep / job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    cfg = compose_config("eval", [f"ckpt_path={sweep}", *QUICK, "passkey.enabled=false", "eval.seq_lens=[16,32]"])
+    summary = run_eval(cfg, str(tmp_path / "out"))
+    files = summary["comparison_plots"]
+    assert set(files) == {"loss", "position"}  # no tasks ran: no tasks plot
+    for path in files.values():
+        assert os.path.getsize(path) > 10_000 and path.startswith(str(tmp_path / "out" / "compare_"))
+    results = [("0", summary["results"][0]), ("1", summary["results"][1])]
+    # The label is what differs between the jobs; one run's checkpoints are told apart by step.
+    assert comparison_labels(results, str(sweep)) == ["model.position=rope", "model.position=alibi"]
+    assert comparison_labels([("", summary["results"][0])] * 2, str(sweep)) == ["step 3", "step 3"]
 
 
 def test_find_checkpoints_newest_or_all(tmp_path):

@@ -13,7 +13,8 @@
                -> backend agreement: the same batches with each of eval.backends, in fp32
                   (agreement.py)
     outputs    -> eval.json, the plots, a W&B eval job in the training run's group, and
-                  table.csv / table.md with one row per evaluated checkpoint (report.py)
+                  table.csv / table.md with one row per evaluated checkpoint (report.py); several
+                  checkpoints also get compare_*.png, one line each
 
 ``fatrain-eval`` (fatrain/cli/eval.py) composes the config and calls :func:`run_eval`;
 ``fatrain-sample`` draws text from a checkpoint (sample.py). Evaluation runs on one device
@@ -35,7 +36,8 @@ from fatrain.eval.loading import LoadedCheckpoint, find_checkpoints, load_model,
 from fatrain.eval.loss import multi_length_eval, split_stream
 from fatrain.eval.passkey import run_passkey
 from fatrain.eval.tasks import TaskParams, run_tasks
-from fatrain.eval.report import log_to_wandb, summary_line, table_rows, write_json, write_plots, write_table
+from fatrain.eval.report import (comparison_labels, log_to_wandb, summary_line, table_rows, write_comparison_plots,
+                                 write_json, write_plots, write_table)
 from fatrain.plotting import describe_model
 from fatrain.progress import note_interpreter
 from fatrain.runtime import autocast_for, check_precision, run_info
@@ -54,7 +56,13 @@ def run_eval(cfg, out_dir: str) -> dict:
         results.append((name, result))
     csv_path, md_path = write_table(table_rows(results, cfg.ckpt_path), out_dir)
     print(f"wrote {csv_path} and {md_path}")
-    return {"results": [r for _, r in results], "table_csv": csv_path, "table_md": md_path}
+    summary = {"results": [r for _, r in results], "table_csv": csv_path, "table_md": md_path}
+    if len(results) > 1 and cfg.eval.plots:
+        labels = comparison_labels(results, cfg.ckpt_path)
+        summary["comparison_plots"] = write_comparison_plots([(label, r) for label, (_, r) in zip(labels, results)],
+                                                             out_dir)
+        print(f"wrote {', '.join(summary['comparison_plots'].values())}")
+    return summary
 
 
 def evaluate_checkpoint(cfg, path: str, out_dir: str) -> dict:

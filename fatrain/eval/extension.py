@@ -113,7 +113,7 @@ def run_chain(overrides: list[str], out_dir: str) -> dict:
             evals[name] = json.load(f)
     summary = summarize(evals, base_cfg)
     _write(os.path.join(out_dir, "summary.json"), summary)
-    write_summary(summary, out_dir)
+    write_summary(summary, out_dir, evals)
     return summary
 
 
@@ -144,12 +144,11 @@ def summarize(evals: dict, base_cfg) -> dict:
             "config": OmegaConf.to_container(base_cfg, resolve=True)}
 
 
-def write_summary(summary: dict, out_dir: str) -> dict:
-    """summary.md (loss and task accuracy per model x length) and the three comparison plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_summary(summary: dict, out_dir: str, evals: dict) -> dict:
+    """summary.md (loss and task accuracy per model x length) and the three comparison plots
+    (extension_loss.png, extension_position.png, extension_tasks.png) of ``evals`` (run name ->
+    its eval.json)."""
+    from fatrain.eval.report import write_comparison_plots
 
     lengths = [str(n) for n in summary["eval_lengths"]]
     lines = ["| model | rope scaling | " + " | ".join(f"loss@{n}" for n in lengths) + " | "
@@ -164,39 +163,6 @@ def write_summary(summary: dict, out_dir: str) -> dict:
                      + " | ".join(cell(m["task_accuracy"].get(n)) for n in lengths) + " |")
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-
-    files = {}
-    for key, ylabel, title in (("loss", "validation loss (nats/token)", "loss by evaluated length"),
-                               ("task_accuracy", "mean exact-match accuracy over tasks", "long-context tasks")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, m in summary["models"].items():
-            xs = [int(n) for n in lengths if m[key].get(n) is not None]
-            ax.plot(xs, [m[key][str(n)] for n in xs], marker="o", label=name)
-        ax.axvline(summary["base_seq_len"], color="grey", linestyle="--", linewidth=1, label="trained length")
-        ax.axvline(summary["base_seq_len"] * summary["factor"], color="grey", linestyle=":", linewidth=1,
-                   label="fine-tuned length")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([int(n) for n in lengths], lengths)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        files[key] = os.path.join(out_dir, f"extension_{'loss' if key == 'loss' else 'tasks'}.png")
-        fig.savefig(files[key], dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in summary["models"].items():
-        if m["buckets"]:
-            ax.plot([(b["start"] + b["end"]) / 2 for b in m["buckets"]], [b["loss"] for b in m["buckets"]],
-                    label=f"{name} (seq_len {m['bucket_seq_len']})")
-    ax.axvline(summary["base_seq_len"], color="grey", linestyle="--", linewidth=1, label="trained length")
-    ax.set_xlabel("position in the sequence")
-    ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title("loss by position at the longest evaluated length")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["position"] = os.path.join(out_dir, "extension_position.png")
-    fig.savefig(files["position"], dpi=120)
-    plt.close(fig)
-    return files
+    base = summary["base_seq_len"]
+    marks = [(base, "trained length", "--"), (int(base * summary["factor"]), "fine-tuned length", ":")]
+    return write_comparison_plots(list(evals.items()), out_dir, prefix="extension", marks=marks)

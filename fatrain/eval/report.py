@@ -7,6 +7,8 @@
     task_<name>.png       a RULER-style task's accuracy, context length x depth (one row without depth)
     tasks_summary.png     accuracy per context length, one line per task and their mean
     table.csv, table.md   one row per evaluated checkpoint (several for a run or sweep folder)
+    compare_*.png         several checkpoints side by side: loss per length, loss by position at the
+                          longest length, the tasks' mean accuracy (write_comparison_plots)
     W&B                   one run (job_type=eval) in the training run's group
 """
 
@@ -20,7 +22,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from fatrain.eval.loading import sweep_overrides
-from fatrain.plotting import date_span, describe, pyplot, title, value_axis
+from fatrain.plotting import date_span, describe, pyplot, seq_len_axis, title, value_axis
 
 
 def write_json(obj, path: str) -> None:
@@ -105,6 +107,76 @@ def write_plots(result: dict, out_dir: str) -> dict:
                  f"Passkey retrieval ({passkey['trials']} trials per cell)", where,
                  "accuracy (fraction of trials retrieved)", files["passkey"])
     files.update(write_task_plots(result.get("long_tasks"), out_dir, plt, where))
+    return files
+
+
+def write_comparison_plots(results: list[tuple[str, dict]], out_dir: str, prefix: str = "compare",
+                           marks: Optional[list[tuple[int, str, str]]] = None) -> dict:
+    """Several checkpoints' evaluations side by side, one line per (label, eval result):
+
+        <prefix>_loss.png      validation loss at each evaluated length
+        <prefix>_position.png  loss by position at each result's longest evaluated length
+        <prefix>_tasks.png     mean accuracy of the RULER-style tasks per length (when they ran)
+
+    ``marks``: vertical guides (position, label, line style); by default the training length
+    when every checkpoint was trained at one."""
+    plt = pyplot()
+    files = {}
+    trained = {r["train"]["seq_len"] for _, r in results}
+    if marks is None:
+        marks = [(trained.pop(), "training length", "--")] if len(trained) == 1 else []
+    where = describe(*dict.fromkeys(run_description(r) for _, r in results))
+
+    def guides(ax):
+        for x, label, style in marks:
+            ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
+
+    def save(fig, ax, key):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files[key] = os.path.join(out_dir, f"{prefix}_{key}.png")
+        fig.savefig(files[key], dpi=120)
+        plt.close(fig)
+
+    evaluated = [(label, [x for x in r["lengths"] if "skipped" not in x]) for label, r in results]
+    lengths = sorted({x["seq_len"] for _, rows in evaluated for x in rows})
+    if lengths:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for label, rows in evaluated:
+            ax.plot([x["seq_len"] for x in rows], [x["loss"] for x in rows], marker="o", label=label)
+        guides(ax)
+        value_axis(ax, [x["loss"] for _, rows in evaluated for x in rows])
+        seq_len_axis(ax, lengths, "evaluated context length (tokens)")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(title("Loss by evaluated length", where), fontsize=10)
+        save(fig, ax, "loss")
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        losses = []
+        for label, rows in evaluated:
+            if rows:
+                buckets = rows[-1]["buckets"]
+                losses += [b["loss"] for b in buckets]
+                ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets],
+                        label=f"{label} (seq_len {rows[-1]['seq_len']})")
+        guides(ax)
+        value_axis(ax, losses)
+        ax.set_xlabel("position in the sequence (tokens)")
+        ax.set_ylabel("mean loss (nats/token)")
+        ax.set_title(title("Loss by position at the longest evaluated length", where), fontsize=10)
+        save(fig, ax, "position")
+    tasks = [(label, r["long_tasks"]["summary"]) for label, r in results if r.get("long_tasks")]
+    if tasks:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for label, summary in tasks:
+            points = [(n, a) for n, a in zip(summary["context_lens"], summary["mean_accuracy"]) if a is not None]
+            ax.plot([n for n, _ in points], [a for _, a in points], marker="o", label=label)
+        guides(ax)
+        seq_len_axis(ax, sorted({n for _, s in tasks for n in s["context_lens"]}), "context length (tokens)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("mean exact-match accuracy over tasks")
+        ax.set_title(title("Long-context tasks", where), fontsize=10)
+        save(fig, ax, "tasks")
     return files
 
 
@@ -281,6 +353,23 @@ def table_rows(results: list[tuple[str, dict]], root: str) -> list[dict]:
             row["backend_max_abs_diff"] = r["backend_agreement"]["max_abs_diff"]
         rows.append(row)
     return rows
+
+
+def comparison_labels(results: list[tuple[str, dict]], root: str) -> list[str]:
+    """A legend label per (run name, result) of one evaluation: the step when every checkpoint is
+    one run's; else the sweep overrides that differ between the jobs (``model.position=alibi``);
+    else the run's name."""
+    names = [name or run_folder_name(r["checkpoint"]) for name, r in results]
+    if len(set(names)) == 1:
+        return [f"step {r['step']}" for _, r in results]
+    overrides = [sweep_overrides(os.path.join(root, name)).split() if name and os.path.isdir(root) else []
+                 for name, _ in results]
+    common = set.intersection(*(set(o) for o in overrides)) if overrides else set()
+    labels = []
+    for name, parts in zip(names, overrides):
+        own = [o for o in parts if o not in common]
+        labels.append(", ".join(own) if own else name)
+    return labels if len(set(labels)) == len(labels) else names
 
 
 def _scaling_label(scaling: Optional[dict]) -> str:
