@@ -147,3 +147,12 @@ def test_max_context_on_the_cpu_refuses_half_precision_with_one_line(tmp_path, c
                    "check there use backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 "
                    "limit=1024, or run on a GPU"]
     assert not out.exists()
+
+
+def test_fatrain_extend_exits_zero(capsys):
+    """A console script's return value is its exit status: fatrain-extend returns 0 (its summary
+    dict would make the shell see a failure and print the dict)."""
+    from fatrain.cli import extend as extend_cli
+
+    assert extend_cli.main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith('``fatrain-extend``')

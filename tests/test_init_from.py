@@ -94,11 +94,11 @@ def test_context_extension_cpu_twin_end_to_end(tmp_path):
     """experiment=context_extension_cpu through fatrain-extend: train, fine-tune at 4x with init_from,
     evaluate both at 1x-16x with the tasks; the summary and its plots.
     (One scaling type, two lengths and three tasks of the twin's seven, to keep the test short.)"""
-    from fatrain.cli.extend import main
+    from fatrain.cli.extend import run
 
     args = ["experiment=context_extension_cpu", "extension.types=[yarn]", "extension.eval_multiples=[1,16]",
             "extension.tasks=[passkey,variable_tracking,frequent_words]", f"out={tmp_path}"]
-    summary = main(args)
+    summary = run(args)
     assert set(summary["models"]) == {"base", "extend-yarn"} and summary["eval_lengths"] == [32, 512]
     base, yarn = summary["models"]["base"], summary["models"]["extend-yarn"]
     assert base["rope_scaling"]["type"] == "none" and base["train_seq_len"] == 32

@@ -18,7 +18,8 @@ import time
 from fatrain.runtime import user_errors
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """The chain for ``argv`` (the command line's arguments); returns its summary (summary.json)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run_chain(overrides, out_dir)
     print(f"wrote {os.path.join(out_dir, 'summary.md')}, summary.json and extension_*.png")
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: exit status 0 once the chain is done (a bad setting exits 2 in run)."""
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":
