@@ -14,6 +14,18 @@ a small corpus can pack into even one validation block, and memory does not depe
 token values. ``find_max_context`` writes ``max_context.json`` (every try, the config,
 device and versions) and ``max_context.csv`` (one row per backend); ``fatrain-max-context``
 is its entry point.
+
+Several GPUs (launched with torchrun, trainer.strategy=ddp or fsdp): the model is wrapped as the
+trainer wraps it, and with ``trainer.context_parallel=N`` every sequence is split over N ranks
+(ring or Ulysses, trainer.cp_strategy), so the answer is the longest sequence N GPUs train
+together; start and granularity must then be multiples of 2N. After each try the ranks agree on
+its outcome (the worst status any rank saw, the highest peak), so every rank takes the same next
+length; only rank 0 writes the files.
+
+Caution / known limits: the ranks of one context group allocate the same shapes, so they run out
+of memory at the same step. A rank that fails while its peers wait on it inside a ring exchange
+leaves them waiting until the process group's timeout (``trainer.dist_timeout_s``), which then
+ends the search with that error.
 """
 
 from __future__ import annotations
@@ -28,18 +40,21 @@ from typing import Callable, Optional
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from fatrain import distributed
 from fatrain.config import validate_train_config
+from fatrain.context_parallel import build_context_parallel
+from fatrain.distributed import DistEnv, all_reduce
 from fatrain.metrics import synchronize
 from fatrain.model import GPT
 from fatrain.progress import note_interpreter, progress_bar
 from fatrain.runtime import (autocast_for, check_precision, classify, free_memory, run_info, seed_everything,
                              select_device, short)
-from fatrain.trainer import attention_options, build_spec, make_optimizer
+from fatrain.trainer import attention_options, build_spec, make_optimizer, shard_model
 
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).
 FALLBACK_VOCAB = 257
 CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s", "tries",
-              "batch_size", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
+              "batch_size", "world_size", "context_parallel", "cp_strategy", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
 #: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
 CPU_CHECK = "backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 limit=1024"
@@ -73,24 +88,43 @@ def search_max_context(fits: Callable[[int], bool], start: int, granularity: int
     return lo, hi
 
 
-def _train_steps(cfg, seq_len: int, device: torch.device) -> dict:
-    """trainer.max_steps optimizer steps at (batch_size, seq_len); peak memory and the last step's time."""
+def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
+    """trainer.max_steps optimizer steps at (batch_size, seq_len); peak memory and the last step's time.
+
+    Under torchrun (``dist_env`` distributed) the model is wrapped as the trainer wraps it (DDP, or
+    FSDP2's per-block sharding), and with trainer.context_parallel=N each rank holds its
+    load-balanced shard of every sequence (2 of 2N chunks) and attends through its context group."""
     t = cfg.trainer
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same seed on every rank: one context group holds one sequence
     vocab = cfg.model.vocab_size or FALLBACK_VOCAB
     model = GPT(build_spec(cfg, vocab)).to(device)
+    if cp is not None:
+        cp.install(model)
+    strategy = dist_env.strategy if dist_env is not None else "single"
+    if strategy == "fsdp":
+        forward = shard_model(model, compile_blocks=t.compile, world_size=dist_env.world_size,
+                              param_dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
+    else:
+        forward = torch.compile(model) if t.compile else model
+        if strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg.optim, device)
-    forward = torch.compile(model) if t.compile else model
     autocast = autocast_for(t.precision, device)
     model.train()
     step_time = None
     for _ in range(t.max_steps):
         idx = torch.randint(0, vocab, (t.batch_size, seq_len), device=device)
         targets = torch.randint(0, vocab, (t.batch_size, seq_len), device=device)
+        kwargs = {}
+        if cp is not None:
+            shard = cp.shard_batch({"input_ids": idx, "labels": targets, "doc_ids": torch.zeros_like(idx)}, model.spec)
+            idx, targets, kwargs = shard["idx"], shard["targets"], {"positions": shard["positions"]}
         synchronize(device)
         start = time.perf_counter()
         with autocast():
-            _, loss = forward(idx, targets)
+            _, loss = forward(idx, targets, **kwargs)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,14 +134,21 @@ def _train_steps(cfg, seq_len: int, device: torch.device) -> dict:
     return {"peak_allocated_gib": peak, "step_time_s": step_time}
 
 
-def try_seq_len(cfg, seq_len: int, device: torch.device) -> dict:
-    """One try: {seq_len, status (ok | oom | unsupported | error), peak memory, step time, error}."""
+#: A try's statuses in the order ranks agree on them: the worst any rank saw is every rank's.
+STATUS_ORDER = ("ok", "oom", "unsupported", "error")
+
+
+def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
+    """One try: {seq_len, status (ok | oom | unsupported | error), peak memory, step time, error}.
+
+    With several ranks, every rank ends the try with the same status (the worst any rank saw), the
+    highest peak and the slowest step, so that all of them take the same next length."""
     free_memory(device, reset_peak=True)
     if cfg.trainer.compile:
         torch._dynamo.reset()  # a fresh model per try; stale guards would hit the recompile limit
     attempt = {"seq_len": seq_len, "status": "ok", "peak_allocated_gib": None, "step_time_s": None, "error": ""}
     try:
-        attempt.update(_train_steps(cfg, seq_len, device))
+        attempt.update(_train_steps(cfg, seq_len, device, dist_env, cp))
     except Exception as e:  # noqa: BLE001 (one backend's failure at one length must not end the search)
         # Some allocations (cuBLAS workspaces, Triton launches) report OOM as a plain RuntimeError.
         status = classify(e)
@@ -115,11 +156,19 @@ def try_seq_len(cfg, seq_len: int, device: torch.device) -> dict:
         attempt["error"] = short(e)
     # Freed here, after the except block: until it ends the traceback keeps the model's frames alive.
     free_memory(device, reset_peak=True)
+    if dist_env is not None and dist_env.distributed:
+        agreed = torch.tensor([STATUS_ORDER.index(attempt["status"]), attempt["peak_allocated_gib"] or -1.0,
+                               attempt["step_time_s"] or -1.0], dtype=torch.float64, device=device)
+        all_reduce(agreed, dist_env, op="max")
+        attempt["status"] = STATUS_ORDER[int(agreed[0])]
+        attempt["peak_allocated_gib"], attempt["step_time_s"] = (None if v < 0 else v for v in agreed[1:].tolist())
+        if attempt["status"] != "ok" and not attempt["error"]:
+            attempt["error"] = "another rank of the job failed this length"
     return attempt
 
 
 def search_backend(cfg, backend: str, device: torch.device, *, start: int, granularity: int, limit: int,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.attention.backend = backend
@@ -127,11 +176,12 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
     if device.type == "cpu":
         note_interpreter(backend)
     # The number of tries is not known in advance (doubling until a length fails, then bisection).
-    bar = progress_bar(f"max context {backend}", unit="try")
+    main = dist_env is None or dist_env.is_main
+    bar = progress_bar(f"max context {backend}", unit="try") if main else progress_bar("", total=0)
 
     def fits(n: int) -> bool:
         bar.set_postfix_str(f"seq_len {n}")
-        attempt = try_seq_len(cfg, n, device)
+        attempt = try_seq_len(cfg, n, device, dist_env, cp)
         attempts.append(attempt)
         bar.update()
         peak = attempt["peak_allocated_gib"]
@@ -158,12 +208,29 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
         raise ValueError(f"start={start} must be a positive multiple of granularity={granularity}")
     if limit < start:
         raise ValueError(f"limit={limit} must be >= start={start}")
-    device = select_device(cfg.trainer.device)
+    t = cfg.trainer
+    n = t.context_parallel
+    if n > 1 and (start % (2 * n) or granularity % (2 * n)):
+        raise ValueError(f"start={start} and granularity={granularity} must be multiples of 2 x "
+                         f"trainer.context_parallel = {2 * n} (each rank holds two of 2N equal chunks)")
+    device = select_device(t.device) if t.strategy == "single" else None
     for backend in backends:
         with open_dict(cfg):
             cfg.attention.backend = backend
+            cfg.data.seq_len = start  # the length the config checks see (context parallelism's 2N rule)
         validate_train_config(cfg)
         attention_options(cfg.attention)
+    if t.strategy == "single":
+        return _find(cfg, backends, out_dir, device, None, start=start, granularity=granularity, limit=limit, log=log)
+    dist_env = distributed.init_distributed(t)
+    with distributed.process_group(dist_env):
+        return _find(cfg, backends, out_dir, dist_env.device, dist_env, start=start, granularity=granularity,
+                     limit=limit, log=log if dist_env.is_main else (lambda _: None))
+
+
+def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env: Optional[DistEnv], *, start: int,
+          granularity: int, limit: int, log: Callable[[str], None]) -> dict:
+    main = dist_env is None or dist_env.is_main
     if device.type == "cpu" and cfg.trainer.precision != "fp32":
         # Refused before any backend's own precision check, so the line says what to run instead. On
         # the CPU nothing runs out of memory the way a GPU does (the search would swap, then be killed),
@@ -172,19 +239,29 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
                          f"the CPU: for a functional check there use {CPU_CHECK}, or run on a GPU")
     for backend in backends:
         check_precision(cfg.trainer.precision, device, backend)
-    os.makedirs(out_dir, exist_ok=True)
+    # One (data x context) mesh for the whole search: its groups are made once, not per try.
+    cp = build_context_parallel(cfg, dist_env) if dist_env is not None else None
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
     info = run_info(device)
     t = cfg.trainer
+    ranks = dist_env.world_size if dist_env is not None else 1
+    layout = (f", {ranks} ranks ({t.strategy}), context_parallel={t.context_parallel} ({t.cp_strategy})"
+              if dist_env is not None else "")
     log(f"max context at batch {t.batch_size}, {t.max_steps} steps per try, {t.precision}, "
-        f"model {cfg.model.name}, activation_checkpointing={t.activation_checkpointing}, device {info['gpu']}")
+        f"model {cfg.model.name}, activation_checkpointing={t.activation_checkpointing}, device {info['gpu']}{layout}")
     config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer", "optim")}
     out = {"results": [], "search": {"start": start, "granularity": granularity, "limit": limit},
+           "world_size": ranks, "context_parallel": t.context_parallel, "cp_strategy": t.cp_strategy,
            "config": config, **info}
     for backend in backends:
+        with open_dict(cfg):
+            cfg.attention.backend = backend
         out["results"].append(search_backend(cfg, backend, device, start=start, granularity=granularity,
-                                             limit=limit, log=log))
+                                             limit=limit, log=log, dist_env=dist_env, cp=cp))
         log(f"{backend:>12}: max seq_len {out['results'][-1]['max_seq_len']}")
-        write_results(out, out_dir)  # after every backend, so a run cut short keeps what it found
+        if main:
+            write_results(out, out_dir)  # after every backend, so a run cut short keeps what it found
     return out
 
 
@@ -196,7 +273,8 @@ def write_results(out: dict, out_dir: str) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in out["results"]:
-            row = {**r, "batch_size": t["batch_size"], "precision": t["precision"],
+            row = {**r, "batch_size": t["batch_size"], "precision": t["precision"], "world_size": out.get("world_size", 1),
+                   "context_parallel": t.get("context_parallel", 1), "cp_strategy": t.get("cp_strategy"),
                    "activation_checkpointing": t["activation_checkpointing"], "compile": t["compile"],
                    **{k: out.get(k) for k in RUN_INFO_FIELDS}}
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})

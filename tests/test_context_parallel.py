@@ -208,3 +208,31 @@ def test_loss_curves_match_one_process_and_resume_at_another_degree(tmp_path):
         assert_same_curve(curve(tmp_path / f"resume_cp{degree}"), {s: want[s] for s in (3, 4)}, range(3, 5))
     assert_same_curve(curve(tmp_path / "cp2_dp2"), want, range(1, 5))
     assert curve(tmp_path / "cp2_dp2", "train/tokens_seen")[4] == 4 * 2 * 32  # tokens_per_step kept its meaning
+
+
+def test_max_context_searches_one_sequence_over_two_ranks(tmp_path):
+    """fatrain-max-context under torchrun with trainer.context_parallel=2: every length is trained by
+    both ranks together (ring), they agree on each try, and rank 0 alone writes the result."""
+    out = tmp_path / "max_context"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "fatrain.cli.max_context", "backends=[naive]", "trainer.strategy=ddp", "trainer.context_parallel=2",
+           "trainer.device=cpu", "trainer.precision=fp32", "model=tiny", "start=32", "granularity=32", "limit=128",
+           "trainer.max_steps=1", f"out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("naive: 128") == 1  # rank 0 reports; rank 1 prints nothing
+    result = json.loads((out / "max_context.json").read_text())
+    assert (result["world_size"], result["context_parallel"], result["cp_strategy"]) == (2, 2, "ring")
+    (row,) = result["results"]
+    assert row["max_seq_len"] == 128 and row["first_fail"] is None  # nothing runs out of memory on the CPU
+    assert [a["seq_len"] for a in row["attempts"]] == [32, 64, 128]
+    assert all(a["status"] == "ok" and a["step_time_s"] > 0 for a in row["attempts"])
+    assert "context_parallel" in (out / "max_context.csv").read_text().splitlines()[0]
+
+
+def test_max_context_refuses_lengths_that_do_not_split_into_2n_chunks(tmp_path):
+    from fatrain.cli.max_context import main
+
+    code = main(["backends=[naive]", "trainer.strategy=ddp", "trainer.context_parallel=2", "trainer.device=cpu",
+                 "trainer.precision=fp32", "model=tiny", "start=30", "granularity=30", f"out={tmp_path}"])
+    assert code == 2 and not any(tmp_path.iterdir())

@@ -3,6 +3,8 @@
     fatrain-max-context                                       # experiment=max_context, its backends
     fatrain-max-context backends=[naive,flash_v2] trainer.activation_checkpointing=true
     fatrain-max-context out=multirun/ablate_backends/<date>   # next to a sweep: fatrain-report shows it
+    torchrun --nproc_per_node=4 -m fatrain.cli.max_context trainer.strategy=ddp trainer.context_parallel=4 \
+        backends=[flash_v2] start=8192 granularity=8192      # one sequence over 4 GPUs (ring)
 
 Composes ``experiment=max_context`` plus any Hydra overrides and runs
 ``fatrain.max_context.find_max_context`` (doubling, then bisection, per backend). The
@@ -80,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (*USER_ERRORS, HydraException) as e:
         report_user_error(e)
         return USER_ERROR_EXIT
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     for r in out["results"]:
         print(f"{r['backend']}: {r['max_seq_len']}")
     print(os.path.join(out_dir, "max_context.json"))
