@@ -254,8 +254,9 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer for incremental decoding: (B, max_len, Hkv, D) each,
     preallocated. ``fused``: attend through ``flash_attn_with_kvcache`` (append in place, then
-    the decode kernel); None picks it for CUDA tensors of a flash_v2 model (the backend with a
-    decode kernel; other backends attend over the cache's valid prefix through their own call)."""
+    the decode kernel, with the model's ALiBi, soft-cap and sinks); None picks it for CUDA tensors
+    of a flash_v2 model (the backend with a decode kernel; other backends attend over the cache's
+    valid prefix through their own call)."""
 
     def __init__(self, spec: GPTSpec, batch: int, max_len: int, device, dtype, fused: bool | None = None):
         shape = (batch, max_len, spec.kv_heads, spec.head_dim)
@@ -264,11 +265,9 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         if fused is None:
-            # NOTE: flash_attn_with_kvcache does not take ALiBi, soft-cap or sinks yet; a model
-            # with one decodes through the backend call on the cache's valid prefix.
-            variants = variant_settings(spec.position, spec.attn_softcap, spec.attn_sinks)
+            # ALiBi, the soft-cap and sinks go through too (the decode kernel applies them).
             decodes = spec.attention in ("flash_v2", "flash_v2_atomic")
-            fused = torch.device(device).type == "cuda" and decodes and not variants
+            fused = torch.device(device).type == "cuda" and decodes
         self.fused = fused
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -474,8 +473,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, fused_cache: bool | None = None):
         """Sample continuations of idx (B, T); with use_cache, one KV cache step per new token
-        (``fused_cache``: through flash_attn_with_kvcache, see KVCache; None: on CUDA when the model
-        uses no attention variant)."""
+        (``fused_cache``: through flash_attn_with_kvcache, see KVCache; None: on CUDA for a flash_v2
+        model)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         cache = None

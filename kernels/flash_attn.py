@@ -183,6 +183,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         deterministic: True asks for the backend's deterministic backward
         return_attn_probs: also return softmax_lse and None (in place of the probabilities)
         backend: keyword only, not flash-attn's: the registry backend (default: current_backend())
+        sink_logits: keyword only, not flash-attn's: optional float32 (nheads,) learnable sink logits
+            (gpt-oss's), one more term in each row's softmax denominator (the decode kernel adds it
+            in its merge)
     Returns:
         out (batch_size, seqlen_q, nheads, headdim) [, softmax_lse (batch_size, nheads, seqlen_q), None]
     """
@@ -303,7 +306,7 @@ def _uniform_length(cache_seqlens, capacity: int) -> Optional[int]:
 
 def _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_size, num_splits,
                        variants: dict):
-    """(out, lse) over each row's valid prefix of the caches; ``variants``: softcap, alibi_slopes."""
+    """(out, lse) over each row's valid prefix of the caches; ``variants``: softcap, alibi_slopes, sink_logits."""
     capacity = k_cache.shape[1]
     if name == "flash_v2" and (q.shape[1] <= DECODE_MAX_SEQLEN_Q or isinstance(cache_seqlens, torch.Tensor)):
         from .decode import flash_decode
@@ -336,7 +339,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_leftpad: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
-                            backend=None):
+                            backend=None, sink_logits=None):
     """Attention of q over a preallocated KV cache, after appending k and v to it in place
     (flash-attn's ``flash_attn_with_kvcache``). Forward only.
 
@@ -390,8 +393,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("k and v are appended at cache_seqlens: give cache_seqlens (an int or a (batch_size,) "
                              "int32 tensor) with them")
         cache_seqlens = _append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
+    variants = _variant_kwargs(softcap, alibi_slopes)
+    if sink_logits is not None:
+        variants["sink_logits"] = sink_logits
     out, lse = _kvcache_attention(name, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_size,
-                                  num_splits, _variant_kwargs(softcap, alibi_slopes))
+                                  num_splits, variants)
     return (out, lse) if return_softmax_lse else out
 
 

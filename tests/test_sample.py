@@ -82,16 +82,26 @@ def test_cli_prints_text_and_bad_checkpoint_exits_2(run_dir, tmp_path):
         next(line for line in proc.stderr.splitlines() if "unreadable" in line)]
 
 
-@pytest.mark.parametrize("backend", ["flash_v2", "naive"])
-def test_cache_through_flash_attn_with_kvcache_gives_the_recomputed_text(backend):
-    """The fused cache (in-place append, flash_decode on flash_v2), forced on the CPU, samples the
-    same tokens from one seed as recomputing the whole sequence at every step."""
+@pytest.mark.parametrize("backend,variants", [
+    ("flash_v2", {}), ("naive", {}),
+    ("flash_v2", {"position": "alibi", "attn_softcap": 3.0, "attn_sinks": True}),
+    ("flash_v2", {"attn_sinks": True}),
+    ("naive", {"position": "alibi", "attn_sinks": True}),
+])
+def test_cache_through_flash_attn_with_kvcache_gives_the_recomputed_text(backend, variants):
+    """The fused cache (in-place append, flash_decode on flash_v2, with ALiBi, the soft-cap and sinks
+    where the model has them), forced on the CPU, samples the same tokens from one seed as
+    recomputing the whole sequence at every step."""
     import torch
 
     from fatrain.model import GPT, GPTSpec
 
     torch.manual_seed(0)
-    model = GPT(GPTSpec(vocab_size=50, attention=backend, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).eval()
+    model = GPT(GPTSpec(vocab_size=50, attention=backend, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                        **variants)).eval()
+    if model.blocks[0].attn.sinks is not None:
+        for block in model.blocks:  # sinks large enough to change the distribution
+            torch.nn.init.normal_(block.attn.sinks, std=2.0)
     prompt = torch.randint(0, 50, (2, 5))
 
     def draw(**kwargs):
