@@ -53,6 +53,7 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rope_kernel: str = "auto"  # auto: the fused Triton kernel on CUDA, PyTorch ops on the CPU | triton | torch
     loss_kernel: str = "auto"  # the training loss: auto (Triton cross-entropy on CUDA) | triton | torch
+    loss_chunk_tokens: int = 0  # > 0: the output head and loss in chunks of this many tokens, never the full logits
     position: str = "rope"  # rope | alibi (the paper's slopes, in the attention call) | none
     attn_softcap: float = 0.0  # > 0: attention scores soft-capped to attn_softcap * tanh(s / attn_softcap); 0: off
     attn_sinks: bool = False  # learnable sink logits, one per head and layer (no weight decay)
@@ -297,6 +298,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.attn_dropout": PROBABILITY,
     "model.rope_theta": POSITIVE,
     "model.attn_softcap": Range(lo=0, special=((0, "off"),)),
+    "model.loss_chunk_tokens": Range(lo=0, special=((0, "the full logits"),)),
     "model.rope_scaling.factor": Range(lo=1.0),
     "model.rope_scaling.original_seq_len": Range(lo=0, lo_open=True, special=((None, "unset; yarn needs it"),)),
     "model.rope_scaling.beta_fast": POSITIVE,

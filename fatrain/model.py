@@ -108,6 +108,7 @@ class GPTSpec:
     attn_softcap: float = 0.0  # > 0: attention scores become attn_softcap * tanh(s / attn_softcap); 0: off
     attn_sinks: bool = False  # one learnable sink logit per head and layer in each softmax denominator
     loss_kernel: str = "auto"  # auto | triton | torch: how the training loss is computed (the same)
+    loss_chunk_tokens: int = 0  # > 0: output head and loss in chunks of this many tokens (no full logits)
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_options: dict = field(default_factory=dict)  # the backend's own tuning keywords (BackendInfo.options)
@@ -424,7 +425,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, *, doc_ids=None, cache: KVCache | None = None, reduction="mean",
                 positions=None):
-        """Logits (B, T, vocab) and, with targets, the cross-entropy loss.
+        """Logits (B, T, vocab) and, with targets, the cross-entropy loss (with loss_chunk_tokens > 0
+        and reduction='mean', the head and loss go chunk by chunk and the logits returned are None).
 
         doc_ids (B, T) restricts attention to each document when the model was built with
         document masking, and restarts RoPE positions when rope_reset_per_document is set.
@@ -453,8 +455,13 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm_f(x)
-        padded = self.lm_head(x)
         V = self.spec.vocab_size
+        if targets is not None and reduction == "mean" and self.spec.loss_chunk_tokens > 0:
+            # The head and the loss a chunk of tokens at a time, forward and backward: the full
+            # (tokens x vocabulary) logits never exist, so none are returned.
+            from fatrain.kernels.chunked_loss import linear_cross_entropy
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, V, self.spec.loss_chunk_tokens)
+        padded = self.lm_head(x)
         # NOTE: no slice when nothing is padded: a slice's backward copies the whole gradient.
         logits = padded if V == padded.shape[-1] else padded[..., :V]
         if targets is None:

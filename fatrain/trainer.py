@@ -100,7 +100,8 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
-                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel", "rope_scaling")
+                       "dropout", "attn_dropout", "rope_kernel", "loss_kernel", "loss_chunk_tokens",
+                       "rope_scaling")
 
 
 def check_spec_compatible(saved: dict, spec: GPTSpec, what: str) -> None:
