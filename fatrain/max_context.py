@@ -53,7 +53,8 @@ from fatrain.trainer import attention_options, build_spec, make_optimizer, shard
 
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).
 FALLBACK_VOCAB = 257
-CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s", "tries",
+CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s",
+              "tokens_per_sec", "tries",
               "batch_size", "world_size", "context_parallel", "cp_strategy", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
 #: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
@@ -164,6 +165,11 @@ def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[Dist
         attempt["peak_allocated_gib"], attempt["step_time_s"] = (None if v < 0 else v for v in agreed[1:].tolist())
         if attempt["status"] != "ok" and not attempt["error"]:
             attempt["error"] = "another rank of the job failed this length"
+    # The whole job's tokens per second at this length (the slowest rank's step; every data-parallel
+    # group trains its own batch_size sequences).
+    groups = (dist_env.world_size // cfg.trainer.context_parallel) if dist_env is not None else 1
+    step = attempt["step_time_s"]
+    attempt["tokens_per_sec"] = cfg.trainer.batch_size * seq_len * groups / step if step else None
     return attempt
 
 
@@ -185,8 +191,10 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
         attempts.append(attempt)
         bar.update()
         peak = attempt["peak_allocated_gib"]
+        rate = attempt["tokens_per_sec"]
         log(f"{backend:>12} seq_len {n:>8}: {attempt['status']}"
             + (f", peak {peak:.2f} GiB" if peak is not None else "")
+            + (f", {rate:,.0f} tokens/s" if rate and attempt["status"] == "ok" else "")
             + (f" ({attempt['error']})" if attempt["status"] not in ("ok", "oom") else ""))
         return attempt["status"] == "ok"
 
@@ -196,6 +204,7 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
     at_fail = next((a for a in attempts if a["seq_len"] == first_fail), {})
     return {"backend": backend, "max_seq_len": best, "first_fail": first_fail, "fail_status": at_fail.get("status"),
             "peak_allocated_gib": at_best.get("peak_allocated_gib"), "step_time_s": at_best.get("step_time_s"),
+            "tokens_per_sec": at_best.get("tokens_per_sec"),
             "tries": len(attempts), "attempts": attempts}
 
 

@@ -227,6 +227,8 @@ def test_max_context_searches_one_sequence_over_two_ranks(tmp_path):
     assert row["max_seq_len"] == 128 and row["first_fail"] is None  # nothing runs out of memory on the CPU
     assert [a["seq_len"] for a in row["attempts"]] == [32, 64, 128]
     assert all(a["status"] == "ok" and a["step_time_s"] > 0 for a in row["attempts"])
+    # One context group of two ranks trains one sequence: tokens/s counts it once.
+    assert all(a["tokens_per_sec"] == pytest.approx(a["seq_len"] / a["step_time_s"]) for a in row["attempts"])
     assert "context_parallel" in (out / "max_context.csv").read_text().splitlines()[0]
 
 
