@@ -82,7 +82,7 @@ class Setting:
     """One ``key=value`` setting of a plain console script: its type, default and help line."""
 
     key: str
-    kind: type  # str, int or list (a list: [a,b] or a,b)
+    kind: type  # str, int, bool (true | false) or list (a list: [a,b] or a,b)
     default: Any
     help: str
     flag: Optional[str] = None  # the old --flag spelling, still read, with a note that it is deprecated
@@ -94,6 +94,10 @@ def _convert(setting: Setting, text: str):
             return int(text)
         except ValueError:
             raise ValueError(f"{setting.key}={text} must be an integer") from None
+    if setting.kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{setting.key}={text} must be true or false")
+        return text.lower() == "true"
     if setting.kind is list:
         return [part.strip() for part in text.strip().strip("[]").split(",") if part.strip()]
     return text

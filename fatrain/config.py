@@ -123,6 +123,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
     activation_checkpointing: bool = False
+    # With activation_checkpointing: each block's input waits for the backward in pinned host memory,
+    # not on the device (a copy each way per block and step).
+    activation_offload: bool = False
     strategy: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
     dist_backend: str = "auto"  # auto | nccl | gloo (auto: nccl on GPUs, gloo on the CPU)
     dist_timeout_s: int = 600  # a collective waiting longer than this fails the job
@@ -385,6 +388,9 @@ def validate_train_config(cfg) -> None:
     from fatrain.context_parallel import check_context_parallel_config
 
     check_context_parallel_config(cfg)
+    if t.activation_offload and not t.activation_checkpointing:
+        raise ValueError("trainer.activation_offload=true needs trainer.activation_checkpointing=true "
+                         "(what moves to host memory is each checkpointed block's input)")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 

@@ -53,9 +53,11 @@ from fatrain.trainer import attention_options, build_spec, make_optimizer, shard
 
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).
 FALLBACK_VOCAB = 257
-CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "step_time_s",
+CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_allocated_gib", "predicted_peak_gib",
+              "step_time_s",
               "tokens_per_sec", "tries",
-              "batch_size", "world_size", "context_parallel", "cp_strategy", "precision", "activation_checkpointing", "compile", "gpu", "torch", "triton", "git_sha", "date")
+              "batch_size", "world_size", "context_parallel", "cp_strategy", "precision", "activation_checkpointing",
+              "activation_offload", "loss_chunk_tokens", "compile", "gpu", "torch", "triton", "git_sha", "date")
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
 #: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
 CPU_CHECK = "backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 limit=1024"
@@ -89,16 +91,14 @@ def search_max_context(fits: Callable[[int], bool], start: int, granularity: int
     return lo, hi
 
 
-def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
-    """trainer.max_steps optimizer steps at (batch_size, seq_len); peak memory and the last step's time.
-
-    Under torchrun (``dist_env`` distributed) the model is wrapped as the trainer wraps it (DDP, or
-    FSDP2's per-block sharding), and with trainer.context_parallel=N each rank holds its
-    load-balanced shard of every sequence (2 of 2N chunks) and attends through its context group."""
+def build_try(cfg, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None):
+    """(model, the callable that runs it, optimizer, autocast factory, vocabulary) of one try, the
+    model wrapped as the trainer wraps it (single device, DDP, or FSDP2's per-block sharding)."""
     t = cfg.trainer
     seed_everything(t.seed)  # the same seed on every rank: one context group holds one sequence
     vocab = cfg.model.vocab_size or FALLBACK_VOCAB
-    model = GPT(build_spec(cfg, vocab)).to(device)
+    with torch.device(device):  # built in place (a fake-tensor trace cannot move tied weights)
+        model = GPT(build_spec(cfg, vocab))
     if cp is not None:
         cp.install(model)
     strategy = dist_env.strategy if dist_env is not None else "single"
@@ -112,27 +112,50 @@ def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[Dis
 
             forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg.optim, device)
-    autocast = autocast_for(t.precision, device)
     model.train()
+    return model, forward, optimizer, autocast_for(t.precision, device), vocab
+
+
+def train_step(cfg, seq_len: int, device: torch.device, model, forward, optimizer, autocast, vocab: int, cp=None):
+    """One optimizer step (forward, backward, AdamW) on random tokens at (trainer.batch_size, seq_len)."""
+    idx = torch.randint(0, vocab, (cfg.trainer.batch_size, seq_len), device=device)
+    targets = torch.randint(0, vocab, (cfg.trainer.batch_size, seq_len), device=device)
+    kwargs = {}
+    if cp is not None:
+        shard = cp.shard_batch({"input_ids": idx, "labels": targets, "doc_ids": torch.zeros_like(idx)}, model.spec)
+        idx, targets, kwargs = shard["idx"], shard["targets"], {"positions": shard["positions"]}
+    with autocast():
+        _, loss = forward(idx, targets, **kwargs)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
+    """trainer.max_steps optimizer steps at (batch_size, seq_len); peak memory and the last step's time.
+
+    Under torchrun (``dist_env`` distributed) the model is wrapped as the trainer wraps it (DDP, or
+    FSDP2's per-block sharding), and with trainer.context_parallel=N each rank holds its
+    load-balanced shard of every sequence (2 of 2N chunks) and attends through its context group."""
+    model, forward, optimizer, autocast, vocab = build_try(cfg, device, dist_env, cp)
     step_time = None
-    for _ in range(t.max_steps):
-        idx = torch.randint(0, vocab, (t.batch_size, seq_len), device=device)
-        targets = torch.randint(0, vocab, (t.batch_size, seq_len), device=device)
-        kwargs = {}
-        if cp is not None:
-            shard = cp.shard_batch({"input_ids": idx, "labels": targets, "doc_ids": torch.zeros_like(idx)}, model.spec)
-            idx, targets, kwargs = shard["idx"], shard["targets"], {"positions": shard["positions"]}
+    for _ in range(cfg.trainer.max_steps):
         synchronize(device)
         start = time.perf_counter()
-        with autocast():
-            _, loss = forward(idx, targets, **kwargs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(cfg, seq_len, device, model, forward, optimizer, autocast, vocab, cp)
         synchronize(device)
         step_time = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"peak_allocated_gib": peak, "step_time_s": step_time}
+
+
+def predict(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv]) -> tuple[Optional[dict], str]:
+    """The memory model's prediction of a try (fatrain.memory_model), or None and why there is none."""
+    if dist_env is not None and dist_env.distributed:
+        return None, "the memory model covers one device"
+    from fatrain.memory_model import try_predict
+
+    return try_predict(cfg, seq_len, device)
 
 
 #: A try's statuses in the order ranks agree on them: the worst any rank saw is every rank's.
@@ -187,13 +210,20 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
 
     def fits(n: int) -> bool:
         bar.set_postfix_str(f"seq_len {n}")
+        prediction, why = predict(cfg, n, device, dist_env)
         attempt = try_seq_len(cfg, n, device, dist_env, cp)
+        attempt["predicted_peak_gib"] = prediction["peak_gib"] if prediction else None
+        attempt["predicted_host_gib"] = prediction["host_gib"] if prediction else None
+        attempt["prediction"] = prediction or {"unavailable": why}
         attempts.append(attempt)
         bar.update()
         peak = attempt["peak_allocated_gib"]
         rate = attempt["tokens_per_sec"]
         log(f"{backend:>12} seq_len {n:>8}: {attempt['status']}"
             + (f", peak {peak:.2f} GiB" if peak is not None else "")
+            + (f" (predicted {prediction['peak_gib']:.2f} GiB" + (
+                f", {prediction['host_gib']:.2f} GiB in host memory" if prediction["host_gib"] else "") + ")"
+               if prediction else "")
             + (f", {rate:,.0f} tokens/s" if rate and attempt["status"] == "ok" else "")
             + (f" ({attempt['error']})" if attempt["status"] not in ("ok", "oom") else ""))
         return attempt["status"] == "ok"
@@ -205,6 +235,7 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
     return {"backend": backend, "max_seq_len": best, "first_fail": first_fail, "fail_status": at_fail.get("status"),
             "peak_allocated_gib": at_best.get("peak_allocated_gib"), "step_time_s": at_best.get("step_time_s"),
             "tokens_per_sec": at_best.get("tokens_per_sec"),
+            "predicted_peak_gib": at_best.get("predicted_peak_gib"),
             "tries": len(attempts), "attempts": attempts}
 
 
@@ -258,7 +289,10 @@ def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env
     layout = (f", {ranks} ranks ({t.strategy}), context_parallel={t.context_parallel} ({t.cp_strategy})"
               if dist_env is not None else "")
     log(f"max context at batch {t.batch_size}, {t.max_steps} steps per try, {t.precision}, "
-        f"model {cfg.model.name}, activation_checkpointing={t.activation_checkpointing}, device {info['gpu']}{layout}")
+        f"model {cfg.model.name}, activation_checkpointing={t.activation_checkpointing}"
+        + (", activation_offload=true" if t.activation_offload else "")
+        + (f", loss_chunk_tokens={cfg.model.loss_chunk_tokens}" if cfg.model.loss_chunk_tokens else "")
+        + f", device {info['gpu']}{layout}")
     config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer", "optim")}
     out = {"results": [], "search": {"start": start, "granularity": granularity, "limit": limit},
            "world_size": ranks, "context_parallel": t.context_parallel, "cp_strategy": t.cp_strategy,
@@ -274,6 +308,44 @@ def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env
     return out
 
 
+def plan_max_context(cfg, backends: list[str], *, start: int, limit: int,
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """The memory model's prediction for each backend at start, 2 start, ... up to limit, on the
+    device the config selects; nothing is trained. Returns one row per (backend, seq_len)."""
+    t = cfg.trainer
+    if t.strategy != "single" or t.context_parallel > 1:
+        raise ValueError("plan=true predicts one device's step: it needs trainer.strategy=single and "
+                         "trainer.context_parallel=1")
+    if start <= 0 or limit < start:
+        raise ValueError(f"start={start} must be > 0 and limit={limit} >= start")
+    device = select_device(t.device)
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    log(f"predicted peak memory of one step at batch {t.batch_size}, {t.precision}, model {cfg.model.name}, "
+        f"activation_checkpointing={t.activation_checkpointing}, activation_offload={t.activation_offload}, "
+        f"loss_chunk_tokens={cfg.model.loss_chunk_tokens}, on {run_info(device)['gpu']}"
+        + (f" ({total:.1f} GiB)" if total else ""))
+    rows = []
+    for backend in backends:
+        with open_dict(cfg):
+            cfg.attention.backend = backend
+            cfg.data.seq_len = start
+        validate_train_config(cfg)
+        attention_options(cfg.attention)
+        n = start
+        while n <= limit:
+            prediction, why = predict(cfg, n, device, None)
+            rows.append({"backend": backend, "seq_len": n, "prediction": prediction, "unavailable": why})
+            if prediction is None:
+                log(f"{backend:>12} seq_len {n:>8}: no prediction ({why})")
+            else:
+                kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(prediction["by_kind"].items(), key=lambda kv: -kv[1]))
+                host = f", {prediction['host_gib']:.2f} GiB in host memory" if prediction["host_gib"] else ""
+                verdict = "" if total is None else (" fits" if prediction["peak_gib"] < total else " does not fit")
+                log(f"{backend:>12} seq_len {n:>8}: {prediction['peak_gib']:.2f} GiB{verdict} ({kinds}){host}")
+            n *= 2
+    return rows
+
+
 def write_results(out: dict, out_dir: str) -> None:
     with open(os.path.join(out_dir, "max_context.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
@@ -284,6 +356,8 @@ def write_results(out: dict, out_dir: str) -> None:
         for r in out["results"]:
             row = {**r, "batch_size": t["batch_size"], "precision": t["precision"], "world_size": out.get("world_size", 1),
                    "context_parallel": t.get("context_parallel", 1), "cp_strategy": t.get("cp_strategy"),
-                   "activation_checkpointing": t["activation_checkpointing"], "compile": t["compile"],
+                   "activation_checkpointing": t["activation_checkpointing"],
+                   "activation_offload": t.get("activation_offload", False),
+                   "loss_chunk_tokens": out["config"]["model"].get("loss_chunk_tokens", 0), "compile": t["compile"],
                    **{k: out.get(k) for k in RUN_INFO_FIELDS}}
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})

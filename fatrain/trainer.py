@@ -79,7 +79,7 @@ def micro_batch_size(t, seq_len: int, world_size: int = 1) -> int:
 
 # GPTSpec fields that come from outside the model group, by where they come from.
 _SPEC_FROM_ELSEWHERE = ("vocab_size", "attention", "attention_options", "window_size", "document_masking",
-                        "activation_checkpointing")
+                        "activation_checkpointing", "activation_offload")
 
 
 def build_spec(cfg, vocab_size: int) -> GPTSpec:
@@ -95,11 +95,13 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
         **from_model, vocab_size=m.vocab_size or vocab_size, attention=a.backend,
         attention_options=attention_options(a), window_size=(a.window_left, a.window_right),
         document_masking=cfg.data.document_masking, activation_checkpointing=cfg.trainer.activation_checkpointing,
+        activation_offload=cfg.trainer.activation_offload,
     )
 
 
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
+                       "activation_offload",
                        "dropout", "attn_dropout", "rope_kernel", "loss_kernel", "loss_chunk_tokens",
                        "rope_scaling")
 

@@ -69,9 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:end].to(dtype)
             t = targets[start:end]
             probs = torch.exp((h @ w.T).to(acc) - lse[start:end, None])
-            rows = torch.arange(end - start, device=hidden.device)
             valid = t != IGNORE_INDEX
-            probs[rows[valid], t[valid]] -= 1.0
+            # minus one at each valid row's target (a scatter, not boolean indexing: no host sync)
+            probs.scatter_add_(1, t.clamp(min=0)[:, None], -valid[:, None].to(acc))
             g = (probs * torch.where(valid, scale, 0.0)[:, None]).to(dtype)
             if dhidden is not None:
                 dhidden[start:end] = (g @ w).to(hidden.dtype)

@@ -229,8 +229,25 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
     assert {r["fail_status"] for r in data["results"]} == {"oom"}
     statuses = {a["status"] for r in data["results"] for a in r["attempts"]}
     assert statuses == {"ok", "oom"}
+    # the memory model's prediction beside every try that fit (a try that failed fails its trace too)
+    assert all(a["predicted_peak_gib"] > 0 for r in data["results"] for a in r["attempts"] if a["status"] == "ok")
     with open(out / "max_context.csv") as f:
-        assert [r["max_seq_len"] for r in csv.DictReader(f)] == ["192", "384"]
+        rows = list(csv.DictReader(f))
+    assert [r["max_seq_len"] for r in rows] == ["192", "384"]
+    assert all(float(r["predicted_peak_gib"]) > 0 for r in rows)
+
+
+def test_max_context_plan_predicts_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = max_context_cli.main(["plan=true", "backends=[naive,sdpa]", "start=256", "limit=1024", "model=tiny",
+                                 "trainer.precision=fp32", "trainer.device=cpu"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "seq_len" in line]
+    assert len(lines) == 6 and all("GiB (" in line for line in lines)
+    gib = {(line.split()[0], int(line.split()[2].rstrip(":"))): float(line.split()[3]) for line in lines}
+    assert gib[("naive", 1024)] > gib[("naive", 256)] and gib[("naive", 1024)] > gib[("sdpa", 1024)]
+    assert not list(tmp_path.iterdir())  # nothing written
+    assert max_context_cli.main(["plan=maybe", "trainer.device=cpu"]) == 2
 
 
 def test_max_context_rejects_bad_settings(tmp_path, capsys):

@@ -26,7 +26,7 @@ from omegaconf import open_dict
 
 from fatrain.cli_help import Setting, parse_settings, settings_help
 from fatrain.config import register_configs
-from fatrain.max_context import CPU_CHECK, find_max_context
+from fatrain.max_context import CPU_CHECK, find_max_context, plan_max_context
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 
 SETTINGS = [
@@ -35,6 +35,8 @@ SETTINGS = [
     Setting("start", int, 1024, "first seq_len tried", flag="--start"),
     Setting("granularity", int, 1024, "bisection stops at this many tokens", flag="--granularity"),
     Setting("limit", int, 1 << 20, "longest seq_len tried", flag="--limit"),
+    Setting("plan", bool, False, "true: print the memory model's predicted peak at start, 2 start, ... up to limit "
+            "on this device, and train nothing"),
     Setting("out", str, None, "output folder (default max_context/<date>); a sweep folder puts the result where "
             "fatrain-report finds it", flag="--out"),
 ]
@@ -45,6 +47,8 @@ HELP = settings_help(
     ["fatrain-max-context",
      "fatrain-max-context backends=[naive,flash_v2] trainer.activation_checkpointing=true",
      "fatrain-max-context out=multirun/ablate_backends/<date>",
+     "fatrain-max-context plan=true backends=[flash_v2] start=131072 trainer.activation_checkpointing=true "
+     "model.loss_chunk_tokens=8192",
      f"fatrain-max-context {CPU_CHECK} trainer.device=cpu"],
     SETTINGS,
     rest="Any other key=value is a Hydra override of the training config, on top of experiment=max_context\n"
@@ -77,6 +81,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                               datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         cfg, default_backends = compose_config(overrides)
         backends = args["backends"] or [b for b in default_backends.split(",") if b]
+        if args["plan"]:
+            plan_max_context(cfg, backends, start=args["start"], limit=args["limit"])
+            return 0
         out = find_max_context(cfg, backends, out_dir, start=args["start"], granularity=args["granularity"],
                                limit=args["limit"])
     except (*USER_ERRORS, HydraException) as e:
