@@ -19,6 +19,23 @@ def test_gpt2_small_has_124m_parameters():
     assert 123e6 < model.num_params() < 125e6
 
 
+def test_llama_1b_config_is_a_llama_with_128_dim_heads():
+    from fatrain.cli.max_context import compose_config
+    from fatrain.trainer import build_spec
+
+    cfg, _ = compose_config(["model=llama-1b", "attention.backend=sdpa"])
+    spec = build_spec(cfg, 257)
+    assert (spec.head_dim, spec.n_head, spec.kv_heads, spec.hidden) == (128, 16, 4, 8192)
+    assert (spec.norm, spec.mlp, spec.bias, spec.rope_theta) == ("rmsnorm", "swiglu", False, 500000.0)
+    with torch.device("meta"):
+        model = GPT(spec)
+    assert 1.0e9 < model.num_params() < 1.1e9
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    assert isinstance(model.blocks[0].norm1, torch.nn.RMSNorm)
+    # q (16 x 128) + k, v (4 x 128 each) in one projection: GQA, K/V not repeated
+    assert model.blocks[0].attn.qkv.weight.shape == ((16 + 2 * 4) * 128, 2048)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, mlp="swiglu", norm="layernorm"), dict(n_kv_head=1)])
 def test_forward_loss_and_backward(kw):
     torch.manual_seed(0)
