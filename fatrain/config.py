@@ -37,6 +37,9 @@ class RopeScalingConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
+    # fatrain: fatrain.model.GPT; reference: the plain nanoGPT-style model of the same shapes
+    # (fatrain.reference_gpt), to measure fatrain beside it
+    implementation: str = "fatrain"
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: Optional[int] = None  # None: same as n_head (MHA); 1: MQA; else GQA
@@ -367,6 +370,7 @@ def validate_train_config(cfg) -> None:
     _choice(m.rope_kernel, KERNEL_CHOICES, "model.rope_kernel")
     _choice(m.loss_kernel, KERNEL_CHOICES, "model.loss_kernel")
     _choice(m.position, POSITIONS, "model.position")
+    _choice(m.implementation, ("fatrain", "reference"), "model.implementation")
     check_ranges(cfg, TRAIN_RANGES)
     if m.rope_reset_per_document and m.position != "rope":
         raise ValueError(f"model.rope_reset_per_document=true needs model.position=rope, got {m.position}")
@@ -388,6 +392,10 @@ def validate_train_config(cfg) -> None:
     from fatrain.context_parallel import check_context_parallel_config
 
     check_context_parallel_config(cfg)
+    if m.implementation == "reference":
+        from fatrain.reference_gpt import check_reference_config
+
+        check_reference_config(cfg)
     if t.activation_offload and not t.activation_checkpointing:
         raise ValueError("trainer.activation_offload=true needs trainer.activation_checkpointing=true "
                          "(what moves to host memory is each checkpointed block's input)")

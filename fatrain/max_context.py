@@ -45,11 +45,10 @@ from fatrain.config import validate_train_config
 from fatrain.context_parallel import build_context_parallel
 from fatrain.distributed import DistEnv, all_reduce
 from fatrain.metrics import synchronize
-from fatrain.model import GPT
 from fatrain.progress import note_interpreter, progress_bar
 from fatrain.runtime import (autocast_for, check_precision, classify, free_memory, run_info, seed_everything,
                              select_device, short)
-from fatrain.trainer import attention_options, build_spec, make_optimizer, shard_model
+from fatrain.trainer import attention_options, build_model, build_spec, make_optimizer, shard_model
 
 # Tokens of the random batches when the model leaves the vocabulary to the tokenizer (the byte tokenizer's).
 FALLBACK_VOCAB = 257
@@ -98,7 +97,7 @@ def build_try(cfg, device: torch.device, dist_env: Optional[DistEnv] = None, cp=
     seed_everything(t.seed)  # the same seed on every rank: one context group holds one sequence
     vocab = cfg.model.vocab_size or FALLBACK_VOCAB
     with torch.device(device):  # built in place (a fake-tensor trace cannot move tied weights)
-        model = GPT(build_spec(cfg, vocab))
+        model = build_model(cfg, build_spec(cfg, vocab))
     if cp is not None:
         cp.install(model)
     strategy = dist_env.strategy if dist_env is not None else "single"

@@ -396,6 +396,13 @@ def _fmt(value: Optional[float], spec: str) -> Optional[str]:
     return None if value is None else format(value, spec)
 
 
+def loss_curve_gap(curve: list, base: list) -> Optional[tuple[float, float]]:
+    """(mean, max) of |loss - base loss| over the steps both curves logged, or None without any."""
+    at = {step: loss for step, loss in base if loss is not None}
+    gaps = [abs(loss - at[step]) for step, loss in curve if loss is not None and step in at]
+    return (sum(gaps) / len(gaps), max(gaps)) if gaps else None
+
+
 def markdown_report(jobs: list[Job], sweep_dir: str, warmup_steps: int, baseline: Optional[str],
                     max_context: Optional[list[dict]]) -> str:
     n_ok = sum(j.status == "ok" for j in jobs)
@@ -425,6 +432,13 @@ def markdown_report(jobs: list[Job], sweep_dir: str, warmup_steps: int, baseline
             b = base.get(j.seq_len)
             return None if b is None or not j.tokens_per_sec else f"{j.tokens_per_sec / b.tokens_per_sec:.2f}x"
         parts.append(pivot_table(jobs, f"Throughput relative to {baseline}", ratio))
+
+        def gap(j):
+            b = base.get(j.seq_len)
+            g = None if b is None else loss_curve_gap(j.loss_curve, b.loss_curve)
+            return None if g is None else f"{g[0]:.4f} / {g[1]:.4f}"
+        parts.append(pivot_table(jobs, f"Training loss against {baseline} (mean / max of the absolute difference "
+                                       f"at the steps both logged)", gap))
     if max_context:
         parts += ["### Longest trainable seq_len at batch 1", "", "| backend | max seq_len | first failure |",
                   "|---|---:|---|"]

@@ -99,6 +99,16 @@ def build_spec(cfg, vocab_size: int) -> GPTSpec:
     )
 
 
+def build_model(cfg, spec: GPTSpec) -> torch.nn.Module:
+    """fatrain's GPT of ``spec``, or (model.implementation=reference) the plain nanoGPT-style model
+    of the same shapes and weights' names (fatrain.reference_gpt)."""
+    if cfg.model.get("implementation", "fatrain") == "reference":
+        from fatrain.reference_gpt import ReferenceGPT
+
+        return ReferenceGPT(spec)
+    return GPT(spec)
+
+
 # Fields of GPTSpec that may differ between a checkpoint and the run resuming or evaluating it.
 RUNTIME_SPEC_FIELDS = ("attention", "attention_options", "window_size", "document_masking", "activation_checkpointing",
                        "activation_offload",
@@ -238,7 +248,7 @@ class Trainer:
         self.train_loader = make_train_loader(self.data.train, self.batch_size, seed=t.seed, rank=self.dp_rank,
                                               world_size=self.dp_size, device=self.device)
         self.spec = build_spec(cfg, self.data.vocab_size)
-        self.model = GPT(self.spec).to(self.device)
+        self.model = build_model(cfg, self.spec).to(self.device)
         if self.cp:
             self.cp.install(self.model)
         if world > 1:

@@ -93,6 +93,20 @@ def test_report_files_tables_and_ratios(sweep):
     assert float(rows[2]["tokens_per_sec"]) == 200.0
 
 
+def test_loss_curves_against_the_baseline(tmp_path):
+    assert report.loss_curve_gap([(1, 3.0), (2, 2.5), (3, 2.0)], [(2, 2.0), (3, 2.5), (4, 1.0)]) == (0.5, 0.5)
+    assert report.loss_curve_gap([(1, 3.0)], [(2, 2.0)]) is None
+    s = tmp_path / "contenders"
+    make_job(s, 0, "sdpa_cudnn", 8192, tokens_per_sec=[1, 2, 3], loss=[4.0, 3.0, 2.0],
+             overrides=["contender=nanogpt_sdpa_cudnn"])
+    make_job(s, 1, "flash_v2", 8192, tokens_per_sec=[1, 2, 3], loss=[4.0, 3.1, 2.3],
+             overrides=["contender=fatrain_flash_v2"])
+    report.write_report(str(s), warmup_steps=1, baseline="sdpa_cudnn contender=nanogpt_sdpa_cudnn")
+    text = (s / "report.md").read_text()
+    assert "### Training loss against sdpa_cudnn contender=nanogpt_sdpa_cudnn" in text
+    assert "| flash_v2 contender=fatrain_flash_v2 | 0.1333 / 0.3000 |" in text
+
+
 def test_missing_result_and_torn_metrics_line(sweep):
     job = make_job(sweep, 6, "flash_v1", 1024, status="missing", tokens_per_sec=[10, 20])
     with open(job / "metrics.jsonl", "a") as f:

@@ -182,6 +182,15 @@ def test_every_experiment_and_sweep_point_composes(experiment):
             if experiment.startswith("ablate"):
                 tags = list(cfg.logger.wandb.tags)
                 assert cfg.attention.backend in tags and f"seq{cfg.data.seq_len}" in tags
+    if experiment == "vs_nanogpt":
+        chosen = []
+        with initialize_config_module(config_module="fatrain.configs", version_base=None):
+            for point in points:
+                cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *point])
+                chosen.append((cfg.model.implementation, cfg.attention.backend, cfg.trainer.seed))
+        assert chosen == [("reference", "sdpa_cudnn", 1337), ("reference", "sdpa_flash", 1337),
+                          ("fatrain", "flash_v2", 1337), ("fatrain", "sdpa_cudnn", 1337),
+                          ("fatrain", "flash_v2", 1338)]
     if experiment == "ablate_backends":
         assert len(points) == 25
         assert {p[0] for p in points} == {f"attention={b}" for b in
