@@ -16,7 +16,8 @@ grows by when the allocator returns freed blocks). It does not count the CUDA co
 and Triton workspaces, or the caching allocator's fragmentation; what the GPU runs out of is
 reserved memory, a little above. A trace takes seconds whatever the length: nothing is computed.
 
-Caution / known limits: a CUDA prediction needs a CUDA build of torch with a visible GPU
+Caution / known limits: an op with no fake implementation fails the trace (flash_v1 under the
+CPU's Triton interpreter, whose kernels cannot run on fake tensors): no prediction, and why. A CUDA prediction needs a CUDA build of torch with a visible GPU
 (autocast is off for CUDA tensors without one, so the activations would be float32), though no
 GPU memory is used. torch.compile is not traced: the prediction is the eager step's (compiled
 steps free some temporaries earlier). Single device only (no DDP, FSDP or context parallelism).
@@ -25,6 +26,7 @@ steps free some temporaries earlier). Single device only (no DDP, FSDP or contex
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from typing import Optional
@@ -50,17 +52,25 @@ def predict_step_memory(cfg, seq_len: int, device: torch.device) -> dict:
     plain = copy.deepcopy(cfg)
     with open_dict(plain):
         plain.trainer.compile = False  # the eager step (see the module's limits)
-    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
-        warnings.simplefilter("ignore")  # MemTracker's and autocast's notes on fake tensors
-        model, forward, optimizer, autocast, vocab = build_try(plain, device)
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
-        with tracker:
-            for i in range(2):
-                train_step(plain, seq_len, device, model, forward, optimizer, autocast, vocab)
-                if i == 0:
-                    tracker.reset_mod_stats()  # MemTracker counts one iteration of module hooks
-        peak = tracker.get_tracker_snapshot("peak")
+    # An op without a fake implementation fails the trace, and torch logs the whole traceback
+    # before raising: the caller reports the one line (try_predict).
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
+            warnings.simplefilter("ignore")  # MemTracker's and autocast's notes on fake tensors
+            model, forward, optimizer, autocast, vocab = build_try(plain, device)
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker:
+                for i in range(2):
+                    train_step(plain, seq_len, device, model, forward, optimizer, autocast, vocab)
+                    if i == 0:
+                        tracker.reset_mod_stats()  # MemTracker counts one iteration of module hooks
+            peak = tracker.get_tracker_snapshot("peak")
+    finally:
+        fake_log.setLevel(level)
     dev = _device_key(peak, device)
     at_peak = peak.get(dev, {})
     by_kind = {getattr(k, "value", str(k)).lower(): v / GIB for k, v in at_peak.items() if k != "Total" and v}

@@ -22,7 +22,8 @@ BATCH = 2
 BASE = ["trainer.device=cpu", "trainer.precision=fp32", "model=small", f"trainer.batch_size={BATCH}"]
 
 # Loads torch's CPU kernels with a small model first (their code and buffers are not the step's),
-# then measures how far the peak resident size rises over two steps of the configured model.
+# then measures how far the peak resident size rises, over two steps of the configured model,
+# above the resident size before them.
 MEASURE = r"""
 import gc, json, resource, sys
 import torch
@@ -32,6 +33,10 @@ from fatrain.max_context import build_try, train_step
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+def current():  # resident now (the warm-up's own peak can lie above it)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
 seq_len, overrides = int(sys.argv[1]), sys.argv[2:]
 cpu = torch.device("cpu")
 warm, _ = compose_config(overrides + ["model=tiny", "trainer.batch_size=1"])
@@ -39,12 +44,12 @@ parts = build_try(warm, cpu)
 train_step(warm, 64, cpu, *parts)
 del parts
 gc.collect()
-base = peak()
+base = current()
 cfg, _ = compose_config(overrides)
 parts = build_try(cfg, cpu)
 for _ in range(2):
     train_step(cfg, seq_len, cpu, *parts)
-print(json.dumps({"grown_gib": (peak() - base) / 2**30}))
+print(json.dumps({"grown_gib": (peak() - base) / 2**30, "base_gib": base / 2**30}))
 """
 
 

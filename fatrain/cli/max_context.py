@@ -34,7 +34,7 @@ SETTINGS = [
             "sweep)", flag="--backends"),
     Setting("start", int, 1024, "first seq_len tried", flag="--start"),
     Setting("granularity", int, 1024, "bisection stops at this many tokens", flag="--granularity"),
-    Setting("limit", int, 1 << 20, "longest seq_len tried", flag="--limit"),
+    Setting("limit", int, 1 << 22, "longest seq_len tried", flag="--limit"),
     Setting("plan", bool, False, "true: print the memory model's predicted peak at start, 2 start, ... up to limit "
             "on this device, and train nothing"),
     Setting("out", str, None, "output folder (default max_context/<date>); a sweep folder puts the result where "
