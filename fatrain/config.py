@@ -129,6 +129,10 @@ class TrainerConfig:
     # With activation_checkpointing: each block's input waits for the backward in pinned host memory,
     # not on the device (a copy each way per block and step).
     activation_offload: bool = False
+    # > 0: torch.profiler records steps profile_start .. profile_start + profile_steps - 1 and writes
+    # <run>/profile/ (trace.json, kernels.csv, kernels.txt; fatrain.profiling)
+    profile_start: int = 0
+    profile_steps: int = 3
     strategy: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
     dist_backend: str = "auto"  # auto | nccl | gloo (auto: nccl on GPUs, gloo on the CPU)
     dist_timeout_s: int = 600  # a collective waiting longer than this fails the job
@@ -332,6 +336,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "optim.warmup_steps": NON_NEGATIVE,
     "optim.grad_clip": Range(lo=0, special=((0, "no clipping"),)),
     "trainer.max_steps": POSITIVE,
+    "trainer.profile_start": Range(lo=0, special=((0, "no profile"),)),
+    "trainer.profile_steps": POSITIVE,
     "trainer.batch_size": POSITIVE,
     "trainer.tokens_per_step": Range(lo=0, lo_open=True, special=((None, "from trainer.batch_size"),)),
     "trainer.grad_accum_steps": POSITIVE,

@@ -517,8 +517,15 @@ class Trainer:
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
         """Run the steps to trainer.max_steps (stop signals: see fatrain.interrupt)."""
+        from fatrain.profiling import StepProfiler
+
+        t = self.cfg.trainer
+        self.profiler = StepProfiler(self.run_dir, t.profile_start, t.profile_steps, self.device, self.dist.is_main)
         with StopSignals(announce=self._say) as stop:
-            return self._fit(stop)
+            try:
+                return self._fit(stop)
+            finally:
+                self.profiler.close()
 
     def _fit(self, stop: StopSignals) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -543,6 +550,7 @@ class Trainer:
                     return self.nonfinite_result(["parameters"])
                 self.save_checkpoint()
 
+            self.profiler.before_step(self.step + 1)
             timer.start()
             step_loss = torch.zeros((), device=self.device)
             for micro in range(t.grad_accum_steps):
@@ -566,6 +574,9 @@ class Trainer:
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             losses.append(step_loss)
+            profiled = self.profiler.after_step(self.step)
+            if profiled:
+                self._say(f"profile of steps {t.profile_start}-{self.step}: {_shown(profiled, self.run_dir)}/")
             if self.progress is not None:
                 self.progress.update(1)
             # StepTimer.stop synchronised the device, so this read waits for nothing; the bad update was

@@ -196,3 +196,29 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "data.seq_len" in lines[0]
+
+
+def test_profile_of_chosen_steps(tmp_path):
+    cfg = compose_train([*FAST, "trainer.max_steps=5", "trainer.profile_start=2", "trainer.profile_steps=2",
+                         "trainer.eval_every=0", "trainer.ckpt_every=0"])
+    assert run_training(cfg, str(tmp_path))["status"] == "ok"
+    folder = tmp_path / "profile"
+    assert sorted(os.listdir(folder)) == ["kernels.csv", "kernels.txt", "trace.json"]
+    with open(folder / "trace.json") as f:
+        assert json.load(f)["traceEvents"]
+    import csv
+
+    with open(folder / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["name"] for r in rows}
+    assert "aten::mm" in names or "aten::addmm" in names
+    # the profiled steps only: 2 forwards of one block (qkv, proj, fc, proj) and the head
+    assert sum(int(r["calls"]) for r in rows if r["name"] == "aten::linear") == 2 * 5
+    assert (folder / "kernels.txt").read_text().startswith("steps 2-3")
+
+
+def test_profile_settings_are_range_checked():
+    from fatrain.config import validate_train_config
+
+    with pytest.raises(ValueError, match="trainer.profile_steps"):
+        validate_train_config(compose_train([*FAST, "trainer.profile_start=2", "trainer.profile_steps=0"]))
