@@ -19,7 +19,7 @@ from fatrain.cli import train as train_cli
 from fatrain.cli_help import refuse_internal_choices
 
 GROUPS = {  # the groups each script composes, in the order its help lists them
-    "train": ["model", "attention", "data", "optim", "trainer", "logger", "experiment"],
+    "train": ["model", "attention", "data", "optim", "trainer", "logger", "experiment", "contender"],
     "eval": ["attention", "data"],
     "sample": ["attention"],
     "bench": ["bench"],
