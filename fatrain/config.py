@@ -405,6 +405,10 @@ def validate_train_config(cfg) -> None:
     if t.activation_offload and not t.activation_checkpointing:
         raise ValueError("trainer.activation_offload=true needs trainer.activation_checkpointing=true "
                          "(what moves to host memory is each checkpointed block's input)")
+    if t.activation_offload and t.strategy != "single":
+        # NOTE: offload rides on reentrant checkpointing, whose backward DDP's and FSDP2's hooks
+        # do not expect; one process is what it is for (a context beyond one GPU's memory).
+        raise ValueError(f"trainer.activation_offload=true runs with trainer.strategy=single, got {t.strategy}")
     _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 

@@ -69,3 +69,8 @@ def test_offload_without_checkpointing_is_refused():
         cfg = compose(config_name="train", overrides=["trainer.activation_offload=true"])
     with pytest.raises(ValueError, match="trainer.activation_offload=true needs trainer.activation_checkpointing=true"):
         validate_train_config(cfg)
+    with initialize_config_module(config_module="fatrain.configs", version_base=None):
+        cfg = compose(config_name="train", overrides=["trainer.activation_offload=true",
+                                                      "trainer.activation_checkpointing=true", "trainer.strategy=ddp"])
+    with pytest.raises(ValueError, match="trainer.activation_offload=true runs with trainer.strategy=single"):
+        validate_train_config(cfg)
