@@ -21,9 +21,20 @@ from fatrain.memory_model import predict_step_memory, try_predict
 BATCH = 2
 BASE = ["trainer.device=cpu", "trainer.precision=fp32", "model=small", f"trainer.batch_size={BATCH}"]
 
-# Loads torch's CPU kernels with a small model first (their code and buffers are not the step's),
-# resets the process's peak resident size (VmHWM) to its resident size, and measures how far the
-# peak rises over two steps of the configured model.
+CASES = {
+    "sdpa": (3072, ["attention.backend=sdpa"]),
+    "naive": (1024, ["attention.backend=naive"]),  # S and P of every layer: memory quadratic in the length
+    "checkpointing": (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true"]),
+    "checkpointing-chunked-loss": (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true",
+                                          "model.loss_chunk_tokens=1000"]),
+    "checkpointing-offload": (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true",
+                                     "trainer.activation_offload=true"]),
+}
+
+# One process for every case: it loads torch's CPU kernels with a small model first (their code
+# and buffers are not a step's); then, per case, it resets the process's peak resident size
+# (VmHWM) to its resident size, runs two steps of the case's model, and records how far the peak
+# rose. A case's tensors are freed (and, with the mmap threshold, returned) before the next.
 MEASURE = r"""
 import gc, json, re, sys
 import torch
@@ -34,51 +45,46 @@ def status(field):  # kB
     with open("/proc/self/status") as f:
         return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
 
-seq_len, overrides = int(sys.argv[1]), sys.argv[2:]
+cases = json.loads(sys.argv[1])
 cpu = torch.device("cpu")
-warm, _ = compose_config(overrides + ["model=tiny", "trainer.batch_size=1"])
+warm, _ = compose_config(cases[0][1] + ["model=tiny", "trainer.batch_size=1"])
 parts = build_try(warm, cpu)
 train_step(warm, 64, cpu, *parts)
-del parts
-gc.collect()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak resident size restarts from the resident size now (Linux >= 4.0)
-base = status("VmRSS")
-cfg, _ = compose_config(overrides)
-parts = build_try(cfg, cpu)
-for _ in range(2):
-    train_step(cfg, seq_len, cpu, *parts)
-print(json.dumps({"grown_gib": (status("VmHWM") - base) / 2**30, "base_gib": base / 2**30}))
+grown = []
+for seq_len, overrides in cases:
+    del parts
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size restarts from the resident size now (Linux >= 4.0)
+    base = status("VmRSS")
+    cfg, _ = compose_config(overrides)
+    parts = build_try(cfg, cpu)
+    for _ in range(2):
+        train_step(cfg, seq_len, cpu, *parts)
+    grown.append((status("VmHWM") - base) / 2**30)
+print(json.dumps(grown))
 """
 
 
-def measure(overrides, seq_len) -> dict:
-    """{grown_gib, base_gib} of two steps in a fresh process, and its console's last lines (``log``)."""
+@pytest.fixture(scope="module")
+def measured():
+    """{case: GiB the peak resident size rose by over its two steps}, from one fresh process."""
     # NOTE: a fixed environment, not the test process's (earlier tests may have changed that one).
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR", "FATRAIN_CACHE") if k in os.environ}
     env.update(MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="2", TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(seq_len), *overrides], env=env, check=True,
-                         capture_output=True, text=True, timeout=600)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["log"] = out.stderr[-2000:]
-    return result
+    cases = [(n, BASE + extra) for n, extra in CASES.values()]
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cases)], env=env, check=True,
+                         capture_output=True, text=True, timeout=900)
+    return dict(zip(CASES, json.loads(out.stdout.strip().splitlines()[-1])))
 
 
-@pytest.mark.parametrize("seq_len,extra", [
-    (3072, ["attention.backend=sdpa"]),
-    (1024, ["attention.backend=naive"]),  # S and P of every layer: memory quadratic in the length
-    (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true"]),
-    (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true", "model.loss_chunk_tokens=1000"]),
-    (3072, ["attention.backend=sdpa", "trainer.activation_checkpointing=true", "trainer.activation_offload=true"]),
-], ids=["sdpa", "naive", "checkpointing", "checkpointing-chunked-loss", "checkpointing-offload"])
-def test_prediction_within_15_percent_of_peak_rss(seq_len, extra):
-    overrides = BASE + extra
-    cfg, _ = compose_config(overrides)
+@pytest.mark.parametrize("case", list(CASES))
+def test_prediction_within_15_percent_of_peak_rss(case, measured):
+    seq_len, extra = CASES[case]
+    cfg, _ = compose_config(BASE + extra)
     predicted = predict_step_memory(cfg, seq_len, torch.device("cpu"))
-    run = measure(overrides, seq_len)
-    measured = run["grown_gib"]
     assert predicted["peak_gib"] > 0.1  # the step's tensors dominate what is measured
-    assert abs(predicted["peak_gib"] - measured) <= 0.15 * measured, (predicted, run)
+    assert abs(predicted["peak_gib"] - measured[case]) <= 0.15 * measured[case], (predicted, measured)
 
 
 def test_a_failed_trace_is_a_reason_not_an_error():
