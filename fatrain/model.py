@@ -482,10 +482,9 @@ class GPT(nn.Module):
         mask_ids = doc_ids if (self.spec.document_masking and cache is None) else None
         x = self.drop(self.wte(idx))
         for block in self.blocks:
-            if self.spec.activation_checkpointing and self.training and self.spec.activation_offload:
-                x = offloaded_checkpoint(block, x, cos, sin, mask_ids, None)
-            elif self.spec.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask_ids, None, use_reentrant=False)
+            if self.spec.activation_checkpointing and self.training:
+                x = (offloaded_checkpoint(block, x, cos, sin, mask_ids, None) if self.spec.activation_offload
+                     else checkpoint(block, x, cos, sin, mask_ids, None, use_reentrant=False))
             else:
                 x = block(x, cos, sin, mask_ids, cache)
         if cache is not None:

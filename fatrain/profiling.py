@@ -4,8 +4,8 @@
 and, on a GPU, CUDA; at the end of step N + K - 1 the main rank writes into ``<run>/profile/``:
 
   trace.json    the timeline (chrome://tracing or https://ui.perfetto.dev)
-  kernels.csv   one row per op or kernel: calls, self device time, self and total CPU time (us),
-                sorted by self device time (self CPU time on the CPU)
+  kernels.csv   one row per op or kernel: calls, self device time, self and total CPU time in
+                microseconds, heaviest first by self device time (by self CPU time on the CPU)
   kernels.txt   the same as torch.profiler's table, the top 60 rows
 
 A validation or checkpoint that falls between two profiled steps is in the profile too (as its
@@ -22,11 +22,8 @@ from typing import Optional
 
 import torch
 
-FILES = ("trace.json", "kernels.csv", "kernels.txt")
-
-
 def _time(event, *names: str) -> float:
-    """The first of ``names`` the event has (torch renamed cuda_* to device_*), in us."""
+    """The first of ``names`` the event has (torch renamed cuda_* to device_*), in microseconds."""
     for name in names:
         value = getattr(event, name, None)
         if value is not None:

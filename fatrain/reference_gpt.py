@@ -17,6 +17,9 @@ and nanoGPT's initialisation (normal 0.02, residual projections scaled by 1/sqrt
 Its modules have the names and the registration order of ``fatrain.model.GPT``'s, so one seed
 gives both the same initial weights and a checkpoint of either loads into the other
 (``fatrain-eval`` and ``fatrain-sample`` read a reference run's checkpoints with fatrain's model).
+It takes nothing from ``fatrain.model`` but the spec (and the FLOP count of the report): its
+initialisation and rotation are written again on purpose, so that the equality of the two,
+tested in float64, is a check of fatrain's model and not true by construction.
 
 Not in it (refused by ``check_reference_config``): ALiBi and the other attention variants, RoPE
 scaling, windows, document masking, the chunked loss, activation checkpointing, context
