@@ -4,16 +4,26 @@ For each backend, in one process: build the model of the config, run ``trainer.m
 full training steps (forward, backward, AdamW step) on random tokens at
 ``trainer.batch_size`` x seq_len, and
 
-  1. grow: seq_len = start, 2 start, 4 start, ... until a length runs out of memory;
-  2. bisect between the last length that fit and the first that did not, down to
+  1. aim (guided search, on one GPU with ``guide=true``): bisect on the memory model's
+     predictions (``fatrain.memory_model``, about a second per length, no training) for the
+     longest multiple of ``granularity`` in [start, limit] whose predicted peak is below
+     ``GUIDE_MARGIN`` x the GPU's free memory; that length is the first try;
+  2. grow: from the guess, gallop (guess + g, + 2g, + 4g, ... until a length runs out of
+     memory, or guess - g, - 2g, - 4g, ... until one fits; g = granularity). Without a guess
+     (the CPU, several ranks, ``guide=false``, or a length the memory model cannot trace),
+     double instead: seq_len = start, 2 start, 4 start, ... until a length runs out of memory;
+  3. bisect between the last length that fit and the first that did not, down to
      ``granularity`` tokens;
 
-recording the last length that fit. Out-of-memory is caught in-process and the memory
-freed before the next try. Random tokens, not the corpus: the longest lengths exceed what
-a small corpus can pack into even one validation block, and memory does not depend on the
-token values. ``find_max_context`` writes ``max_context.json`` (every try, the config,
-device and versions) and ``max_context.csv`` (one row per backend); ``fatrain-max-context``
-is its entry point.
+recording the last length that fit. A guess that is the answer costs two tries, where doubling
+costs about log2(answer / start) tries to bracket the answer and log2(answer / granularity) to
+bisect it, and at 200k-1M tokens a try is seconds to minutes of training (attention is O(N^2)).
+Out-of-memory is caught in-process and the memory freed before the next try. Random tokens,
+not the corpus: the longest lengths exceed what a small corpus can pack into even one
+validation block, and memory does not depend on the token values. ``find_max_context`` writes
+``max_context.json`` (every try, each backend's ``guide``: its predictions, capacity and guess;
+the config, device and versions) and ``max_context.csv`` (one row per backend);
+``fatrain-max-context`` is its entry point.
 
 Several GPUs (launched with torchrun, trainer.strategy=ddp or fsdp): the model is wrapped as the
 trainer wraps it, and with ``trainer.context_parallel=N`` every sequence is split over N ranks
@@ -22,7 +32,9 @@ together; start and granularity must then be multiples of 2N. After each try the
 its outcome (the worst status any rank saw, the highest peak), so every rank takes the same next
 length; only rank 0 writes the files.
 
-Caution / known limits: the ranks of one context group allocate the same shapes, so they run out
+Caution / known limits: the guide trusts the predictions to grow with the length and to be
+close; a guess that is far off costs about 2 log2(granules off) tries, still measured, so the
+answer does not depend on the memory model. The ranks of one context group allocate the same shapes, so they run out
 of memory at the same step. A rank that fails while its peers wait on it inside a ring exchange
 leaves them waiting until the process group's timeout (``trainer.dist_timeout_s``), which then
 ends the search with that error.
@@ -60,6 +72,14 @@ CSV_FIELDS = ("backend", "max_seq_len", "first_fail", "fail_status", "peak_alloc
 RUN_INFO_FIELDS = ("gpu", "torch", "triton", "git_sha", "date")
 #: The settings of a search that a CPU finishes in seconds (the CPU takes trainer.precision=fp32 only).
 CPU_CHECK = "backends=[naive,sdpa] trainer.precision=fp32 model=tiny start=32 granularity=32 limit=1024"
+GIB = 2**30
+#: The share of a GPU's free memory the guide aims a step's predicted peak at. The memory model
+#: predicts the bytes tensors hold at the peak (``max_memory_allocated``), but what runs out is the
+#: caching allocator's reserved memory: blocks rounded up and split, freed blocks too small to
+#: reuse (fragmentation), plus cuBLAS and Triton workspaces it does not count. A step predicted
+#: just under the free memory therefore still fails; 3% (2-4 GiB of an 80-140 GiB GPU) is kept
+#: for that. It only places the first try: the gallop and bisection after it measure the answer.
+GUIDE_MARGIN = 0.97
 
 
 def search_max_context(fits: Callable[[int], bool], start: int, granularity: int,
@@ -80,7 +100,54 @@ def search_max_context(fits: Callable[[int], bool], start: int, granularity: int
         n *= 2
     if last_fit is None or first_fail is None:
         return last_fit, first_fail
-    lo, hi = last_fit, first_fail
+    return _bisect(fits, last_fit, first_fail, granularity)
+
+
+def guided_search(fits: Callable[[int], bool], guess: int, granularity: int, limit: int,
+                  floor: Optional[int] = None) -> tuple[Optional[int], Optional[int]]:
+    """(longest length that fits, shortest tried length that did not), galloping from ``guess``.
+
+    Arguments:
+        fits: ``fits(n)`` trains at length n.
+        guess: the first length tried, rounded down to a multiple of ``granularity`` and clamped
+            to [floor, the longest multiple of granularity <= limit].
+        floor: the shortest length tried (default ``granularity``), a multiple of granularity.
+
+    If the guess fits, it tries guess + g, guess + 2g, guess + 4g, ... (g = granularity, the last
+    one capped at limit) until one fails; if not, guess - g, guess - 2g, guess - 4g, ... (the last
+    one at least floor) until one fits; then it bisects that bracket down to g. A guess that is
+    the answer costs 2 tries, one that is k granules off about 2 log2(k).
+
+    Returns:
+        The same pair as ``search_max_context``: (None, floor) when even floor does not fit;
+        (the longest multiple of granularity <= limit, None) when that fits.
+    """
+    floor = granularity if floor is None else floor
+    top = limit // granularity * granularity
+    if floor <= 0 or floor % granularity or top < floor:
+        raise ValueError(f"floor={floor} must be a positive multiple of granularity={granularity}, "
+                         f"at most limit={limit}")
+    guess = min(max(guess // granularity * granularity, floor), top)
+    step = granularity
+    if fits(guess):
+        lo = guess
+        while lo < top:
+            n = min(guess + step, top)
+            if not fits(n):
+                return _bisect(fits, lo, n, granularity)
+            lo, step = n, 2 * step
+        return top, None
+    hi = guess
+    while hi > floor:
+        n = max(guess - step, floor)
+        if fits(n):
+            return _bisect(fits, n, hi, granularity)
+        hi, step = n, 2 * step
+    return None, floor
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int, granularity: int) -> tuple[int, int]:
+    """(lo, hi) narrowed to within ``granularity``, given that lo fits and hi does not."""
     while hi - lo > granularity:
         mid = (lo + hi) // 2 // granularity * granularity
         if fits(mid):
@@ -88,6 +155,50 @@ def search_max_context(fits: Callable[[int], bool], start: int, granularity: int
         else:
             hi = mid
     return lo, hi
+
+
+def guess_from_predictions(predict_peak: Callable[[int], Optional[float]], capacity_gib: float, start: int,
+                           granularity: int, limit: int) -> tuple[Optional[int], list[dict]]:
+    """(the longest length predicted to fit, the predictions made), by bisection on predictions.
+
+    Arguments:
+        predict_peak: ``predict_peak(n)`` is a step's predicted peak memory at length n in GiB, or
+            None when there is no prediction; it must grow with n.
+        capacity_gib: what a step may take; a length fits when its predicted peak is below it.
+        start, granularity, limit: as for ``search_max_context``.
+
+    Returns:
+        The longest multiple of granularity in [start, limit] whose predicted peak is below
+        ``capacity_gib``; start when not even start is predicted to fit (the first try then settles
+        it); None as soon as a prediction is missing. The predictions are one
+        {seq_len, predicted_peak_gib} per length asked, in order.
+    """
+    made: list[dict] = []
+
+    def predicted_fit(n: int) -> Optional[bool]:
+        peak = predict_peak(n)
+        made.append({"seq_len": n, "predicted_peak_gib": peak})
+        return None if peak is None else peak < capacity_gib
+
+    top = limit // granularity * granularity
+    at_start = predicted_fit(start)
+    if at_start is None:
+        return None, made
+    if not at_start or top == start:
+        return start, made
+    at_top = predicted_fit(top)
+    if at_top is None:
+        return None, made
+    if at_top:
+        return top, made
+    lo, hi = start, top
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2 // granularity * granularity
+        fit = predicted_fit(mid)
+        if fit is None:
+            return None, made
+        lo, hi = (mid, hi) if fit else (lo, mid)
+    return lo, made
 
 
 def build_try(cfg, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None):
@@ -195,21 +306,86 @@ def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[Dist
     return attempt
 
 
+def guide_capacity(device: torch.device, dist_env: Optional[DistEnv]) -> tuple[Optional[dict], str]:
+    """({free_gib, margin, capacity_gib}, "") that the guide aims at, or (None, why there is none).
+
+    The free memory is read after freeing what earlier tries left, so it is what the next try can
+    allocate (the CUDA context and other processes already taken out)."""
+    if device.type != "cuda":
+        return None, "the CPU has no memory capacity to aim at"
+    if dist_env is not None and dist_env.distributed:
+        # Also what keeps the ranks together: each would read its own free memory and aim elsewhere.
+        return None, "the memory model covers one device"
+    free_memory(device, reset_peak=True)
+    free = torch.cuda.mem_get_info(device)[0] / GIB
+    return {"free_gib": free, "margin": GUIDE_MARGIN, "capacity_gib": free * GUIDE_MARGIN}, ""
+
+
+def unguided(why: str) -> dict:
+    """The guide record of a search that doubles from start, and why."""
+    return {"search": "doubling", "why": why, "guess": None, "capacity_gib": None, "free_gib": None,
+            "margin": GUIDE_MARGIN, "predictions": []}
+
+
+def aim_first_try(backend: str, device: torch.device, predicted: Callable[[int], tuple[Optional[dict], str]], *,
+                  start: int, granularity: int, limit: int, log: Callable[[str], None],
+                  dist_env: Optional[DistEnv] = None) -> dict:
+    """The guide of one backend's search: {search (guided | doubling), why (doubling), guess,
+    capacity_gib, free_gib, margin, predictions}, each prediction logged."""
+    capacity, why = guide_capacity(device, dist_env)
+    guide = unguided(why)
+    if capacity is None:
+        log(f"{backend:>12}: doubling from start={start} ({why})")
+        return guide
+    guide.update(capacity)
+    capacity_gib = capacity["capacity_gib"]
+
+    def predict_peak(n: int) -> Optional[float]:
+        prediction, why = predicted(n)
+        if prediction is None:
+            guide["why"] = f"no prediction at seq_len {n}: {why}"
+            log(f"{backend:>12} seq_len {n:>8}: no prediction ({why})")
+            return None
+        peak = prediction["peak_gib"]
+        verdict = "fits" if peak < capacity_gib else "does not fit"
+        log(f"{backend:>12} seq_len {n:>8}: predicted {peak:.2f} GiB, {verdict} in {capacity_gib:.2f} GiB (guide)")
+        return peak
+
+    guess, guide["predictions"] = guess_from_predictions(predict_peak, capacity_gib, start, granularity, limit)
+    if guess is None:
+        log(f"{backend:>12}: doubling from start={start} ({guide['why']})")
+        return guide
+    guide.update(search="guided", why="", guess=guess)
+    log(f"{backend:>12}: first try at seq_len {guess}, the longest predicted to fit in {capacity_gib:.2f} GiB "
+        f"({GUIDE_MARGIN} x {capacity['free_gib']:.2f} GiB free)")
+    return guide
+
+
 def search_backend(cfg, backend: str, device: torch.device, *, start: int, granularity: int, limit: int,
-                   log: Callable[[str], None] = print, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
+                   guide: bool = True, log: Callable[[str], None] = print, dist_env: Optional[DistEnv] = None,
+                   cp=None) -> dict:
+    """One backend's search: guided by the memory model (``guide`` on one GPU), else doubling."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.attention.backend = backend
     attempts = []
     if device.type == "cpu":
         note_interpreter(backend)
-    # The number of tries is not known in advance (doubling until a length fails, then bisection).
+    # The number of tries is not known in advance (galloping or doubling until a length fails, then bisection).
     main = dist_env is None or dist_env.is_main
     bar = progress_bar(f"max context {backend}", unit="try") if main else progress_bar("", total=0)
+    # seq_len -> (prediction, why): a try at a length the guide predicted reuses its prediction.
+    predictions: dict[int, tuple[Optional[dict], str]] = {}
+
+    def predicted(n: int) -> tuple[Optional[dict], str]:
+        if n not in predictions:
+            bar.set_postfix_str(f"predicting seq_len {n}")
+            predictions[n] = predict(cfg, n, device, dist_env)
+        return predictions[n]
 
     def fits(n: int) -> bool:
         bar.set_postfix_str(f"seq_len {n}")
-        prediction, why = predict(cfg, n, device, dist_env)
+        prediction, why = predicted(n)
         attempt = try_seq_len(cfg, n, device, dist_env, cp)
         attempt["predicted_peak_gib"] = prediction["peak_gib"] if prediction else None
         attempt["predicted_host_gib"] = prediction["host_gib"] if prediction else None
@@ -228,19 +404,30 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
         return attempt["status"] == "ok"
 
     with bar:
-        best, first_fail = search_max_context(fits, start, granularity, limit)
+        if guide:
+            aim = aim_first_try(backend, device, predicted, start=start, granularity=granularity, limit=limit,
+                                log=log, dist_env=dist_env)
+        else:
+            aim = unguided("guide=false")
+        if aim["guess"] is None:
+            best, first_fail = search_max_context(fits, start, granularity, limit)
+        else:
+            best, first_fail = guided_search(fits, aim["guess"], granularity, limit, floor=start)
     at_best = next((a for a in attempts if a["seq_len"] == best), {})
     at_fail = next((a for a in attempts if a["seq_len"] == first_fail), {})
     return {"backend": backend, "max_seq_len": best, "first_fail": first_fail, "fail_status": at_fail.get("status"),
             "peak_allocated_gib": at_best.get("peak_allocated_gib"), "step_time_s": at_best.get("step_time_s"),
             "tokens_per_sec": at_best.get("tokens_per_sec"),
             "predicted_peak_gib": at_best.get("predicted_peak_gib"),
-            "tries": len(attempts), "attempts": attempts}
+            "tries": len(attempts), "guide": aim, "attempts": attempts}
 
 
 def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, granularity: int, limit: int,
-                     log: Callable[[str], None] = print) -> dict:
-    """Search every backend; write max_context.json and max_context.csv into out_dir; return the JSON."""
+                     guide: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Search every backend; write max_context.json and max_context.csv into out_dir; return the JSON.
+
+    ``guide``: on one GPU, aim the first try at the longest length the memory model predicts fits
+    (then gallop and bisect); without it, or where there is no prediction, double from start."""
     if granularity <= 0:
         raise ValueError(f"granularity={granularity} must be > 0")
     if start % granularity or start <= 0:
@@ -260,15 +447,16 @@ def find_max_context(cfg, backends: list[str], out_dir: str, *, start: int, gran
         validate_train_config(cfg)
         attention_options(cfg.attention)
     if t.strategy == "single":
-        return _find(cfg, backends, out_dir, device, None, start=start, granularity=granularity, limit=limit, log=log)
+        return _find(cfg, backends, out_dir, device, None, start=start, granularity=granularity, limit=limit,
+                     guide=guide, log=log)
     dist_env = distributed.init_distributed(t)
     with distributed.process_group(dist_env):
         return _find(cfg, backends, out_dir, dist_env.device, dist_env, start=start, granularity=granularity,
-                     limit=limit, log=log if dist_env.is_main else (lambda _: None))
+                     limit=limit, guide=guide, log=log if dist_env.is_main else (lambda _: None))
 
 
 def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env: Optional[DistEnv], *, start: int,
-          granularity: int, limit: int, log: Callable[[str], None]) -> dict:
+          granularity: int, limit: int, guide: bool, log: Callable[[str], None]) -> dict:
     main = dist_env is None or dist_env.is_main
     if device.type == "cpu" and cfg.trainer.precision != "fp32":
         # Refused before any backend's own precision check, so the line says what to run instead. On
@@ -293,14 +481,14 @@ def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env
         + (f", loss_chunk_tokens={cfg.model.loss_chunk_tokens}" if cfg.model.loss_chunk_tokens else "")
         + f", device {info['gpu']}{layout}")
     config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "trainer", "optim")}
-    out = {"results": [], "search": {"start": start, "granularity": granularity, "limit": limit},
+    out = {"results": [], "search": {"start": start, "granularity": granularity, "limit": limit, "guide": guide},
            "world_size": ranks, "context_parallel": t.context_parallel, "cp_strategy": t.cp_strategy,
            "config": config, **info}
     for backend in backends:
         with open_dict(cfg):
             cfg.attention.backend = backend
         out["results"].append(search_backend(cfg, backend, device, start=start, granularity=granularity,
-                                             limit=limit, log=log, dist_env=dist_env, cp=cp))
+                                             limit=limit, guide=guide, log=log, dist_env=dist_env, cp=cp))
         log(f"{backend:>12}: max seq_len {out['results'][-1]['max_seq_len']}")
         if main:
             write_results(out, out_dir)  # after every backend, so a run cut short keeps what it found

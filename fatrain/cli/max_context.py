@@ -7,10 +7,12 @@
         backends=[flash_v2] start=8192 granularity=8192      # one sequence over 4 GPUs (ring)
 
 Composes ``experiment=max_context`` plus any Hydra overrides and runs
-``fatrain.max_context.find_max_context`` (doubling, then bisection, per backend). The
+``fatrain.max_context.find_max_context`` per backend: on one GPU, guided by the memory model's
+predictions (first try at the longest length predicted to fit, then galloping and bisection);
+elsewhere, or with ``guide=false``, doubling from start, then bisection. The
 backends searched by default are the ``attention`` values of that experiment's sweep.
 Writes ``max_context.json`` and ``max_context.csv`` into ``out``. The search's own settings
-(backends, start, granularity, limit, out) are ``key=value`` like the overrides; the old
+(backends, start, granularity, limit, guide, plan, out) are ``key=value`` like the overrides; the old
 ``--backends a,b`` spellings still work, with a line saying how to write them now.
 """
 
@@ -26,15 +28,20 @@ from omegaconf import open_dict
 
 from fatrain.cli_help import Setting, parse_settings, settings_help
 from fatrain.config import register_configs
-from fatrain.max_context import CPU_CHECK, find_max_context, plan_max_context
+from fatrain.max_context import CPU_CHECK, GUIDE_MARGIN, find_max_context, plan_max_context
 from fatrain.runtime import USER_ERROR_EXIT, USER_ERRORS, report_user_error
 
 SETTINGS = [
     Setting("backends", list, None, "backends to search, [a,b] (default: the backends of experiment=max_context's "
             "sweep)", flag="--backends"),
-    Setting("start", int, 1024, "first seq_len tried", flag="--start"),
+    Setting("start", int, 1024, "shortest seq_len tried (the first when doubling)", flag="--start"),
     Setting("granularity", int, 1024, "bisection stops at this many tokens", flag="--granularity"),
     Setting("limit", int, 1 << 22, "longest seq_len tried", flag="--limit"),
+    Setting("guide", bool, True, "true: on one GPU, first try the longest length the memory model predicts fits in "
+            f"{GUIDE_MARGIN} x the free memory, then gallop and bisect from it (an exact guess costs 2 tries); "
+            "false: double "
+            "from start. No effect on the CPU (no memory capacity to aim at) or over several ranks (the memory model "
+            "covers one device): both double from start"),
     Setting("plan", bool, False, "true: print the memory model's predicted peak at start, 2 start, ... up to limit "
             "on this device, and train nothing"),
     Setting("out", str, None, "output folder (default max_context/<date>); a sweep folder puts the result where "
@@ -43,7 +50,9 @@ SETTINGS = [
 HELP = settings_help(
     "fatrain-max-context",
     "fatrain-max-context: the longest seq_len each attention backend can train (forward, backward, AdamW step)\n"
-    "at trainer.batch_size, by doubling from start until a length runs out of memory, then bisection.",
+    "at trainer.batch_size. On one GPU the first try is the longest length the memory model predicts fits\n"
+    "(guide=true), then it gallops from there until a length runs out of memory, and bisects; on the CPU it\n"
+    "doubles from start instead.",
     ["fatrain-max-context",
      "fatrain-max-context backends=[naive,flash_v2] trainer.activation_checkpointing=true",
      "fatrain-max-context out=multirun/ablate_backends/<date>",
@@ -85,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             plan_max_context(cfg, backends, start=args["start"], limit=args["limit"])
             return 0
         out = find_max_context(cfg, backends, out_dir, start=args["start"], granularity=args["granularity"],
-                               limit=args["limit"])
+                               limit=args["limit"], guide=args["guide"])
     except (*USER_ERRORS, HydraException) as e:
         report_user_error(e)
         return USER_ERROR_EXIT
