@@ -35,7 +35,11 @@ kernels' sm_90 PTX is the same instruction stream with them as without). Each pa
 the base-2 scores from the raw tile (``_score_mod``), before the mask:
     S = softcap * tanh(qk * scale / softcap) * log2(e) - slope_bh * log2(e) * |i + Nk - Nq - j|
 (without the soft-cap S = qk * scale * log2(e) - ...; the slope is loaded once per program,
-the distance recomputed per tile, so no bias is stored). The forward folds the sink into its
+the distance recomputed per tile, so no bias is stored). A causal call sees no key right of its
+query, so there the bias is one-sided and each row's scores are moved by a per-row constant
+that the softmax ignores: S + slope * log2(e) * (i - r0) (r0 the query block's first row) is a
+term per column plus the tile, one add per score; the LSE is moved back in the forward's
+epilogue and moved again where a backward pass loads it. The forward folds the sink into its
 epilogue: m = max(m_i, sink), l = l_i 2^(m_i - m) + 2^(sink - m), O = acc 2^(m_i - m) / l,
 LSE = (m + log2 l) ln 2, so a row that sees no key gets O = 0 and LSE = sink. The backward
 recomputes P from that LSE (the sink is in it), dS = P o (dP - Delta) o (1 - tanh^2) with the
@@ -139,25 +143,56 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 @triton.jit
 def _score_mod(qk, rows, cols, seq_shift, qk_scale, softcap_in, softcap_out, slope2,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
-    """The variants' base-2 scores of a raw Q K^T tile, and tanh of the soft-cap (for dS):
+    """(x, t, x_scale) of a raw Q K^T tile: the variants' base-2 scores are S = x * x_scale, t is
+    tanh of the soft-cap (for dS). The soft-cap alone returns x = t and x_scale = softcap * log2(e),
+    so the caller's exponent multiplies it in with its subtraction (one FMA, as the plain path
+    folds the softmax scale); with ALiBi x is S itself and x_scale 1:
         S = softcap * tanh(qk * scale / softcap) * log2(e)    (softcap_in = scale / softcap,
                                                                softcap_out = softcap * log2(e))
         S = S - slope * log2(e) * |i + Nk - Nq - j|            (slope2 = slope * log2(e))
     rows and cols broadcast to qk's orientation; ALiBi's |.| makes the transposed tile alike.
 
-    The distance is taken between the positions converted to float32 as the (BLOCK, 1) and
-    (1, BLOCK) vectors they are, so the tile pays one float subtraction per score and no
-    int-to-float conversion (a quarter-rate instruction on Hopper); positions below 2^24 are exact
-    in float32, and so is their difference."""
+    HAS_ALIBI == 1 (any window): the distance is taken between the positions converted to float32
+    as the (BLOCK, 1) and (1, BLOCK) vectors they are, so the tile pays one float subtraction per
+    score and no int-to-float conversion (a quarter-rate instruction on Hopper); positions below
+    2^24 are exact in float32, and so is their difference.
+
+    HAS_ALIBI == 2 (causal: every visible key has j <= i + Nk - Nq): ``rows`` is the scalar first
+    row r0 of the query block, and the tile is S + slope2 * (i - r0), the scores of row i moved by
+    a per-row constant, which leaves the softmax as it is:
+        S + slope2 * (i - r0) = qk * scale + slope2 * (j - r0 - (Nk - Nq)),
+    a term per column (a vector computed once per tile) and one add per score. The caller applies
+    the row term to the statistics instead: the forward subtracts it from its LSE (and adds it to
+    the sink), the backward adds it to the LSE it loads (``_alibi_rows``). Near the block the two
+    terms are small, so no float32 precision is lost where P is not negligible."""
     if HAS_SOFTCAP:
         t = _tanh(qk * softcap_in, FAST_TANH)
-        s = t * softcap_out
+        if HAS_ALIBI:
+            s = t * softcap_out
+        else:
+            s = t
     else:
         t = qk  # NOTE: unused without the soft-cap
         s = qk * qk_scale
-    if HAS_ALIBI:
+    if HAS_ALIBI == 2:
+        s = s + slope2 * (cols - (rows + seq_shift)).to(tl.float32)
+    elif HAS_ALIBI:
         s = s - slope2 * tl.abs((rows + seq_shift).to(tl.float32) - cols.to(tl.float32))
-    return s, t
+    if HAS_SOFTCAP and not HAS_ALIBI:
+        x_scale = softcap_out
+    else:
+        x_scale = 1.0
+    return s, t, x_scale
+
+
+@triton.jit
+def _alibi_rows(slope2, BLOCK_M: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """The per-row term of HAS_ALIBI == 2's scores (``_score_mod``), slope2 * (i - r0) for the
+    BLOCK_M rows of a query block; zeros otherwise."""
+    if HAS_ALIBI == 2:
+        return slope2 * tl.arange(0, BLOCK_M).to(tl.float32)
+    else:
+        return tl.zeros([BLOCK_M], dtype=tl.float32)
 
 
 @triton.jit
@@ -254,7 +289,7 @@ def _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in, s
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, doc_k, mixed_docs,
-               offs_m, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
+               offs_m, q_lo, offs_d, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, off_bh, Nq,
                softcap_in, softcap_out, slope2,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -285,9 +320,12 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP or HAS_ALIBI:
         # -- S_ij = softcap tanh(S_ij / softcap) - slope |i + Nk - Nq - j|, already in base 2 --
-        qk, _ = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
-                           HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
-        s_scale = 1.0
+        if HAS_ALIBI == 2:
+            qk, _, s_scale = _score_mod(qk, q_lo, cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out,
+                                        slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        else:
+            qk, _, s_scale = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in,
+                                        softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     else:
         s_scale = qk_scale  # the plain path folds the scale into the exponent
     qk = _mask_tile(qk, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
@@ -324,7 +362,7 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-               offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
+               offs_m, q_lo, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                seed, dropout_p, off_bh, Nq, softcap_in, softcap_out, slope2,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -341,14 +379,14 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride
             if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
                 acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q,
-                                           doc_k[None, :], mixed_docs, offs_m, offs_d, Nk, seq_shift, win_left,
+                                           doc_k[None, :], mixed_docs, offs_m, q_lo, offs_d, Nk, seq_shift, win_left,
                                            win_right, qk_scale, seed, dropout_p, off_bh, Nq, softcap_in,
                                            softcap_out, slope2, D, HEAD_DIM, MASKED, MASK_LEFT, MASK_RIGHT,
                                            HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI,
                                            FAST_TANH)
         else:
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols, doc_q, 0,
-                                       False, offs_m, offs_d, Nk, seq_shift, win_left, win_right,
+                                       False, offs_m, q_lo, offs_d, Nk, seq_shift, win_left, win_right,
                                        qk_scale, seed, dropout_p, off_bh, Nq, softcap_in, softcap_out, slope2,
                                        D, HEAD_DIM, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
                                        HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
@@ -443,27 +481,30 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
     if MASK_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                    stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                                   offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
+                                   offs_m, start_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift, win_left, win_right,
                                    qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
                                    HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION,
                                    HAS_DROPOUT, USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                               offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
+                               offs_m, start_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
                                HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                                USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                                stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                               offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
+                               offs_m, start_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, pid_bh, Nq, softcap_in, softcap_out, slope2, D,
                                HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                                USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
 
+    # HAS_ALIBI == 2 ran the rows' scores moved by slope2 * (i - start_m) (_score_mod): the LSE is
+    # moved back, and the sink, a score of its own, moved alike
+    row_shift = _alibi_rows(slope2, BLOCK_M, HAS_ALIBI)
     if HAS_SINKS:
         # -- the sink joins the denominator: m = max(m_i, sink), l = l_i 2^(m_i - m) + 2^(sink - m);
         # a row that saw no key (m_i = -inf) gives O = 0 and LSE = sink --
-        sink2 = tl.load(SINKS + off_h) * 1.4426950408889634  # NOTE: log2(e)
+        sink2 = tl.load(SINKS + off_h) * 1.4426950408889634 + row_shift  # NOTE: log2(e)
         m_f = tl.maximum(m_i, sink2)
         alpha = tl.math.exp2(m_i - m_f)
         l_f = l_i * alpha + tl.math.exp2(sink2 - m_f)
@@ -471,7 +512,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
             acc = acc * (alpha * dropout_scale / l_f)[:, None]
         else:
             acc = acc * (alpha / l_f)[:, None]
-        lse = (m_f + tl.math.log2(l_f)) * 0.6931471805599453  # NOTE: ln(2)
+        lse = (m_f + tl.math.log2(l_f) - row_shift) * 0.6931471805599453  # NOTE: ln(2)
     else:
         # -- O_i = acc / l_i, once; rows that saw no key give 0 and MASKED_LSE --
         empty = l_i == 0.0
@@ -480,7 +521,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, DOC, DOC_RANGE, CU_Q, CU_K,
             acc = acc * (dropout_scale / l_safe)[:, None]  # O_i = acc / l_i / (1 - p)
         else:
             acc = acc / l_safe[:, None]
-        lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # NOTE: ln(2)
+        lse = tl.where(empty, MASKED_LSE, (m_i + tl.math.log2(l_safe) - row_shift) * 0.6931471805599453)  # NOTE: ln(2)
     tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + q_start + offs_m, lse, mask=row_ok)
     O_blk = Out + off_b * stride_ob + q_start * stride_om + off_h * stride_oh
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
@@ -514,7 +555,8 @@ def _bwd_preprocess(Out, DO, Delta, LSE, LSE2,
 def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row, rows, offs_n, offs_d,
                 doc_q, doc_k, mixed_docs,
                 Nq, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh,
-                DQ_blk, stride_dqm, dq_scale, softcap_in, softcap_out, slope2, D: tl.constexpr, MASKED: tl.constexpr,
+                DQ_blk, stride_dqm, dq_scale, softcap_in, softcap_out, slope2, alibi_rows, D: tl.constexpr,
+                MASKED: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
@@ -552,9 +594,14 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # -- P^T = exp2(S^T - LSE), recomputed --
     if HAS_SOFTCAP or HAS_ALIBI:
-        sT, tT = _score_mod(qkT, rows[None, :], offs_n[:, None], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
-                            HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
-        pT = tl.math.exp2(sT - lse2[None, :])
+        if HAS_ALIBI == 2:  # the rows' scores moved by slope2 * (i - start_m), and so their LSE
+            sT, tT, s_scale = _score_mod(qkT, start_m, offs_n[:, None], seq_shift, qk_scale, softcap_in, softcap_out,
+                                         slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+            lse2 = lse2 + alibi_rows
+        else:
+            sT, tT, s_scale = _score_mod(qkT, rows[None, :], offs_n[:, None], seq_shift, qk_scale, softcap_in,
+                                         softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        pT = tl.math.exp2(sT * s_scale - lse2[None, :])
     else:
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     pT = _mask_tile(pT, rows[None, :], offs_n[:, None], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
@@ -600,7 +647,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                     k_doc_lo, k_doc_hi, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, Nq, Nk, seq_shift, win_left, win_right, qk_scale,
                     seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, softcap_in, softcap_out, slope2,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    alibi_rows, D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                     USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
@@ -619,15 +666,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta
                 dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                      rows, offs_n, offs_d, doc_q[None, :], doc_k, mixed_docs, Nq, Nk, seq_shift,
                                      win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk,
-                                     stride_dqm, dq_scale, softcap_in, softcap_out, slope2, D, MASKED, MASK_LEFT,
+                                     stride_dqm, dq_scale, softcap_in, softcap_out, slope2, alibi_rows, D, MASKED,
+                                     MASK_LEFT,
                                      MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA,
                                      DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         else:
             dk, dv = _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_row, Delta_row,
                                  rows, offs_n, offs_d, 0, doc_k, False, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale,
-                                 softcap_in, softcap_out, slope2, D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS,
-                                 DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, DQ_TMA, HAS_SOFTCAP,
+                                 softcap_in, softcap_out, slope2, alibi_rows, D, MASKED, MASK_LEFT, MASK_RIGHT,
+                                 HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, STATS_TMA, DQ_TMA, HAS_SOFTCAP,
                                  HAS_ALIBI, FAST_TANH)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
@@ -727,20 +775,21 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
         LSE_row, Delta_row = _stat_sources(LSE + stat_row, Delta + stat_row, Nq, BLOCK_M, STATS_DESC)
         cap_in, cap_out, slope2 = _variant_scalars(SLOPES, off_b, off_h, stride_slb, stride_slh, softcap_in,
                                                    softcap_out, HAS_ALIBI, HAS_SOFTCAP)
+        alibi_rows = _alibi_rows(slope2, BLOCK_M, HAS_ALIBI)
         if MASK_RIGHT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                      DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, lo, full_lo, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
-                                     slope2, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                     slope2, alibi_rows, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                                      ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
                                  DOC_row, stride_docn, doc_k, k_doc_lo, k_doc_hi,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  offs_n, offs_d, full_lo, full_hi, Nq, Nk, seq_shift, win_left, win_right,
                                  qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
-                                 slope2, D, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                 slope2, alibi_rows, D, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                                  ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         if MASK_LEFT:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_blk, DO_blk, Q_desc, DO_desc, LSE_row, Delta_row,
@@ -748,7 +797,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      offs_n, offs_d, full_hi, hi, Nq, Nk, seq_shift, win_left, win_right,
                                      qk_scale, seed, dropout_p, dropout_scale, bh, DQ_blk, stride_dqm, dq_scale, cap_in, cap_out,
-                                     slope2, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
+                                     slope2, alibi_rows, D, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                                      ATOMIC_DQ, USE_TMA, STATS_DESC, DQ_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     if HAS_DROPOUT:
         dk *= sm_scale * dropout_scale
@@ -762,7 +811,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DOC, DOC_RANGE, CU_Q, CU_K,
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d, doc_q, doc_k,
+def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, q_lo, offs_d, doc_q,
+              doc_k,
               mixed_docs, Nk, seq_shift, win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq,
               softcap_in, softcap_out, slope2, D: tl.constexpr, MASKED: tl.constexpr,
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -785,9 +835,13 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
     # -- P = exp2(S - LSE), recomputed --
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP or HAS_ALIBI:
-        s, t = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
-                          HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
-        p = tl.math.exp2(s - lse2[:, None])
+        if HAS_ALIBI == 2:  # lse2 arrives moved as the rows' scores are (_bwd_dq)
+            s, t, s_scale = _score_mod(qk, q_lo, cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+                                       HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        else:
+            s, t, s_scale = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in,
+                                       softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        p = tl.math.exp2(s * s_scale - lse2[:, None])
     else:
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     p = _mask_tile(p, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
@@ -806,7 +860,7 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                   DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                  offs_m, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
+                  offs_m, q_lo, offs_n, offs_d, lo, hi, Nk, seq_shift, win_left, win_right, qk_scale,
                   seed, dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -823,13 +877,13 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_k
             if (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi):
                 mixed_docs = (k_doc_lo != k_doc_hi) | (q_doc_lo != q_doc_hi)
                 dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m,
-                               offs_d, doc_q, doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right,
+                               q_lo, offs_d, doc_q, doc_k[None, :], mixed_docs, Nk, seq_shift, win_left, win_right,
                                qk_scale, seed, dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2,
                                D, MASKED, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA,
                                HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         else:
-            dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, offs_d,
-                           doc_q, 0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
+            dq = _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n, cols, offs_m, q_lo,
+                           offs_d, doc_q, 0, False, Nk, seq_shift, win_left, win_right, qk_scale, seed,
                            dropout_p, dropout_scale, off_bh, Nq, softcap_in, softcap_out, slope2, D, MASKED,
                            MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT, USE_TMA, HAS_SOFTCAP,
                            HAS_ALIBI, FAST_TANH)
@@ -888,6 +942,7 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
     stat_rows = off_b * stride_lseb + off_h * stride_lseh + q_start + offs_m  # (B, H, Nq) or varlen (H, total_q)
     lse2 = tl.load(LSE + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # NOTE: log2(e)
     tl.store(LSE2 + stat_rows, lse2, mask=row_ok)  # for the dK/dV pass, which runs after this one
+    lse2 = lse2 + _alibi_rows(slope2, BLOCK_M, HAS_ALIBI)  # HAS_ALIBI == 2's moved rows (_score_mod)
     # -- Delta_i = rowsum(dO_i * O_i), stored for the dK/dV pass, which runs after this one --
     o = tl.load(Out + off_b * stride_ob + q_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0)
@@ -932,19 +987,19 @@ def _bwd_dq(Q, K, V, DO, Out, LSE, LSE2, Delta, DQ, DOC, DOC_RANGE, CU_Q, CU_K,
     if MASK_LEFT:
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn,
                            stride_vd, DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                           offs_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
+                           offs_m, start_m, offs_n, offs_d, lo, full_lo, Nk, seq_shift,
                            win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
                            slope2, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                            USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                       offs_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
+                       offs_m, start_m, offs_n, offs_d, full_lo, full_hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
                        slope2, D, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                        USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_blk, V_blk, K_desc, V_desc, stride_kn, stride_kd, stride_vn, stride_vd,
                        DOC_row, stride_docn, doc_q, q_doc_lo, q_doc_hi,
-                       offs_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
+                       offs_m, start_m, offs_n, offs_d, full_hi, hi, Nk, seq_shift,
                        win_left, win_right, qk_scale, seed, dropout_p, dropout_scale, bh, Nq, softcap_in, softcap_out,
                        slope2, D, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_DOCS, DOT_PRECISION, HAS_DROPOUT,
                        USE_TMA, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
@@ -1096,9 +1151,12 @@ def _mask_args(q, doc_ids, window_left, window_right, dropout_p, seed):
     return doc, doc_strides, scalars, flags
 
 
-def _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, sinks_arg: bool = True):
+def _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, causal: bool = False,
+                  sinks_arg: bool = True):
     """Kernel arguments of the variants: (SLOPES[, SINKS], the slopes' two strides, softcap_in,
-    softcap_out) and their constexprs (a variant that is off compiles out; its pointers are q)."""
+    softcap_out) and their constexprs (a variant that is off compiles out; its pointers are q).
+    HAS_ALIBI is 0 (off), 2 for a causal call (window_right == 0: no visible key lies right of
+    its query, so ALiBi's |.| is one-sided and becomes a column term, see _score_mod), else 1."""
     slopes = (q, 0, 0) if alibi_slopes is None else (alibi_slopes, *alibi_slopes.stride())
     sinks = (q if sink_logits is None else sink_logits,) if sinks_arg else ()
     cap_in, cap_out = (softmax_scale / softcap, softcap * LOG2E) if softcap > 0.0 else (0.0, 0.0)
@@ -1106,7 +1164,8 @@ def _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, sinks_ar
     # soft-cap; float32 keeps the exact formula, and so does the interpreter.
     fast_tanh = (not _INTERPRET and q.device.type == "cuda" and torch.version.hip is None
                  and q.dtype in (torch.float16, torch.bfloat16))
-    flags = dict(HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0.0, FAST_TANH=fast_tanh)
+    alibi = 0 if alibi_slopes is None else (2 if causal else 1)
+    flags = dict(HAS_ALIBI=alibi, HAS_SOFTCAP=softcap > 0.0, FAST_TANH=fast_tanh)
     if sinks_arg:
         flags["HAS_SINKS"] = sink_logits is not None
     return (slopes[0], *sinks, slopes[1], slopes[2], cap_in, cap_out), flags
@@ -1139,7 +1198,7 @@ def _flash_v2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Op
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     # NOTE: the kernels read cu_seqlens only when VARLEN; q stands in for them.
-    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, window_right == 0)
     args = (q, k, v, out, lse, *doc, q, q, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *doc_strides,
             lse.stride(0), lse.stride(1), H, H // Hkv, Nq, Nk, softmax_scale * LOG2E, *scalars, *variant)
     meta = dict(D=D, HEAD_DIM=triton.next_power_of_2(D), **flags, DOT_PRECISION=_dot_precision(q.dtype),
@@ -1164,7 +1223,8 @@ def _flash_v2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq = torch.empty((B, Nq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
-    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, window_right == 0,
+                                                  sinks_arg=False)
     meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=False,
                 **variant_flags)
     blocks = (block_m, block_n)
@@ -1251,7 +1311,7 @@ def _flash_v2_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * H)
 
-    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, sink_logits, softmax_scale, window_right == 0)
     args = (q, k, v, out, lse, *doc, cu_seqlens_q, cu_seqlens_k, *_varlen_strides(q), *_varlen_strides(k),
             *_varlen_strides(v), *_varlen_strides(out), *doc_strides, 0, lse.stride(0),
             H, H // Hkv, max_seqlen_q, max_seqlen_k, softmax_scale * LOG2E, *scalars, *variant)
@@ -1285,7 +1345,8 @@ def _flash_v2_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     doc, doc_strides, scalars, flags = _mask_args(q, None, window_left, window_right, 0.0, 0)
     delta = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, sinks_arg=False)
+    variant, variant_flags = _variant_args(q, alibi_slopes, softcap, None, softmax_scale, window_right == 0,
+                                                  sinks_arg=False)
     meta = dict(D=D, HEAD_DIM=HEAD_DIM, **flags, DOT_PRECISION=_dot_precision(q.dtype), VARLEN=True,
                 **variant_flags)
     blocks = (block_m, block_n)

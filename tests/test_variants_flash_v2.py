@@ -41,6 +41,14 @@ DENSE = [
      dict(causal=True, window_size=(9, 0)), dict(deterministic=False)),
     ("fixed-tiles-fp16", (1, 37, 21, 2, 2, 16), torch.float16, ("softcap", "sinks"),
      dict(causal=False), dict(block_m=16, block_n=16)),
+    # causal ALiBi's one-sided path (scores moved per row, statistics moved back) over many
+    # query and key blocks, Nq != Nk, and the two-sided |.| path of a window right of the diagonal
+    ("alibi-causal-many-blocks", (2, 70, 90, 2, 1, 16), torch.float32, ("alibi-batch", "sinks"),
+     dict(causal=True), dict(block_m=16, block_n=16)),
+    ("alibi-softcap-causal-many-blocks", (1, 53, 53, 2, 2, 16), torch.float32, ("alibi", "softcap"),
+     dict(causal=True), dict(block_m=16, block_n=16)),
+    ("alibi-window-both-sides", (1, 40, 40, 2, 2, 16), torch.float32, ("alibi", "softcap", "sinks"),
+     dict(causal=False, window_size=(8, 5)), dict(block_m=16, block_n=16)),
 ]
 
 
