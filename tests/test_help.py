@@ -4,6 +4,7 @@ The Hydra scripts are called in this process (``main()`` with a patched ``sys.ar
 what the console script does, without a second interpreter start per case.
 """
 
+import json
 import os
 import sys
 
@@ -129,13 +130,18 @@ def test_report_bad_settings_one_line(args, message, capsys):
 
 def test_max_context_key_value_search_settings(tmp_path, capsys):
     out = tmp_path / "mc"
-    code = max_context_cli.main(["backends=[naive]", "start=32", "granularity=32", "limit=64", f"out={out}",
-                                 "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    code = max_context_cli.main(["backends=[naive]", "start=32", "granularity=32", "limit=64", "guide=false",
+                                 f"out={out}", "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                  "trainer.precision=fp32", "trainer.device=cpu", "trainer.max_steps=1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "deprecated" not in captured.err
     assert captured.out.splitlines()[-2:] == ["naive: 64", str(out / "max_context.json")]
+    with open(out / "max_context.json") as f:
+        data = json.load(f)
+    assert data["search"]["guide"] is False
+    guide = data["results"][0]["guide"]
+    assert (guide["search"], guide["why"], guide["predictions"]) == ("doubling", "guide=false", [])
 
 
 def test_max_context_on_the_cpu_refuses_half_precision_with_one_line(tmp_path, capsys):

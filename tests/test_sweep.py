@@ -216,6 +216,110 @@ def test_max_context_search_finds_the_last_length_that_fits(threshold):
     assert all(n % 1024 == 0 for n in tried) and len(tried) <= 2 * 11
 
 
+def _counting_fits(threshold):
+    tried = []
+
+    def fits(n):
+        assert n not in tried, f"seq_len {n} tried twice"
+        tried.append(n)
+        return n <= threshold
+
+    return fits, tried
+
+
+@pytest.mark.parametrize("threshold, guess, found, tries", [
+    (50 * 1024 + 500, 50 * 1024, (50 * 1024, 51 * 1024), 2),  # the answer: it fits, one granule more does not
+    (50 * 1024 + 500, 51 * 1024, (50 * 1024, 51 * 1024), 2),  # one granule high
+    (50 * 1024, 150 * 1024, (50 * 1024, 51 * 1024), 15),  # 100 granules high: 8 down, then bisect 64 granules
+    (150 * 1024, 50 * 1024, (150 * 1024, 151 * 1024), 15),  # 100 granules low: 8 up, then bisect 64 granules
+    (1000, 8 * 1024, (None, 1024), 5),  # nothing fits: 8k, 7k, 6k, 4k, then the floor
+    (1 << 30, 512 * 1024, (1 << 20, None), 11),  # the limit fits: +1k, +2k, ... +512k (capped at the limit)
+    (1 << 30, 1 << 24, (1 << 20, None), 1),  # above the limit: clamped to it, which fits
+    (3000, 0, (2048, 3072), 3),  # below the floor: clamped to it, then +1k, +2k
+    (5 * 1024, 5 * 1024 + 1000, (5 * 1024, 6 * 1024), 2),  # not a multiple of granularity: rounded down
+])
+def test_max_context_guided_search_gallops_from_the_guess(threshold, guess, found, tries):
+    fits, tried = _counting_fits(threshold)
+    assert max_context.guided_search(fits, guess, granularity=1024, limit=1 << 20) == found
+    assert len(tried) == tries, tried
+    assert all(n % 1024 == 0 and 1024 <= n <= 1 << 20 for n in tried)
+
+
+def test_max_context_guided_search_agrees_with_doubling_for_every_guess():
+    # Every threshold and guess on a small grid: the same answer as doubling, at most about
+    # 2 log2(granules off) + 1 tries, nothing below floor or above the limit, no length twice.
+    for threshold in range(0, 80):
+        expected = max_context.search_max_context(lambda n: n <= threshold, start=4, granularity=1, limit=64)
+        for guess in range(-2, 80):
+            fits, tried = _counting_fits(threshold)
+            best, first_fail = max_context.guided_search(fits, guess, granularity=1, limit=64, floor=4)
+            assert best == expected[0] and (first_fail is None) == (expected[1] is None), (threshold, guess)
+            if first_fail is not None:
+                assert first_fail == (4 if best is None else best + 1)
+            off = abs(min(max(guess, 4), 64) - min(max(threshold, 3), 64))
+            assert len(tried) <= 2 * max(1, off.bit_length()) + 1, (threshold, guess, tried)
+            assert all(4 <= n <= 64 for n in tried)
+
+
+def test_max_context_guided_search_refuses_a_floor_off_the_grid():
+    with pytest.raises(ValueError, match=r"floor=1000 must be a positive multiple of granularity=1024"):
+        max_context.guided_search(lambda n: True, 4096, granularity=1024, limit=8192, floor=1000)
+
+
+def _linear_peak(gib_per_1k, asked):
+    def peak(n):
+        asked.append(n)
+        return 1.0 + gib_per_1k * n / 1024
+    return peak
+
+
+def test_max_context_guess_is_the_longest_length_predicted_below_capacity():
+    asked = []
+    # 1 GiB + 1 GiB per 1k tokens under 10 GiB: 8k fits (9 GiB), 9k does not (10 GiB).
+    guess, made = max_context.guess_from_predictions(_linear_peak(1.0, asked), 10.0, start=1024, granularity=1024,
+                                                     limit=1 << 20)
+    assert guess == 8 * 1024
+    assert made == [{"seq_len": n, "predicted_peak_gib": 1.0 + n / 1024} for n in asked]
+    assert asked[:2] == [1024, 1 << 20] and len(asked) <= 2 + 10  # start, limit, then log2(1023 granules)
+    assert all(n % 1024 == 0 and 1024 <= n <= 1 << 20 for n in asked)
+    # A quadratic prediction (attention's scores): still the longest below capacity.
+    guess, _ = max_context.guess_from_predictions(lambda n: (n / 1024) ** 2, 50.0, start=1024, granularity=1024,
+                                                  limit=1 << 20)
+    assert guess == 7 * 1024
+
+
+@pytest.mark.parametrize("capacity, limit, guess, predictions", [
+    (1.5, 1 << 20, 1024, 1),  # not even start is predicted to fit: start (its try settles it)
+    (1e9, 1 << 20, 1 << 20, 2),  # the limit is predicted to fit
+    (1e9, (1 << 20) + 500, 1 << 20, 2),  # the longest multiple of granularity under the limit
+    (10.0, 1024, 1024, 1),  # limit == start: one prediction
+])
+def test_max_context_guess_at_the_ends(capacity, limit, guess, predictions):
+    asked = []
+    assert max_context.guess_from_predictions(_linear_peak(1.0, asked), capacity, start=1024, granularity=1024,
+                                              limit=limit)[0] == guess
+    assert len(asked) == predictions
+
+
+def test_max_context_guess_without_a_prediction_is_none():
+    made_at = []
+
+    def peak(n):
+        made_at.append(n)
+        return None if n > 4096 else 1.0
+
+    guess, made = max_context.guess_from_predictions(peak, 10.0, start=1024, granularity=1024, limit=1 << 20)
+    assert guess is None and made_at == [1024, 1 << 20]
+    assert made[-1] == {"seq_len": 1 << 20, "predicted_peak_gib": None}
+    assert max_context.guess_from_predictions(lambda n: None, 10.0, start=1024, granularity=1024,
+                                              limit=1 << 20) == (None, [{"seq_len": 1024, "predicted_peak_gib": None}])
+
+
+def test_max_context_guide_has_no_capacity_on_the_cpu():
+    capacity, why = max_context.guide_capacity(torch.device("cpu"), None)
+    assert capacity is None and "CPU" in why
+
+
 def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
     limits = {"naive": 200, "sdpa": 400}
     forward = GPT.forward
@@ -238,12 +342,59 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
     assert {r["fail_status"] for r in data["results"]} == {"oom"}
     statuses = {a["status"] for r in data["results"] for a in r["attempts"]}
     assert statuses == {"ok", "oom"}
+    # guide=true (the default) has no capacity to aim at on the CPU: it doubles from start.
+    assert all(r["guide"]["search"] == "doubling" and "CPU" in r["guide"]["why"] for r in data["results"])
+    assert [a["seq_len"] for a in data["results"][0]["attempts"]][:4] == [32, 64, 128, 256]
     # the memory model's prediction beside every try that fit (a try that failed fails its trace too)
     assert all(a["predicted_peak_gib"] > 0 for r in data["results"] for a in r["attempts"] if a["status"] == "ok")
     with open(out / "max_context.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["max_seq_len"] for r in rows] == ["192", "384"]
     assert all(float(r["predicted_peak_gib"]) > 0 for r in rows)
+
+
+def test_max_context_guided_run_with_a_fake_capacity(tmp_path, monkeypatch, capsys):
+    # The CPU has no capacity to aim at: a fake one (1 GiB) and a fake memory model (seq_len / the
+    # injected limit GiB) stand in for a GPU's, so the guess is the answer and each search costs 2 tries.
+    limits = {"naive": 200, "sdpa": 400}
+    forward = GPT.forward
+
+    def forward_with_memory_limit(self, idx, *args, **kwargs):
+        if idx.shape[1] > limits[self.spec.attention]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return forward(self, idx, *args, **kwargs)
+
+    predicted_at = []
+
+    def fake_predict(cfg, seq_len, device, dist_env):
+        predicted_at.append((cfg.attention.backend, seq_len))
+        return {"peak_gib": seq_len / limits[cfg.attention.backend], "host_gib": None}, ""
+
+    monkeypatch.setattr(GPT, "forward", forward_with_memory_limit)
+    monkeypatch.setattr(max_context, "predict", fake_predict)
+    monkeypatch.setattr(max_context, "guide_capacity",
+                        lambda device, dist_env: ({"free_gib": 1 / 0.97, "margin": 0.97, "capacity_gib": 1.0}, ""))
+    out = tmp_path / "mc"
+    code = max_context_cli.main(["backends=[naive,sdpa]", "start=32", "granularity=32", "limit=4096", f"out={out}",
+                                 "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                 "trainer.precision=fp32", "trainer.device=cpu", "trainer.max_steps=1"])
+    assert code == 0
+    with open(out / "max_context.json") as f:
+        data = json.load(f)
+    assert data["search"]["guide"] is True
+    found = {r["backend"]: (r["max_seq_len"], r["first_fail"]) for r in data["results"]}
+    assert found == {"naive": (192, 224), "sdpa": (384, 416)}
+    assert len(predicted_at) == len(set(predicted_at))  # a try at a predicted length reuses the prediction
+    logged = capsys.readouterr().out
+    for r in data["results"]:
+        g = r["guide"]
+        assert g["search"] == "guided" and g["guess"] == r["max_seq_len"] and g["capacity_gib"] == 1.0
+        assert [a["seq_len"] for a in r["attempts"]] == [r["max_seq_len"], r["first_fail"]]
+        assert g["predictions"][:2] == [{"seq_len": 32, "predicted_peak_gib": 32 / limits[r["backend"]]},
+                                        {"seq_len": 4096, "predicted_peak_gib": 4096 / limits[r["backend"]]}]
+        assert sum(f"{r['backend']:>12} seq_len" in line and "(guide)" in line
+                   for line in logged.splitlines()) == len(g["predictions"])
+        assert f"{r['backend']:>12}: first try at seq_len {g['guess']}" in logged
 
 
 def test_max_context_plan_predicts_and_trains_nothing(tmp_path, capsys, monkeypatch):

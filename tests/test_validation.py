@@ -293,7 +293,8 @@ def test_triton_backend_on_cpu_without_the_interpreter_names_the_device(name, mo
 
 @pytest.mark.parametrize("args, named", [(["granularity=0"], "granularity=0"),
                                          (["start=-1024"], "start=-1024"),
-                                         (["limit=512"], "limit=512")])
+                                         (["limit=512"], "limit=512"),
+                                         (["guide=maybe"], "guide=maybe must be true or false")])
 def test_max_context_cli_bad_search_arguments_exit_2_with_one_line(tmp_path, capsys, args, named):
     from fatrain.cli import max_context as max_context_cli
 
