@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import time
 from typing import Callable, Optional
@@ -230,7 +231,8 @@ def build_try(cfg, device: torch.device, dist_env: Optional[DistEnv] = None, cp=
 
 
 def train_step(cfg, seq_len: int, device: torch.device, model, forward, optimizer, autocast, vocab: int, cp=None):
-    """One optimizer step (forward, backward, AdamW) on random tokens at (trainer.batch_size, seq_len)."""
+    """One optimizer step (forward, backward, AdamW) on random tokens at (trainer.batch_size, seq_len);
+    returns the loss tensor (detached, not synchronised)."""
     idx = torch.randint(0, vocab, (cfg.trainer.batch_size, seq_len), device=device)
     targets = torch.randint(0, vocab, (cfg.trainer.batch_size, seq_len), device=device)
     kwargs = {}
@@ -242,24 +244,38 @@ def train_step(cfg, seq_len: int, device: torch.device, model, forward, optimize
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
-def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
-    """trainer.max_steps optimizer steps at (batch_size, seq_len); peak memory and the last step's time.
+#: A step at least this long is logged as it ends, so a try of minutes shows its progress.
+LOG_STEP_S = 30.0
+
+
+def _train_steps(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None,
+                 log: Callable[[str], None] = lambda _: None) -> dict:
+    """trainer.max_steps optimizer steps at (batch_size, seq_len): peak memory, the last step's time,
+    and every step's time and loss (``step_times_s``, ``losses``; a try whose loss is not finite
+    gets status "nonfinite", see try_seq_len).
 
     Under torchrun (``dist_env`` distributed) the model is wrapped as the trainer wraps it (DDP, or
     FSDP2's per-block sharding), and with trainer.context_parallel=N each rank holds its
     load-balanced shard of every sequence (2 of 2N chunks) and attends through its context group."""
     model, forward, optimizer, autocast, vocab = build_try(cfg, device, dist_env, cp)
     step_time = None
-    for _ in range(cfg.trainer.max_steps):
+    times, losses = [], []
+    for i in range(cfg.trainer.max_steps):
         synchronize(device)
         start = time.perf_counter()
-        train_step(cfg, seq_len, device, model, forward, optimizer, autocast, vocab, cp)
+        loss = train_step(cfg, seq_len, device, model, forward, optimizer, autocast, vocab, cp)
         synchronize(device)
         step_time = time.perf_counter() - start
+        times.append(step_time)
+        losses.append(float(loss))
+        if step_time >= LOG_STEP_S:
+            log(f"{cfg.attention.backend:>12} seq_len {seq_len:>8}: step {i + 1}/{cfg.trainer.max_steps} "
+                f"in {step_time:.1f} s, loss {losses[-1]:.4f}")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"peak_allocated_gib": peak, "step_time_s": step_time}
+    return {"peak_allocated_gib": peak, "step_time_s": step_time, "step_times_s": times, "losses": losses}
 
 
 def predict(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv]) -> tuple[Optional[dict], str]:
@@ -272,11 +288,14 @@ def predict(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv]
 
 
 #: A try's statuses in the order ranks agree on them: the worst any rank saw is every rank's.
-STATUS_ORDER = ("ok", "oom", "unsupported", "error")
+STATUS_ORDER = ("ok", "oom", "unsupported", "nonfinite", "error")
 
 
-def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None) -> dict:
-    """One try: {seq_len, status (ok | oom | unsupported | error), peak memory, step time, error}.
+def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[DistEnv] = None, cp=None,
+                log: Callable[[str], None] = lambda _: None) -> dict:
+    """One try: {seq_len, status (ok | oom | unsupported | nonfinite | error), peak memory, step time,
+    every step's time and loss, error}. A loss that is not finite fails the try (status nonfinite):
+    a length that fits in memory but trains to NaN is not one to report.
 
     With several ranks, every rank ends the try with the same status (the worst any rank saw), the
     highest peak and the slowest step, so that all of them take the same next length."""
@@ -285,7 +304,11 @@ def try_seq_len(cfg, seq_len: int, device: torch.device, dist_env: Optional[Dist
         torch._dynamo.reset()  # a fresh model per try; stale guards would hit the recompile limit
     attempt = {"seq_len": seq_len, "status": "ok", "peak_allocated_gib": None, "step_time_s": None, "error": ""}
     try:
-        attempt.update(_train_steps(cfg, seq_len, device, dist_env, cp))
+        attempt.update(_train_steps(cfg, seq_len, device, dist_env, cp, log))
+        bad = [i + 1 for i, x in enumerate(attempt["losses"]) if not math.isfinite(x)]
+        if bad:
+            attempt["status"] = "nonfinite"
+            attempt["error"] = f"loss {attempt['losses'][bad[0] - 1]} at step {bad[0]}"
     except Exception as e:  # noqa: BLE001 (one backend's failure at one length must not end the search)
         # Some allocations (cuBLAS workspaces, Triton launches) report OOM as a plain RuntimeError.
         status = classify(e)
@@ -389,7 +412,7 @@ def search_backend(cfg, backend: str, device: torch.device, *, start: int, granu
     def fits(n: int) -> bool:
         bar.set_postfix_str(f"seq_len {n}")
         prediction, why = predicted(n)
-        attempt = try_seq_len(cfg, n, device, dist_env, cp)
+        attempt = try_seq_len(cfg, n, device, dist_env, cp, log)
         attempt["predicted_peak_gib"] = prediction["peak_gib"] if prediction else None
         attempt["predicted_host_gib"] = prediction["host_gib"] if prediction else None
         attempt["prediction"] = prediction or {"unavailable": why}
@@ -498,10 +521,16 @@ def _find(cfg, backends: list[str], out_dir: str, device: torch.device, dist_env
     return out
 
 
-def plan_max_context(cfg, backends: list[str], *, start: int, limit: int,
-                     log: Callable[[str], None] = print) -> list[dict]:
+def plan_max_context(cfg, backends: list[str], *, start: int, limit: int, granularity: Optional[int] = None,
+                     capacity_gib: Optional[float] = None, log: Callable[[str], None] = print) -> list[dict]:
     """The memory model's prediction for each backend at start, 2 start, ... up to limit, on the
-    device the config selects; nothing is trained. Returns one row per (backend, seq_len)."""
+    device the config selects; nothing is trained. Returns one row per (backend, seq_len).
+
+    With a capacity (on a GPU, ``GUIDE_MARGIN`` x its total memory, the total rather than the free
+    memory so that other processes on the GPU do not move the plan; or ``capacity_gib``) and a
+    ``granularity``, each backend also gets the longest multiple of granularity in [start, limit]
+    predicted to fit (``guess_from_predictions``, the guided search's first try), one more row
+    {backend, longest_predicted, capacity_gib}."""
     t = cfg.trainer
     if t.strategy != "single" or t.context_parallel > 1:
         raise ValueError("plan=true predicts one device's step: it needs trainer.strategy=single and "
@@ -514,6 +543,8 @@ def plan_max_context(cfg, backends: list[str], *, start: int, limit: int,
         f"activation_checkpointing={t.activation_checkpointing}, activation_offload={t.activation_offload}, "
         f"loss_chunk_tokens={cfg.model.loss_chunk_tokens}, on {run_info(device)['gpu']}"
         + (f" ({total:.1f} GiB)" if total else ""))
+    if capacity_gib is None and total is not None:
+        capacity_gib = GUIDE_MARGIN * total
     rows = []
     for backend in backends:
         with open_dict(cfg):
@@ -521,9 +552,16 @@ def plan_max_context(cfg, backends: list[str], *, start: int, limit: int,
             cfg.data.seq_len = start
         validate_train_config(cfg)
         attention_options(cfg.attention)
+        cache: dict[int, tuple[Optional[dict], str]] = {}
+
+        def predicted(n: int) -> tuple[Optional[dict], str]:
+            if n not in cache:
+                cache[n] = predict(cfg, n, device, None)
+            return cache[n]
+
         n = start
         while n <= limit:
-            prediction, why = predict(cfg, n, device, None)
+            prediction, why = predicted(n)
             rows.append({"backend": backend, "seq_len": n, "prediction": prediction, "unavailable": why})
             if prediction is None:
                 log(f"{backend:>12} seq_len {n:>8}: no prediction ({why})")
@@ -533,6 +571,20 @@ def plan_max_context(cfg, backends: list[str], *, start: int, limit: int,
                 verdict = "" if total is None else (" fits" if prediction["peak_gib"] < total else " does not fit")
                 log(f"{backend:>12} seq_len {n:>8}: {prediction['peak_gib']:.2f} GiB{verdict} ({kinds}){host}")
             n *= 2
+        if granularity and capacity_gib is not None and start % granularity == 0:
+            longest, _ = guess_from_predictions(lambda m: (predicted(m)[0] or {}).get("peak_gib"), capacity_gib,
+                                                start, granularity, limit)
+            rows.append({"backend": backend, "longest_predicted": longest, "capacity_gib": capacity_gib})
+            if longest is None:
+                log(f"{backend:>12}: no longest length predicted (a length without a prediction)")
+            else:
+                at = predicted(longest)[0]["peak_gib"]
+                fits = at < capacity_gib
+                log(f"{backend:>12}: longest predicted to fit in {capacity_gib:.2f} GiB"
+                    + (f" ({GUIDE_MARGIN} x {total:.1f} GiB)" if total else "")
+                    + (f": {longest} tokens ({at:.2f} GiB)" if fits
+                       else f": none from {start} ({longest} tokens predicted at {at:.2f} GiB)")
+                    + (" (the limit)" if fits and longest == limit // granularity * granularity else ""))
     return rows
 
 

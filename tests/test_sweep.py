@@ -347,6 +347,9 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
     assert [a["seq_len"] for a in data["results"][0]["attempts"]][:4] == [32, 64, 128, 256]
     # the memory model's prediction beside every try that fit (a try that failed fails its trace too)
     assert all(a["predicted_peak_gib"] > 0 for r in data["results"] for a in r["attempts"] if a["status"] == "ok")
+    # every step's time and loss beside each try that fit: random tokens of a fresh model, about ln(vocab)
+    ok = [a for r in data["results"] for a in r["attempts"] if a["status"] == "ok"]
+    assert all(len(a["losses"]) == len(a["step_times_s"]) == 1 and 4.0 < a["losses"][0] < 8.0 for a in ok)
     with open(out / "max_context.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["max_seq_len"] for r in rows] == ["192", "384"]
@@ -408,6 +411,38 @@ def test_max_context_plan_predicts_and_trains_nothing(tmp_path, capsys, monkeypa
     assert gib[("naive", 1024)] > gib[("naive", 256)] and gib[("naive", 1024)] > gib[("sdpa", 1024)]
     assert not list(tmp_path.iterdir())  # nothing written
     assert max_context_cli.main(["plan=maybe", "trainer.device=cpu"]) == 2
+
+
+def test_max_context_plan_names_the_longest_length_predicted_to_fit(capsys):
+    cfg, _ = max_context_cli.compose_config(["model=tiny", "trainer.precision=fp32", "trainer.device=cpu"])
+    rows = max_context.plan_max_context(cfg, ["sdpa"], start=256, limit=4096, granularity=256, capacity_gib=0.05)
+    doubling = {r["seq_len"]: r["prediction"]["peak_gib"] for r in rows if "seq_len" in r}
+    longest = rows[-1]["longest_predicted"]
+    assert rows[-1]["capacity_gib"] == 0.05 and longest % 256 == 0
+    # the longest multiple of 256 predicted below the capacity: it fits, 256 more does not
+    assert doubling[256] < 0.05 < doubling[4096] and 256 <= longest < 4096
+    cache = {}
+    for n in (longest, longest + 256):
+        cache[n] = max_context.predict(cfg, n, torch.device("cpu"), None)[0]["peak_gib"]
+    assert cache[longest] < 0.05 <= cache[longest + 256]
+    assert f"longest predicted to fit in 0.05 GiB: {longest} tokens" in capsys.readouterr().out
+
+
+def test_a_try_whose_loss_is_not_finite_does_not_fit(monkeypatch):
+    cfg, _ = max_context_cli.compose_config(["model=tiny", "model.n_layer=1", "trainer.precision=fp32",
+                                              "trainer.device=cpu", "trainer.max_steps=2", "attention=sdpa"])
+    train_step = max_context.train_step
+    calls = []
+
+    def nan_on_the_second_step(*args, **kwargs):
+        loss = train_step(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(max_context, "train_step", nan_on_the_second_step)
+    attempt = max_context.try_seq_len(cfg, 64, torch.device("cpu"))
+    assert attempt["status"] == "nonfinite" and attempt["error"] == "loss nan at step 2"
+    assert len(attempt["step_times_s"]) == 2
 
 
 def test_max_context_rejects_bad_settings(tmp_path, capsys):

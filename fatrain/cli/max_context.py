@@ -43,7 +43,8 @@ SETTINGS = [
             "from start. No effect on the CPU (no memory capacity to aim at) or over several ranks (the memory model "
             "covers one device): both double from start"),
     Setting("plan", bool, False, "true: print the memory model's predicted peak at start, 2 start, ... up to limit "
-            "on this device, and train nothing"),
+            f"on this device and, on a GPU, the longest multiple of granularity predicted to fit in {GUIDE_MARGIN} x "
+            "its memory; train nothing"),
     Setting("out", str, None, "output folder (default max_context/<date>); a sweep folder puts the result where "
             "fatrain-report finds it", flag="--out"),
 ]
@@ -91,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, default_backends = compose_config(overrides)
         backends = args["backends"] or [b for b in default_backends.split(",") if b]
         if args["plan"]:
-            plan_max_context(cfg, backends, start=args["start"], limit=args["limit"])
+            plan_max_context(cfg, backends, start=args["start"], limit=args["limit"], granularity=args["granularity"])
             return 0
         out = find_max_context(cfg, backends, out_dir, start=args["start"], granularity=args["granularity"],
                                limit=args["limit"], guide=args["guide"])
