@@ -27,6 +27,7 @@ cache path does not take yet), the backend is called on views of the valid prefi
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -229,10 +230,11 @@ def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> b
     """Whether a fused Triton kernel of ``fatrain.kernels`` runs on ``x`` (RoPE's for Q and K,
     the loss's for the logits) or the model's PyTorch ops; both give the same numbers.
 
-    "auto": the kernel for CUDA tensors, eager or under torch.compile (the kernels are torch.library
-    ops that Inductor keeps: its own fusion of these ops was slower and kept float32 logits); on
-    the CPU the PyTorch ops (Triton runs there only interpreted). "triton": always the kernel (an
-    error off CUDA unless TRITON_INTERPRET=1). "torch": never.
+    "auto": the kernel for CUDA tensors in float16, bfloat16 or float32, eager or under torch.compile
+    (the kernels are torch.library ops that Inductor keeps: its own fusion of these ops was slower
+    and kept float32 logits); on the CPU, and for float64 (which the kernels do not take), the
+    PyTorch ops (Triton runs on the CPU only interpreted). "triton": always the kernel (an error
+    off CUDA unless TRITON_INTERPRET=1). "torch": never.
     """
     if choice == "torch":
         return False
@@ -240,7 +242,7 @@ def uses_kernel(choice: str, x: torch.Tensor, setting: str = "rope_kernel") -> b
         return True
     if choice != "auto":
         raise ValueError(f"{setting} must be auto, triton or torch, got {choice!r}")
-    return x.is_cuda
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -388,8 +390,12 @@ def offloaded_checkpoint(block: nn.Module, x: torch.Tensor, *args):
     a closure. The reentrant form supports ``loss.backward()`` (what the trainer calls), not
     ``torch.autograd.grad``.
     """
+    # NOTE: a weak reference: autograd keeps the pack hook with each saved tensor until the
+    # backward, so a pack closing over x itself would keep the device copy alive beside the host one.
+    block_input = weakref.ref(x)
+
     def pack(t):
-        if t is not x or t.device.type == "cpu":  # on the CPU the input is in host memory already
+        if t is not block_input() or t.device.type == "cpu":  # on the CPU the input is in host memory already
             return t
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
         host.copy_(t, non_blocking=True)

@@ -164,6 +164,14 @@ def _flash_v1_fwd_kernel(
     program; more splits give each (batch, head) NUM_SPLITS programs that own disjoint Q rows.
     Sinks need nothing here: the launcher starts each row at m = sink_h, l = 1.
     """
+    # NOTE: torch.compile launches the kernel with Python floats typed fp64; cast, or the scores
+    # are scaled and soft-capped in fp64 and round differently from the eager launch.
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    if HAS_SOFTCAP:
+        softcap = tl.cast(softcap, tl.float32)
+    if HAS_DROPOUT:
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     off_b = pid // NHEADS
@@ -291,6 +299,14 @@ def _flash_v1_bwd_kernel(
     line 22 becomes a float32 atomic add in HBM (ATOMIC_DQ on), as flash-attn 1.x did.
     With sinks, l_i and m_i include the sink, so P_ij is already right; d sink is the launcher's.
     """
+    # NOTE: torch.compile launches the kernel with Python floats typed fp64; cast, or the scores
+    # are scaled and soft-capped in fp64 and round differently from the eager launch.
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    if HAS_SOFTCAP:
+        softcap = tl.cast(softcap, tl.float32)
+    if HAS_DROPOUT:
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     off_b = pid // NHEADS_K

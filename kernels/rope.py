@@ -46,7 +46,10 @@ def _rope_kernel(X, COS, SIN, O, stride_xb, stride_xt, stride_cb, stride_ct, str
     pid_t = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # NOTE: int64 rows: a token's offset is rows x (n_head + 2 n_kv_head) x head_dim, which passes
+    # 2^31 at 932,068 tokens of GPT-2 small's packed QKV (2304 columns); in int32 it wrapped and
+    # the kernel read and wrote outside the tensors (an illegal address at 1M tokens).
+    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (rows[:, None] < T) & (cols[None, :] < HALF)
     x_ptrs = X + off_b * stride_xb + rows[:, None] * stride_xt + col0 + head * (2 * HALF) + cols[None, :]

@@ -183,3 +183,21 @@ def test_gpu_rope_qkv_matches_reference(dtype):
     (want,) = torch.autograd.grad(ref, qkv, [g.double() for g in grads])
     (plain,) = torch.autograd.grad(torch_path, qkv, grads)
     assert max_err(dqkv, want) <= 3 * max_err(plain, want) + _FLOOR[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_rope_qkv_past_two_to_the_31_elements():
+    # A token's offset in the packed QKV rows passes 2^31 (GPT-2 small's 2304 columns do at 932k
+    # tokens); with one head of 64 per Q, K, V (192 columns) that is 11.2M tokens, about 12 GB.
+    # The tail rows, where an int32 offset wraps, against the PyTorch rotation of the same rows.
+    H = Hkv = 1
+    D = 64
+    T = 2**31 // ((H + 2 * Hkv) * D) + 1000
+    torch.manual_seed(0)
+    qkv = torch.randn(1, T, (H + 2 * Hkv) * D, dtype=torch.bfloat16, device="cuda")
+    cos, sin = rope_tables(torch.arange(T, device="cuda"), D, 10000.0)
+    q, k, v = rope_qkv(qkv, cos.squeeze(-2), sin.squeeze(-2), H, Hkv)
+    tail = slice(T - 2048, T)
+    want = split_rotate(qkv[:, tail], cos[tail], sin[tail], H, Hkv)
+    for got, ref in zip((q, k, v), want):
+        assert max_err(got[:, tail], ref) <= 2e-2
