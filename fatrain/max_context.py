@@ -79,10 +79,8 @@ GIB = 2**30
 #: caching allocator's reserved memory: blocks rounded up and split, freed blocks too small to
 #: reuse (fragmentation), plus cuBLAS and Triton workspaces it does not count. A step predicted
 #: just under the free memory therefore still fails; 3% (2-4 GiB of an 80-140 GiB GPU) is kept
-#: for that. It only places the first try: the gallop and bisection after it measure the answer.
-#: On an H200 (GPT-2 small, bf16, no memory options, sdpa_flash and flash_v2) the predictions were
-#: 0.6% above the measured peaks and a step at 98% of the free memory still fit, so the guess fell
-#: one 8k granule short: three tries each (the guess, one more that fit, one that did not).
+#: for that. It only places the first try: the gallop and bisection after it measure the answer
+#: (how close the guess lands: experiments/2026-12-04-million-token-context/).
 GUIDE_MARGIN = 0.97
 
 
