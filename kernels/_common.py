@@ -79,6 +79,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     return B, Nq, Nk, H, Hkv, D
 
 
+#: The kernels compute a row's offset inside one sequence (row x row stride) in 32-bit integers.
+INT32_OFFSETS = 2**31
+
+
+def check_row_offsets(backend: str, **tensors: tuple[int, int]) -> None:
+    """Refuse, in one line, a tensor whose rows (``rows``, ``stride`` of one row) reach 2^31
+    elements within one sequence: the kernels' 32-bit offsets would wrap and address memory
+    outside it. ``tensors`` maps a name to (rows, row stride), e.g. q=(seqlen_q, q.stride(1))."""
+    for name, (rows, stride) in tensors.items():
+        if rows > 0 and (rows - 1) * stride >= INT32_OFFSETS:
+            raise ValueError(f"{name} has {rows} rows of {stride} elements: {backend} addresses a sequence's rows with "
+                             f"32-bit offsets, so at most {(INT32_OFFSETS - 1) // stride + 1} rows at this row stride "
+                             f"(split the sequence, e.g. over trainer.context_parallel ranks)")
+
+
 def check_doc_ids(doc_ids, B: int, Nk: int, device) -> None:
     if doc_ids is None:
         return

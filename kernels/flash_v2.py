@@ -84,7 +84,8 @@ from . import _dropout
 from . import _flash_v2_configs as _configs
 from ._autotune import picks, shape_class_autotuned
 from ._common import (MASKED_ROW_LSE, check_alibi_slopes, check_deterministic, check_doc_ids, check_dropout,
-                      check_qkv, check_sink_logits, check_softcap, default_scale, normalize_window, register_op)
+                      check_qkv, check_row_offsets, check_sink_logits, check_softcap, default_scale, normalize_window,
+                      register_op)
 from ._dropout import dropout_apply, dropout_apply_t
 from ._tma import use_tma, use_tma_stats
 
@@ -1503,6 +1504,10 @@ def flash_v2_attention(q, k, v, *, causal: bool = False, softmax_scale=None, dro
     check_qkv(q, k, v, backend=BACKEND, head_dims=HEAD_DIMS,
               dtypes=(torch.float16, torch.bfloat16, torch.float32))
     B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
+    # the inputs as given, and the contiguous outputs and gradients (out, dq; dk, dv)
+    H, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
+    check_row_offsets(BACKEND, q=(Nq, max(q.stride(1), H * D)), k=(Nk, max(k.stride(1), Hkv * D)),
+                      v=(Nk, max(v.stride(1), Hkv * D)))
     check_doc_ids(doc_ids, B, Nk, q.device)
     slopes = check_alibi_slopes(alibi_slopes, B, q.shape[2], q.device)
     cap = check_softcap(softcap)
@@ -1642,6 +1647,10 @@ def flash_v2_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q:
                                  q.device)
     cu_k = _check_varlen_offsets("cu_seqlens_k", cu_seqlens_k, cu_q.numel() - 1, k.shape[0], max_seqlen_k,
                                  "max_seqlen_k", q.device)
+    # a sequence's first row is an int64 offset; its rows are addressed from there in 32 bits
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    check_row_offsets(BACKEND, q=(max_seqlen_q, max(q.stride(0), H * D)), k=(max_seqlen_k, max(k.stride(0), Hkv * D)),
+                      v=(max_seqlen_k, max(v.stride(0), Hkv * D)))
     window_left, window_right = normalize_window(window_size, causal)
     scale = default_scale(softmax_scale, q.shape[-1])
     slopes = check_alibi_slopes(alibi_slopes, cu_q.numel() - 1, q.shape[1], q.device)

@@ -378,6 +378,24 @@ def test_bad_input_names_the_argument(bad, match):
         attn()(q, k, v, **args)
 
 
+def test_rows_past_32_bit_offsets_are_refused_with_one_line():
+    # 2^21 rows of 1024 elements (8 heads of 128) pass 2^31 within one sequence: refused before
+    # anything is allocated or launched (meta tensors: no memory); one row fewer fits.
+    from fatrain.kernels.flash_v2 import flash_v2_attention, flash_v2_varlen_attention
+
+    big = torch.empty(1, 2**21 + 1, 8, 128, device="meta", dtype=torch.bfloat16)
+    small = torch.empty(1, 64, 8, 128, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"q has 2097153 rows of 1024 elements: .* at most 2097152 rows"):
+        flash_v2_attention(big, small, small)
+    with pytest.raises(ValueError, match=r"^k has 2097153 rows"):
+        flash_v2_attention(small, big, big)
+    # varlen reads cu_seqlens, so its rows are one row expanded (stride 0; the outputs' is 1024)
+    packed = torch.empty(1, 8, 128, dtype=torch.bfloat16).expand(2**21 + 1, 8, 128)
+    cu = torch.tensor([0, 2**21 + 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q has 2097153 rows of 1024 elements"):
+        flash_v2_varlen_attention(packed, packed, packed, cu, cu, 2**21 + 1, 2**21 + 1)
+
+
 # ---------------------------------------------------------------------------- GPU only
 
 
