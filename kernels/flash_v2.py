@@ -142,7 +142,7 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _score_mod(qk, rows, cols, seq_shift, qk_scale, softcap_in, softcap_out, slope2,
+def _score_mod(qk, rows, r0, cols, seq_shift, qk_scale, softcap_in, softcap_out, slope2,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr):
     """(x, t, x_scale) of a raw Q K^T tile: the variants' base-2 scores are S = x * x_scale, t is
     tanh of the soft-cap (for dS). The soft-cap alone returns x = t and x_scale = softcap * log2(e),
@@ -158,9 +158,9 @@ def _score_mod(qk, rows, cols, seq_shift, qk_scale, softcap_in, softcap_out, slo
     score and no int-to-float conversion (a quarter-rate instruction on Hopper); positions below
     2^24 are exact in float32, and so is their difference.
 
-    HAS_ALIBI == 2 (causal: every visible key has j <= i + Nk - Nq): ``rows`` is the scalar first
-    row r0 of the query block, and the tile is S + slope2 * (i - r0), the scores of row i moved by
-    a per-row constant, which leaves the softmax as it is:
+    HAS_ALIBI == 2 (causal: every visible key has j <= i + Nk - Nq): ``r0`` is the query block's
+    first row (``rows`` is not read), and the tile is S + slope2 * (i - r0), the scores of row i
+    moved by a per-row constant, which leaves the softmax as it is:
         S + slope2 * (i - r0) = qk * scale + slope2 * (j - r0 - (Nk - Nq)),
     a term per column (a vector computed once per tile) and one add per score. The caller applies
     the row term to the statistics instead: the forward subtracts it from its LSE (and adds it to
@@ -176,7 +176,7 @@ def _score_mod(qk, rows, cols, seq_shift, qk_scale, softcap_in, softcap_out, slo
         t = qk  # NOTE: unused without the soft-cap
         s = qk * qk_scale
     if HAS_ALIBI == 2:
-        s = s + slope2 * (cols - (rows + seq_shift)).to(tl.float32)
+        s = s + slope2 * (cols - (r0 + seq_shift)).to(tl.float32)
     elif HAS_ALIBI:
         s = s - slope2 * tl.abs((rows + seq_shift).to(tl.float32) - cols.to(tl.float32))
     if HAS_SOFTCAP and not HAS_ALIBI:
@@ -321,12 +321,8 @@ def _fwd_block(acc, l_i, m_i, q, kT_ptrs, v_ptrs, K_desc, V_desc, start_n, cols,
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP or HAS_ALIBI:
         # -- S_ij = softcap tanh(S_ij / softcap) - slope |i + Nk - Nq - j|, already in base 2 --
-        if HAS_ALIBI == 2:
-            qk, _, s_scale = _score_mod(qk, q_lo, cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out,
-                                        slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
-        else:
-            qk, _, s_scale = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in,
-                                        softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        qk, _, s_scale = _score_mod(qk, offs_m[:, None], q_lo, cols[None, :], seq_shift, qk_scale, softcap_in,
+                                    softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     else:
         s_scale = qk_scale  # the plain path folds the scale into the exponent
     qk = _mask_tile(qk, offs_m[:, None], cols[None, :], doc_q, doc_k, mixed_docs, Nk, seq_shift, win_left,
@@ -595,13 +591,10 @@ def _dkdv_block(dk, dv, k, v, qT_ptrs, do_ptrs, Q_desc, DO_desc, start_m, LSE_ro
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # -- P^T = exp2(S^T - LSE), recomputed --
     if HAS_SOFTCAP or HAS_ALIBI:
+        sT, tT, s_scale = _score_mod(qkT, rows[None, :], start_m, offs_n[:, None], seq_shift, qk_scale, softcap_in,
+                                     softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         if HAS_ALIBI == 2:  # the rows' scores moved by slope2 * (i - start_m), and so their LSE
-            sT, tT, s_scale = _score_mod(qkT, start_m, offs_n[:, None], seq_shift, qk_scale, softcap_in, softcap_out,
-                                         slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
             lse2 = lse2 + alibi_rows
-        else:
-            sT, tT, s_scale = _score_mod(qkT, rows[None, :], offs_n[:, None], seq_shift, qk_scale, softcap_in,
-                                         softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         pT = tl.math.exp2(sT * s_scale - lse2[None, :])
     else:
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -836,12 +829,9 @@ def _dq_block(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, K_desc, V_desc, start_n,
     # -- P = exp2(S - LSE), recomputed --
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
     if HAS_SOFTCAP or HAS_ALIBI:
-        if HAS_ALIBI == 2:  # lse2 arrives moved as the rows' scores are (_bwd_dq)
-            s, t, s_scale = _score_mod(qk, q_lo, cols[None, :], seq_shift, qk_scale, softcap_in, softcap_out, slope2,
-                                       HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
-        else:
-            s, t, s_scale = _score_mod(qk, offs_m[:, None], cols[None, :], seq_shift, qk_scale, softcap_in,
-                                       softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        # HAS_ALIBI == 2: lse2 arrives moved as the rows' scores are (_bwd_dq)
+        s, t, s_scale = _score_mod(qk, offs_m[:, None], q_lo, cols[None, :], seq_shift, qk_scale, softcap_in,
+                                   softcap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
         p = tl.math.exp2(s * s_scale - lse2[:, None])
     else:
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])

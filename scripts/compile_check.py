@@ -100,8 +100,9 @@ def v2_cases():
              dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=True),
              dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=True, HAS_DROPOUT=True),
              dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, VARLEN=True),
-             # the attention variants, all on (FAST_TANH: the soft-cap's tanh.approx of half inputs)
-             dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, HAS_ALIBI=True,
+             # the attention variants, all on (FAST_TANH: the soft-cap's tanh.approx of half inputs;
+             # HAS_ALIBI=2: the one-sided ALiBi a causal launch gets)
+             dict(MASK_LEFT=False, MASK_RIGHT=True, HAS_DOCS=False, HAS_DROPOUT=False, HAS_ALIBI=2,
                   HAS_SOFTCAP=True, HAS_SINKS=True, FAST_TANH=True)]
     off = dict(HAS_ALIBI=False, HAS_SOFTCAP=False, HAS_SINKS=False, FAST_TANH=False)
     for d, f, tma in ((d, f, tma) for d in (64, 128) for f in flags for tma in (False, True)):
