@@ -145,6 +145,21 @@ def _doc_block(doc_base, stride_docn, offs, N_CTX_K):
 
 
 @triton.jit
+def _float32_scalars(softmax_scale, softcap, dropout_p, dropout_scale, HAS_SOFTCAP: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr):
+    """The kernels' float arguments as float32. NOTE: torch.compile launches the kernels with Python
+    floats typed fp64; uncast, the scores are scaled and soft-capped in fp64 and round differently
+    from the eager launch's."""
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    if HAS_SOFTCAP:
+        softcap = tl.cast(softcap, tl.float32)
+    if HAS_DROPOUT:
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        dropout_scale = tl.cast(dropout_scale, tl.float32)
+    return softmax_scale, softcap, dropout_p, dropout_scale
+
+
+@triton.jit
 def _flash_v1_fwd_kernel(
     Q, K, V, O, L, M, DOC, ALIBI,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -164,14 +179,8 @@ def _flash_v1_fwd_kernel(
     program; more splits give each (batch, head) NUM_SPLITS programs that own disjoint Q rows.
     Sinks need nothing here: the launcher starts each row at m = sink_h, l = 1.
     """
-    # NOTE: torch.compile launches the kernel with Python floats typed fp64; cast, or the scores
-    # are scaled and soft-capped in fp64 and round differently from the eager launch.
-    softmax_scale = tl.cast(softmax_scale, tl.float32)
-    if HAS_SOFTCAP:
-        softcap = tl.cast(softcap, tl.float32)
-    if HAS_DROPOUT:
-        dropout_p = tl.cast(dropout_p, tl.float32)
-        dropout_scale = tl.cast(dropout_scale, tl.float32)
+    softmax_scale, softcap, dropout_p, dropout_scale = _float32_scalars(softmax_scale, softcap, dropout_p,
+                                                                        dropout_scale, HAS_SOFTCAP, HAS_DROPOUT)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     off_b = pid // NHEADS
@@ -299,14 +308,8 @@ def _flash_v1_bwd_kernel(
     line 22 becomes a float32 atomic add in HBM (ATOMIC_DQ on), as flash-attn 1.x did.
     With sinks, l_i and m_i include the sink, so P_ij is already right; d sink is the launcher's.
     """
-    # NOTE: torch.compile launches the kernel with Python floats typed fp64; cast, or the scores
-    # are scaled and soft-capped in fp64 and round differently from the eager launch.
-    softmax_scale = tl.cast(softmax_scale, tl.float32)
-    if HAS_SOFTCAP:
-        softcap = tl.cast(softcap, tl.float32)
-    if HAS_DROPOUT:
-        dropout_p = tl.cast(dropout_p, tl.float32)
-        dropout_scale = tl.cast(dropout_scale, tl.float32)
+    softmax_scale, softcap, dropout_p, dropout_scale = _float32_scalars(softmax_scale, softcap, dropout_p,
+                                                                        dropout_scale, HAS_SOFTCAP, HAS_DROPOUT)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     off_b = pid // NHEADS_K
