@@ -320,8 +320,8 @@ def test_max_context_guide_has_no_capacity_on_the_cpu():
     assert capacity is None and "CPU" in why
 
 
-def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
-    limits = {"naive": 200, "sdpa": 400}
+def inject_oom_past(monkeypatch, limits: dict[str, int]) -> None:
+    """GPT's forward runs out of memory (as CUDA reports it) past limits[backend] tokens."""
     forward = GPT.forward
 
     def forward_with_memory_limit(self, idx, *args, **kwargs):
@@ -330,6 +330,11 @@ def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
         return forward(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", forward_with_memory_limit)
+
+
+def test_max_context_cpu_run_with_injected_oom(tmp_path, monkeypatch):
+    limits = {"naive": 200, "sdpa": 400}
+    inject_oom_past(monkeypatch, limits)
     out = tmp_path / "mc"
     code = max_context_cli.main(["--backends", "naive,sdpa", "--start", "32", "--granularity", "32", "--limit", "4096",
                              "--out", str(out), "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -360,20 +365,13 @@ def test_max_context_guided_run_with_a_fake_capacity(tmp_path, monkeypatch, caps
     # The CPU has no capacity to aim at: a fake one (1 GiB) and a fake memory model (seq_len / the
     # injected limit GiB) stand in for a GPU's, so the guess is the answer and each search costs 2 tries.
     limits = {"naive": 200, "sdpa": 400}
-    forward = GPT.forward
-
-    def forward_with_memory_limit(self, idx, *args, **kwargs):
-        if idx.shape[1] > limits[self.spec.attention]:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
-        return forward(self, idx, *args, **kwargs)
-
+    inject_oom_past(monkeypatch, limits)
     predicted_at = []
 
     def fake_predict(cfg, seq_len, device, dist_env):
         predicted_at.append((cfg.attention.backend, seq_len))
         return {"peak_gib": seq_len / limits[cfg.attention.backend], "host_gib": None}, ""
 
-    monkeypatch.setattr(GPT, "forward", forward_with_memory_limit)
     monkeypatch.setattr(max_context, "predict", fake_predict)
     monkeypatch.setattr(max_context, "guide_capacity",
                         lambda device, dist_env: ({"free_gib": 1 / 0.97, "margin": 0.97, "capacity_gib": 1.0}, ""))
